@@ -1,0 +1,39 @@
+# One command sets up and runs the demo, one sets up and runs the whole test suite.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo demo-llm test test-all lint crd clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0   # first: anything else could pull a CUDA build
+	$(PY) -m pip install -q -e '.[trainer,operator,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m kubetune.demo
+
+demo-llm: setup
+	$(PY) -m kubetune.demo --llm
+
+lint: setup
+	$(VENV)/bin/ruff check trainer operator tests bench
+	$(VENV)/bin/mypy trainer/kubetune operator/kubetune_operator
+
+test: setup lint
+	$(VENV)/bin/pytest
+
+test-all: setup lint
+	$(VENV)/bin/pytest -m ''
+
+crd: setup
+	$(VENV)/bin/kubetune crd > crds/finetunejob.yaml
+
+clean:
+	rm -rf $(VENV) .kubetune .pytest_cache .mypy_cache .ruff_cache
