@@ -1,0 +1,149 @@
+"""Turn raw rows into task records: trim, drop bad rows (counted by reason), map labels, dedupe."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from kubetune.data.read import DataFile
+from kubetune.errors import UserError
+from kubetune.spec import DataSpec, FineTuneJobSpec
+
+Record = dict[str, Any]
+REASONS = ("empty", "malformed", "duplicate")
+
+
+class _BadLabel(Exception):
+    """A label outside spec.model.labels: a user mistake reported with its file and row."""
+
+
+class _Drop(Exception):
+    """A row that cleaning drops, with the reason it is counted under."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def clean_files(files: list[DataFile], spec: FineTuneJobSpec, dropped: Counter[str]) -> list[Record]:
+    """Clean every row of `files` (one split's source) in order; counts dropped rows into `dropped`."""
+    data = spec.data
+    classification = spec.model.task == "sequence-classification"
+    records: list[Record] = []
+    seen: set[str] = set()
+    for file in files:
+        check_columns(file, data, classification)
+        for index, row in enumerate(file.rows):
+            try:
+                if row is None:
+                    raise _Drop("malformed")
+                if classification:
+                    record = _classification(row, data, spec.model.labels or [])
+                else:
+                    record = _causal_lm(row, data)
+            except _Drop as drop:
+                dropped[drop.reason] += 1
+                continue
+            except _BadLabel as bad:
+                labels = spec.model.labels or []
+                raise UserError(
+                    f"{file.where(index)}: label {bad.args[0]!r} (spec.data.labelField={data.label_field!r}) "
+                    f"is not one of spec.model.labels [{', '.join(labels)}] nor an index 0..{len(labels) - 1}"
+                ) from None
+            if data.cleaning.dedupe:
+                key = json.dumps(record, sort_keys=True, ensure_ascii=False)
+                if key in seen:
+                    dropped["duplicate"] += 1
+                    continue
+                seen.add(key)
+            records.append(record)
+    return records
+
+
+def check_columns(file: DataFile, data: DataSpec, classification: bool) -> None:
+    """A field that no row has is a wrong field name in the spec (or the wrong file), not bad rows."""
+    keys: set[str] = set()
+    for row in file.rows:
+        if row is not None:
+            keys.update(row)
+    if not keys:
+        return  # no readable row: its rows count as malformed and an empty dataset is reported after cleaning
+    if classification:
+        needed = [("spec.data.textField", data.text_field), ("spec.data.labelField", data.label_field)]
+    elif data.messages_field in keys:
+        needed = []
+    else:
+        needed = [("spec.data.promptField", data.prompt_field), ("spec.data.completionField", data.completion_field)]
+    for spec_field, name in needed:
+        if name not in keys:
+            extra = "" if classification else f" (or chat rows in spec.data.messagesField={data.messages_field!r})"
+            found = ", ".join(sorted(keys)) or "none"
+            raise UserError(
+                f"{file.path}: no row has the field {name!r} set by {spec_field}{extra}; fields found: {found}"
+            )
+
+
+def _text(value: Any, drop_empty: bool) -> str:
+    if value is None:
+        if drop_empty:
+            raise _Drop("empty")
+        return ""
+    if not isinstance(value, str):
+        raise _Drop("malformed")
+    value = value.strip()
+    if not value and drop_empty:
+        raise _Drop("empty")
+    return value
+
+
+def _classification(row: Record, data: DataSpec, labels: list[str]) -> Record:
+    text = _text(row.get(data.text_field), data.cleaning.drop_empty)
+    label = row.get(data.label_field)
+    if label is None or (isinstance(label, str) and not label.strip()):
+        raise _Drop("empty")  # even with dropEmpty off: a row without a target cannot train
+    return {"text": text, "label": label_index(label, labels)}
+
+
+def label_index(value: Any, labels: list[str]) -> int:
+    """Map a label name, an index, or an index written as a string ("1") to its index in `labels`."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _Drop("malformed")
+    if isinstance(value, str):
+        name = value.strip()
+        if name in labels:  # names first: labels may themselves be digits
+            return labels.index(name)
+        index = int(name) if name.isascii() and name.isdigit() else -1
+    else:
+        index = value
+    if 0 <= index < len(labels):
+        return index
+    raise _BadLabel(value)
+
+
+def _causal_lm(row: Record, data: DataSpec) -> Record:
+    messages = row.get(data.messages_field)
+    if messages is None:
+        return {
+            "prompt": _text(row.get(data.prompt_field), data.cleaning.drop_empty),
+            "completion": _text(row.get(data.completion_field), data.cleaning.drop_empty),
+        }
+    if isinstance(messages, str):  # csv and some parquet exports store the list as JSON text
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise _Drop("malformed") from None
+    if not isinstance(messages, list):
+        raise _Drop("malformed")
+    cleaned = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _Drop("malformed")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise _Drop("malformed")
+        cleaned.append({"role": message["role"].strip(), "content": (content or "").strip()})
+    # the assistant turns are the target: without one there is nothing to learn
+    if not any(m["role"] == "assistant" and m["content"] for m in cleaned):
+        raise _Drop("empty")
+    return {"messages": cleaned}

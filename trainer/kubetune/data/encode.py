@@ -1,0 +1,132 @@
+"""Tokenize cleaned records: classification inputs, and causal-LM inputs with loss only on the target."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubetune.errors import UserError
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+BATCH = 1000  # texts per tokenizer call: fast tokenizers parallelise a batch, memory stays bounded
+log = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+Piece = tuple[str, bool, bool]  # (text, trained, append EOS after it)
+
+
+class Encoded(list[Record]):
+    """Encoded examples; `dropped` counts the examples truncation left without a trainable token."""
+
+    dropped: int = 0
+
+
+def encode_classification(records: list[Record], tokenizer: Any, max_length: int) -> list[Record]:
+    out: list[Record] = []
+    for start in range(0, len(records), BATCH):
+        chunk = records[start : start + BATCH]
+        enc = tokenizer([r["text"] for r in chunk], truncation=True, max_length=max_length)
+        out.extend(
+            {"input_ids": list(ids), "label": int(r["label"])} for ids, r in zip(enc["input_ids"], chunk, strict=True)
+        )
+    return out
+
+
+def encode_causal_lm(records: list[Record], tokenizer: Any, max_length: int) -> Encoded:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the model's tokenizer has no eos_token; causal-lm fine-tuning needs one to end completions")
+    bos = _bos(tokenizer)
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    examples: list[tuple[list[int], list[Piece]]] = []
+    for number, record in enumerate(records, start=1):
+        if "messages" not in record:
+            examples.append((bos, _prompt_pieces(record["prompt"], record["completion"])))
+        elif templated:
+            examples.append(([], _template_pieces(record["messages"], tokenizer, number)))
+        else:
+            examples.append((bos, _fallback_pieces(record["messages"])))
+
+    texts = [text for _, pieces in examples for text, _, _ in pieces]
+    ids_of = iter(_tokenize(tokenizer, texts))
+    out = Encoded()
+    for prefix, pieces in examples:
+        input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
+        for _, trained, add_eos in pieces:
+            ids = next(ids_of) + ([eos] if add_eos else [])
+            input_ids += ids
+            labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            out.dropped += 1
+            continue
+        out.append({"input_ids": input_ids, "labels": labels})
+    if out.dropped:
+        log.warning("dropped %d examples with no target token left after truncation to %d", out.dropped, max_length)
+    return out
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    """The BOS id when this tokenizer adds one to plain text itself (Llama does, GPT-2 does not)."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start in range(0, len(texts), BATCH):
+        out.extend(list(ids) for ids in tokenizer(texts[start : start + BATCH], add_special_tokens=False)["input_ids"])
+    return out
+
+
+def _prompt_pieces(prompt: str, completion: str) -> list[Piece]:
+    # tokenized apart so the mask boundary is exact; the separator keeps the two from gluing into one word
+    sep = " " if prompt and not prompt[-1].isspace() and not completion[:1].isspace() else ""
+    return [(prompt, False, False), (sep + completion, True, True)]
+
+
+def _fallback_pieces(messages: list[Record]) -> list[Piece]:
+    pieces: list[Piece] = []
+    for m in messages:
+        if m["role"] == "assistant":
+            pieces += [("<|assistant|>\n", False, False), (m["content"], True, True), ("\n", False, False)]
+        else:
+            pieces.append((f"<|{m['role']}|>\n{m['content']}\n", False, False))
+    return pieces
+
+
+def _template_pieces(messages: list[Record], tokenizer: Any, number: int) -> list[Piece]:
+    """Progressive prefixes: message i is what rendering messages[:i+1] adds to rendering messages[:i]."""
+
+    def render(upto: int, generation_prompt: bool = False) -> str:
+        if upto == 0:
+            return ""
+        try:
+            return str(
+                tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+            )
+        except Exception as exc:  # jinja raises its own errors (e.g. roles that do not alternate)
+            message = f"spec.data.messagesField: the model's chat template rejects example {number}: {exc}"
+            raise UserError(message) from None
+
+    pieces: list[Piece] = []
+    prev = ""
+    for i, message in enumerate(messages):
+        full = render(i + 1)
+        if not full.startswith(prev):
+            raise UserError(
+                "spec.data.messagesField: the model's chat template rewrites earlier turns, so assistant turns "
+                "cannot be masked exactly; use prompt/completion rows instead"
+            )
+        if message["role"] != "assistant":
+            pieces.append((full[len(prev) :], False, False))
+        else:
+            # the generation prompt (e.g. "<|im_start|>assistant\n") is input, not something to learn;
+            # transformers cannot render an empty conversation, so an opening assistant turn keeps its header
+            header = render(i, generation_prompt=True) if i else prev
+            if not (header.startswith(prev) and full.startswith(header)):
+                header = prev
+            body = full[len(header) :]
+            pieces += [(header[len(prev) :], False, False), (body, True, tokenizer.eos_token not in body)]
+        prev = full
+    return pieces

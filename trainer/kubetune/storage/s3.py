@@ -1,0 +1,340 @@
+"""S3 backend (AWS, MinIO, SeaweedFS, Ceph): same contract as local.py, through boto3.
+
+Transfers go through one s3transfer TransferManager per call: its thread pool runs many files at once
+and splits large ones into ranged GETs / multipart uploads, streaming to and from disk.
+Errors that retrying cannot fix (no bucket, no key, denied, unreachable endpoint) become UserError (exit 2);
+anything else fails after bounded retries as StorageError (exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from s3transfer.subscribers import BaseSubscriber
+
+from kubetune.contract import MANIFEST_NAME, SECRET_ACCESS_KEY_ID, SECRET_SECRET_ACCESS_KEY
+from kubetune.errors import UserError
+from kubetune.spec import StorageSpec, check_uri
+from kubetune.storage.manifest import IntegrityError, build_manifest, local_files, manifest_bytes
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef, ObjectTypeDef
+
+MiB = 1024 * 1024
+DELETE_BATCH = 1000  # the S3 limit per DeleteObjects call
+
+# Error codes that retrying cannot fix: the uri or the credentials are wrong.
+NOT_FOUND_CODES = frozenset({"NoSuchBucket", "NoSuchKey", "NotFound", "404"})
+DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                          "InvalidToken", "ExpiredToken", "AllAccessDisabled", "AccountProblem"})
+
+
+class StorageError(RuntimeError):
+    """S3 kept failing after bounded retries (server down, network lost): exit 1, safe to retry the run."""
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """s3://bucket/key -> (bucket, key), with the spec's rules (no '..', '.' or empty segments)."""
+    try:
+        check_uri(uri)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if not uri.startswith("s3://"):
+        raise UserError(f"{uri!r}: not an s3:// uri")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+def as_prefix(key: str) -> str:
+    """The key of a 'folder': '' (bucket root) or ending in exactly one '/'."""
+    key = key.strip("/")
+    return key + "/" if key else ""
+
+
+def safe_parts(rel: str) -> list[str]:
+    """Segments of a relative object path that cannot leave its prefix; UserError otherwise."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise UserError(f"{rel!r}: object paths must be relative, without '..', '.' or empty segments")
+    return parts
+
+
+def child_key(prefix: str, rel: str) -> str:
+    """The key of rel below prefix; rel is checked so no value can escape the prefix."""
+    return as_prefix(prefix) + "/".join(safe_parts(rel))
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _missing(exc: ClientError) -> bool:
+    return _code(exc) in NOT_FOUND_CODES
+
+
+class _KnownSize(BaseSubscriber):
+    """Tells s3transfer the size we already listed, saving one HEAD per downloaded object."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        future.meta.provide_transfer_size(self.size)
+
+
+class S3Backend:
+    def __init__(self, spec: StorageSpec, *, part_size: int = 8 * MiB, concurrency: int = 16,
+                 max_attempts: int = 3, connect_timeout: float = 5.0, read_timeout: float = 15.0) -> None:
+        self.where = spec.endpoint or f"AWS S3 ({spec.region})"
+        # Credentials come from the standard chain (env, profile, web identity), never from the spec.
+        session = boto3.session.Session()
+
+        def client(attempts: int, connect: float, read: float) -> S3Client:
+            config = Config(
+                region_name=spec.region,
+                signature_version="s3v4",
+                s3={"addressing_style": "path" if spec.endpoint else "auto"},
+                retries={"mode": "standard", "max_attempts": attempts},
+                connect_timeout=connect,
+                read_timeout=read,
+                max_pool_connections=concurrency + 4,
+                tcp_keepalive=True,
+            )
+            return session.client("s3", endpoint_url=spec.endpoint, config=config)
+
+        # Worst case per request: max_attempts x (connect + read) plus backoff, i.e. about a minute.
+        self.client = client(max_attempts, connect_timeout, read_timeout)
+        # The first call per bucket: one quick probe, so a wrong endpoint fails at once instead of a retry storm.
+        self._probe = client(2, 3.0, 10.0)
+        self.transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
+                                       max_concurrency=concurrency, num_download_attempts=max_attempts,
+                                       use_threads=True)
+        self._checked: set[str] = set()
+
+    # -- the Storage contract -------------------------------------------------------------------------------
+
+    def fetch(self, uri: str, dest: Path) -> Path:
+        """An object -> dest/<basename>; a prefix -> dest holding the tree below it."""
+        bucket, key = self._bucket(uri)
+        with self._errors(uri, "download"):
+            size = self._object_size(bucket, key)
+            if size is not None:
+                dest.mkdir(parents=True, exist_ok=True)
+                target = dest / PurePosixPath(key).name
+                self._download(bucket, [(key, target, size)])
+                return target
+            prefix = as_prefix(key)
+            objects = [o for o in self._list(bucket, prefix) if not o["Key"].endswith("/")]
+            if not objects:
+                raise UserError(f"{uri}: no such object or prefix at {self.where}")
+            jobs = [(o["Key"], dest.joinpath(*safe_parts(o["Key"][len(prefix):])), o["Size"]) for o in objects]
+            dest.mkdir(parents=True, exist_ok=True)
+            self._download(bucket, jobs)
+        return dest
+
+    def publish(self, local_dir: Path, uri: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Upload every file under local_dir, then manifest.json last, only if every upload succeeded."""
+        bucket, key = self._bucket(uri)
+        manifest_key = child_key(key, MANIFEST_NAME)
+        with self._errors(uri, "upload"):
+            # An old manifest would vouch for objects we are about to overwrite: remove it first.
+            self.client.delete_object(Bucket=bucket, Key=manifest_key)
+            manifest = build_manifest(local_dir, extra)
+            self._upload(bucket, [(local_dir / e["path"], child_key(key, e["path"])) for e in manifest["files"]])
+            self.client.put_object(Bucket=bucket, Key=manifest_key, Body=manifest_bytes(manifest),
+                                   ContentType="application/json")
+        return manifest
+
+    def read_manifest(self, uri: str) -> dict[str, Any] | None:
+        bucket, key = self._bucket(uri)
+        with self._errors(uri, "read manifest"):
+            try:
+                body = self.client.get_object(Bucket=bucket, Key=child_key(key, MANIFEST_NAME))["Body"].read()
+            except ClientError as exc:
+                if _missing(exc):
+                    return None
+                raise
+        try:
+            loaded = json.loads(body)
+        except ValueError:
+            return None
+        return loaded if isinstance(loaded, dict) else None
+
+    def list_prefixes(self, uri: str) -> list[str]:
+        """Immediate child 'folders' of uri."""
+        bucket, key = self._bucket(uri)
+        prefix = as_prefix(key)
+        names: list[str] = []
+        with self._errors(uri, "list"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(n for n in names if n)
+
+    def delete(self, uri: str) -> None:
+        """Delete the object uri names and everything below it, manifest.json first."""
+        bucket, key = self._bucket(uri)
+        if not key.strip("/"):
+            raise UserError(f"{uri}: refusing to delete a whole bucket")
+        with self._errors(uri, "delete"):
+            # Without its manifest a half-deleted prefix reads as incomplete, never as a finished output.
+            self.client.delete_object(Bucket=bucket, Key=child_key(key, MANIFEST_NAME))
+            keys = [o["Key"] for o in self._list(bucket, as_prefix(key))]
+            if not key.endswith("/"):
+                keys.append(key)
+            for start in range(0, len(keys), DELETE_BATCH):
+                batch: list[ObjectIdentifierTypeDef] = [{"Key": k} for k in keys[start:start + DELETE_BATCH]]
+                response = self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+                if response.get("Errors"):
+                    raise StorageError(f"{uri}: could not delete {response['Errors'][:3]} at {self.where}")
+
+    def describe(self, uri: str) -> dict[str, Any]:
+        """ETag, version and size for run.json; a prefix also lists each object's ETag and size."""
+        bucket, key = self._bucket(uri)
+        with self._errors(uri, "describe"):
+            if key and not key.endswith("/"):
+                try:
+                    head = self.client.head_object(Bucket=bucket, Key=key)
+                    return {"etag": head["ETag"].strip('"'), "versionId": head.get("VersionId"),
+                            "size": head["ContentLength"]}
+                except ClientError as exc:
+                    if not _missing(exc):
+                        raise
+            prefix = as_prefix(key)
+            objects = list(self._list(bucket, prefix))
+        if not objects:
+            raise UserError(f"{uri}: no such object or prefix at {self.where}")
+        return {"etag": None, "versionId": None, "size": sum(o["Size"] for o in objects),
+                "objects": [{"key": o["Key"][len(prefix):], "etag": o["ETag"].strip('"'), "size": o["Size"]}
+                            for o in objects]}
+
+    # -- helpers beyond the contract (embedded S3, benchmarks) ------------------------------------------------
+
+    def upload_tree(self, local_dir: Path, uri: str) -> int:
+        """Upload every file under local_dir below uri, without a manifest (input data); returns the count."""
+        bucket, key = self._bucket(uri)
+        files = local_files(local_dir)
+        with self._errors(uri, "upload"):
+            self._upload(bucket, [(p, child_key(key, p.relative_to(local_dir).as_posix())) for p in files])
+        return len(files)
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        bucket, key = self._bucket(uri)
+        if not key or key.endswith("/"):
+            raise UserError(f"{uri}: a file upload needs an object key, not a prefix")
+        with self._errors(uri, "upload"):
+            self._upload(bucket, [(path, key)])
+
+    def list_objects(self, uri: str) -> list[tuple[str, int]]:
+        """(key, size) of every object below uri, full keys, sorted."""
+        bucket, key = self._bucket(uri)
+        with self._errors(uri, "list"):
+            return sorted((o["Key"], o["Size"]) for o in self._list(bucket, as_prefix(key)))
+
+    def ensure_bucket(self, bucket: str) -> None:
+        """Create bucket unless it exists (idempotent)."""
+        uri = f"s3://{bucket}/"
+        split_uri(uri)
+        with self._errors(uri, "create bucket"):
+            try:
+                self.client.create_bucket(Bucket=bucket)
+            except ClientError as exc:
+                if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _bucket(self, uri: str) -> tuple[str, str]:
+        """Parse uri and, once per bucket, check cheaply that the endpoint answers and the bucket exists."""
+        bucket, key = split_uri(uri)
+        if bucket in self._checked:
+            return bucket, key
+        try:
+            self._probe.head_bucket(Bucket=bucket)
+        except (NoCredentialsError, PartialCredentialsError):
+            raise UserError(self._no_credentials(uri)) from None
+        except ClientError as exc:
+            if _missing(exc) or _status(exc) == 404:
+                raise UserError(f"{uri}: bucket {bucket!r} does not exist at {self.where}") from None
+            # 403 may still allow object reads/writes (object-only policies): the real call decides.
+            if _status(exc) != 403:
+                raise self._failure(uri, "check bucket", exc) from exc
+        except BotoCoreError as exc:
+            raise UserError(f"{uri}: cannot reach S3 endpoint {self.where}: {exc}") from None
+        self._checked.add(bucket)
+        return bucket, key
+
+    def _object_size(self, bucket: str, key: str) -> int | None:
+        """Size of the object at key, or None when key names no object (then it may be a prefix)."""
+        if not key or key.endswith("/"):
+            return None
+        try:
+            return self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise
+
+    def _list(self, bucket: str, prefix: str) -> Iterator[ObjectTypeDef]:
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            yield from page.get("Contents", [])
+
+    def _download(self, bucket: str, jobs: list[tuple[str, Path, int]]) -> None:
+        # Leaving the block on the first failure cancels the queued transfers instead of retrying each of them.
+        with create_transfer_manager(self.client, self.transfer) as manager:
+            futures = []
+            for key, target, size in jobs:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                futures.append(manager.download(bucket, key, str(target), subscribers=[_KnownSize(size)]))
+            for future in futures:
+                future.result()
+
+    def _upload(self, bucket: str, jobs: list[tuple[Path, str]]) -> None:
+        with create_transfer_manager(self.client, self.transfer) as manager:
+            futures = [manager.upload(str(path), bucket, key) for path, key in jobs]
+            for future in futures:
+                future.result()
+
+    def _no_credentials(self, uri: str) -> str:
+        return (f"{uri}: no S3 credentials found: set {SECRET_ACCESS_KEY_ID} and {SECRET_SECRET_ACCESS_KEY} "
+                "(in a cluster: the Secret in spec.storage.secretRef) or an AWS profile")
+
+    def _failure(self, uri: str, doing: str, exc: Exception) -> Exception:
+        """The exception to raise for exc: UserError for wrong uri or credentials, StorageError otherwise."""
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return UserError(self._no_credentials(uri))
+        if isinstance(exc, ClientError):
+            message = exc.response.get("Error", {}).get("Message", "")
+            if _missing(exc):
+                return UserError(f"{uri}: not found at {self.where} ({_code(exc)}: {message})")
+            if _code(exc) in DENIED_CODES or _status(exc) == 403:
+                return UserError(f"{uri}: access denied by {self.where} while trying to {doing} "
+                                 f"({_code(exc)}: {message}); check the credentials and their permissions")
+        return StorageError(f"{uri}: {doing} failed at {self.where} after retries: {exc}")
+
+    @contextmanager
+    def _errors(self, uri: str, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except (UserError, IntegrityError, StorageError):
+            raise
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise self._failure(uri, doing, exc) from exc
+        except Exception as exc:
+            # s3transfer wraps some failures in its own types (cancelled, retries exceeded).
+            if type(exc).__module__.startswith(("s3transfer", "boto")):
+                raise self._failure(uri, doing, exc) from exc
+            raise

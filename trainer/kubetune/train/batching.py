@@ -1,0 +1,54 @@
+"""Seeded, length-grouped batches: little padding, same order on every restart, sharded by rank."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+MEGA_BATCHES = 50  # sort by length inside windows of 50 batches: low padding, still well shuffled
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, world: int, rank: int) -> list[list[int]]:
+    """Index batches this rank trains on in `epoch`; a pure function of its arguments (resume relies on it)."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * MEGA_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    usable = len(batches) - len(batches) % world
+    # Every rank must run the same number of steps or collectives would hang: drop the remainder.
+    return batches[rank:usable:world] if world > 1 else batches
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest example in the batch (right padding)."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    labels: torch.Tensor | None = None
+    if "labels" in examples[0]:
+        labels = torch.full((len(examples), longest), -100, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        mask[row, :n] = 1
+        if labels is not None:
+            labels[row, :n] = torch.tensor(example["labels"])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        batch["labels"] = labels
+    else:
+        batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    return batch
+
+
+def eval_batches(count: int, lengths: list[int], batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """Sorted by length (fast), sharded across ranks; results are summed across ranks afterwards."""
+    mine = sorted(range(rank, count, world), key=lambda i: lengths[i])
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]

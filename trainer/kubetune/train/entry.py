@@ -1,0 +1,184 @@
+"""Trainer entrypoints: one process runs the recipe; several are launched with torchrun.
+
+Each worker writes results/rank-<R>.json; the launcher turns them into one exit code and the
+JSON the operator reads from /dev/termination-log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from kubetune import contract
+from kubetune.errors import PreemptedError, UserError
+from kubetune.jobfile import load_job
+
+log = logging.getLogger("kubetune.trainer")
+TERMINATION_LOG_LIMIT = 4096  # Kubernetes keeps at most 4 KiB of the termination message
+
+
+def work_dir_for(name: str) -> Path:
+    configured = os.environ.get(contract.ENV_WORK_DIR)
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get(contract.ENV_STATE_DIR, ".kubetune")) / "runs" / name
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("transformers", "peft", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run_worker(spec_path: str) -> int:
+    """One training process (plain, or one of torchrun's). Returns its exit code."""
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    result: dict[str, Any] = {"rank": rank}
+    recipe = None
+    try:
+        job = load_job(spec_path)
+        work_dir = work_dir_for(job.metadata.name)
+        result["outputUri"] = job.spec.output.uri
+        from kubetune.train.recipe import FineTuneRecipe  # torch import stays out of `kubetune validate`
+
+        recipe = FineTuneRecipe(job, work_dir)
+        recipe.setup()
+        recipe.train()
+        result.update(recipe.write_outputs())
+        result.update(outcome="Succeeded", exitCode=contract.EXIT_OK)
+    except UserError as exc:  # printed once by whoever launched us, without a traceback
+        result.update(outcome="Failed", reason="InvalidInput", message=str(exc), exitCode=contract.EXIT_BAD_INPUT)
+    except PreemptedError as exc:
+        log.warning("%s", exc)
+        result.update(outcome="Preempted", reason="Preempted", message=str(exc), exitCode=contract.EXIT_RETRY)
+    except Exception as exc:
+        log.error("training failed on rank %d:\n%s", rank, traceback.format_exc())
+        result.update(outcome="Failed", reason=type(exc).__name__, message=str(exc), exitCode=contract.EXIT_FAILURE)
+    finally:
+        if recipe is not None:
+            result.setdefault("lastCheckpoint", recipe.last_checkpoint)
+            result.setdefault("step", recipe.state.step)
+            result.setdefault("totalSteps", getattr(recipe, "total_steps", None))
+            recipe.cleanup()
+    results_dir(spec_path).mkdir(parents=True, exist_ok=True)
+    (results_dir(spec_path) / f"rank-{rank}.json").write_text(json.dumps(result, default=str))
+    code: int = result["exitCode"]
+    return code
+
+
+def results_dir(spec_path: str) -> Path:
+    try:
+        name = load_job(spec_path).metadata.name
+    except UserError:
+        name = "invalid"
+    return work_dir_for(name) / "results"
+
+
+def combine_results(folder: Path) -> dict[str, Any]:
+    """Rank 0's result on success; otherwise the most telling failure (bad input > preempted > crash)."""
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("rank-*.json"))]
+    if not results:
+        return {"outcome": "Failed", "reason": "NoResult", "message": "no trainer process reported a result",
+                "exitCode": contract.EXIT_FAILURE}
+    failures = [r for r in results if r.get("exitCode") != contract.EXIT_OK]
+    if not failures:
+        return next((r for r in results if r.get("rank") == 0), results[0])
+    order = {contract.EXIT_BAD_INPUT: 0, contract.EXIT_RETRY: 2}
+    return min(failures, key=lambda r: order.get(r["exitCode"], 1))
+
+
+def termination_message(result: dict[str, Any]) -> str:
+    keys = ("outcome", "reason", "message", "exitCode", "step", "totalSteps", "lastCheckpoint", "outputUri")
+    short = {k: result.get(k) for k in keys if result.get(k) is not None}
+    if isinstance(result.get("test"), dict):
+        short["test"] = {k: v for k, v in result["test"].items() if isinstance(v, int | float)}
+    text = json.dumps(short)
+    while len(text.encode()) > TERMINATION_LOG_LIMIT and short.get("message"):
+        message = str(short["message"])
+        short["message"] = message[: len(message) // 2] + "..."
+        text = json.dumps(short)
+    return text
+
+
+def write_termination_log(result: dict[str, Any], work_dir: Path) -> Path:
+    """Kubernetes mounts /dev/termination-log in pods; elsewhere it goes to the work dir."""
+    configured = os.environ.get(contract.ENV_TERMINATION_LOG)
+    default = Path(contract.TERMINATION_LOG)
+    path = Path(configured) if configured else default if default.exists() else work_dir / "termination-log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(termination_message(result))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def launch(spec_path: str, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+           master_addr: str = "127.0.0.1", master_port: int | None = None) -> dict[str, Any]:
+    """Run the workers under torchrun and return the combined result."""
+    folder = results_dir(spec_path)
+    for old in folder.glob("rank-*.json"):
+        old.unlink()
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--nproc-per-node={nproc_per_node}",
+        f"--master-addr={master_addr}", f"--master-port={master_port or free_port()}",
+        "-m", "kubetune.train.worker", spec_path,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                                                       // nproc_per_node)))}
+    process = subprocess.Popen(command, env=env)
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+    return combine_results(folder)
+
+
+def run(spec_path: str, nproc_per_node: int = 1) -> dict[str, Any]:
+    """Train on this node: in-process for one worker, torchrun for several (or several nodes)."""
+    nnodes = int(os.environ.get(contract.ENV_NNODES, "1"))
+    if nproc_per_node * nnodes > 1:
+        result = launch(
+            spec_path, nproc_per_node, nnodes,
+            node_rank=int(os.environ.get(contract.ENV_NODE_RANK, "0")),
+            master_addr=os.environ.get(contract.ENV_MASTER_ADDR, "127.0.0.1"),
+            master_port=int(os.environ.get(contract.ENV_MASTER_PORT, "0")) or None,
+        )
+    else:
+        for old in results_dir(spec_path).glob("rank-*.json"):
+            old.unlink()
+        run_worker(spec_path)
+        result = combine_results(results_dir(spec_path))
+    write_termination_log(result, results_dir(spec_path).parent)
+    return result
+
+
+def trainer_main(spec_path: str | None) -> int:
+    """`kubetune trainer`: the pod entrypoint. Topology comes from the operator's env vars."""
+    path = spec_path or os.environ.get(contract.ENV_SPEC_PATH, contract.SPEC_MOUNT_PATH)
+    load_job(path)  # bad input: exit 2 before any process starts
+    result = run(path, int(os.environ.get(contract.ENV_NPROC_PER_NODE, "1")))
+    if result["exitCode"] != contract.EXIT_OK:
+        print(f"{result['outcome'].lower()}: {result.get('message')}", file=sys.stderr)
+    code: int = result["exitCode"]
+    return code

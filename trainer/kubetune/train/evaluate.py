@@ -1,0 +1,92 @@
+"""Validation and test metrics, summed across ranks so every rank gets the same numbers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from kubetune.train import distributed
+from kubetune.train.batching import collate, eval_batches
+from kubetune.train.precision import Precision
+
+
+def classification_metrics(confusion: list[list[int]], labels: list[str]) -> dict[str, Any]:
+    """accuracy, macro precision/recall/F1 from a confusion matrix (rows = true, columns = predicted)."""
+    total = sum(map(sum, confusion))
+    correct = sum(confusion[i][i] for i in range(len(labels)))
+    precisions, recalls, f1s = [], [], []
+    for k in range(len(labels)):
+        tp = confusion[k][k]
+        predicted = sum(row[k] for row in confusion)
+        actual = sum(confusion[k])
+        p = tp / predicted if predicted else 0.0
+        r = tp / actual if actual else 0.0
+        precisions.append(p)
+        recalls.append(r)
+        f1s.append(2 * p * r / (p + r) if p + r else 0.0)
+    n = len(labels)
+    return {
+        "accuracy": correct / total if total else 0.0,
+        "f1": sum(f1s) / n,
+        "precision": sum(precisions) / n,
+        "recall": sum(recalls) / n,
+        "confusion_matrix": confusion,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    examples: list[dict[str, Any]],
+    task: str,
+    labels: list[str],
+    batch_size: int,
+    pad_id: int,
+    precision: Precision,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Loss plus task metrics over `examples`, each rank scoring its shard."""
+    was_training = model.training
+    model.eval()
+    lengths = [len(e["input_ids"]) for e in examples]
+    batches = eval_batches(len(examples), lengths, batch_size * 2, distributed.world_size(), distributed.rank())
+    n_labels = max(len(labels), 1)
+    # [loss_sum, loss_count, confusion...]: one all-reduce for everything.
+    totals = torch.zeros(2 + n_labels * n_labels, dtype=torch.float64)
+    for indices in batches:
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+        with precision.autocast():
+            out = model(**batch)
+        if task == "sequence-classification":
+            logits = out.logits.float()
+            loss = nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+            totals[0] += loss.item()
+            totals[1] += len(indices)
+            flat = batch["labels"] * n_labels + logits.argmax(-1)
+            totals[2:] += torch.bincount(flat.cpu(), minlength=n_labels * n_labels).double()
+        else:
+            # Token-level loss over completion tokens only (labels = -100 elsewhere).
+            logits = out.logits[:, :-1].float()
+            target = batch["labels"][:, 1:]
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                               ignore_index=-100, reduction="sum")
+            totals[0] += loss.item()
+            totals[1] += (target != -100).sum().item()
+    distributed.all_reduce_sum(totals)
+    model.train(was_training)
+    mean_loss = float(totals[0] / max(totals[1].item(), 1))
+    result: dict[str, Any] = {"loss": mean_loss, "examples": len(examples)}
+    if task == "sequence-classification":
+        confusion = totals[2:].long().view(n_labels, n_labels).tolist()
+        result.update(classification_metrics(confusion, labels))
+    else:
+        result["perplexity"] = math.exp(min(mean_loss, 50.0))
+    return result
+
+
+def prefixed(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """{'loss': x} -> {'eval_loss': x}; scalars only (the confusion matrix is reported separately)."""
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if isinstance(v, int | float) and k != "examples"}

@@ -1,0 +1,58 @@
+"""Fetch the base model and data once per node; the node's other processes read the local copy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.spec import FineTuneJobSpec
+from kubetune.storage import Storage, is_s3
+from kubetune.train import distributed
+
+PATHS_FILE = "paths.json"
+
+
+@dataclass
+class Inputs:
+    model: Path
+    data: dict[str, Path | None]
+    objects: list[dict[str, Any]]  # S3 object metadata (ETag, version) of the data, for run.json
+
+
+def _fetch_all(storage: Storage, spec: FineTuneJobSpec, dest: Path) -> dict[str, Any]:
+    model = storage.fetch(spec.model.uri, dest / "model")
+    data: dict[str, str | None] = {}
+    objects = []
+    for split in ("train", "validation", "test"):
+        uri = getattr(spec.data, split)
+        if uri is None:
+            data[split] = None
+            continue
+        data[split] = str(storage.fetch(uri, dest / "data" / split))
+        if is_s3(uri):
+            info = storage.describe(uri)
+            if info:
+                objects.append({"split": split, "uri": uri, **info})
+    return {"model": str(model), "data": data, "objects": objects}
+
+
+def fetch_inputs(storage: Storage, spec: FineTuneJobSpec, dest: Path) -> Inputs:
+    dest.mkdir(parents=True, exist_ok=True)
+    paths_file = dest / f"{PATHS_FILE}.{distributed.rank() - distributed.local_rank()}"
+    error = None
+    if distributed.local_rank() == 0:
+        try:
+            paths_file.write_text(json.dumps(_fetch_all(storage, spec, dest)))
+        except Exception as exc:  # re-raised after the barrier so the other ranks do not wait forever
+            error = exc
+    # Any rank's failure must stop every rank, not leave them at the barrier.
+    failed = distributed.any_rank(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("another process failed to fetch the inputs; see its message")
+    found = json.loads(paths_file.read_text())
+    data = {k: Path(v) if v else None for k, v in found["data"].items()}
+    return Inputs(Path(found["model"]), data, found["objects"])
