@@ -10,6 +10,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
+
 from kubetune.spec import StorageSpec
 from kubetune.storage import Storage
 from kubetune.storage.seaweed import SeaweedServer

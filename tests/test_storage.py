@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubetune.contract import MANIFEST_NAME
 from kubetune.errors import UserError
-from kubetune.spec import StorageSpec
+from kubetune.spec import FineTuneJob, StorageSpec
 from kubetune.storage import IntegrityError, Storage
+from kubetune.storage.embedded import embedded_s3, list_objects
 from kubetune.storage.s3 import MiB, S3Backend, StorageError, child_key
 from kubetune.storage.seaweed import SeaweedServer, free_port
-
-from tests.fixtures_s3 import s3_client
+from tests.fixtures_s3 import TEST_CREDENTIALS, s3_client
 
 FAULT_TIMEOUT = 120
 
@@ -195,7 +196,9 @@ def test_bad_uris_are_user_errors(s3_storage: Storage, uri: str, tmp_path: Path)
         s3_storage.fetch(uri, tmp_path / "x")
 
 
-def test_wrong_endpoint_fails_fast_naming_the_uri(tmp_path: Path) -> None:
+def test_wrong_endpoint_fails_fast_naming_the_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in TEST_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     storage = Storage(StorageSpec(endpoint=endpoint))
     uri = "s3://models/minilm/"
@@ -206,6 +209,17 @@ def test_wrong_endpoint_fails_fast_naming_the_uri(tmp_path: Path) -> None:
     assert uri in str(raised.value) and endpoint in str(raised.value)
     with pytest.raises(UserError, match="cannot reach"):
         Storage(StorageSpec(endpoint=endpoint)).publish(make_model(tmp_path / "m"), "s3://outputs/job/")
+
+
+def test_missing_credentials_are_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(UserError, match="no S3 credentials") as raised:
+        Storage(StorageSpec(endpoint="http://127.0.0.1:9")).read_manifest("s3://models/minilm/")
+    assert "s3://models/minilm/" in str(raised.value)
 
 
 def test_missing_bucket_and_key_are_user_errors(s3_storage: Storage, s3_bucket: str, tmp_path: Path) -> None:
@@ -300,3 +314,39 @@ def test_server_killed_mid_publish(tmp_path: Path, s3_server: SeaweedServer) -> 
         fresh = S3Backend(StorageSpec(endpoint=server.endpoint))
         assert fresh.read_manifest(uri) is None
         assert all(not key.endswith(MANIFEST_NAME) for key, _ in fresh.list_objects(uri))
+
+
+# -- kubetune run --embedded-s3: inputs uploaded, uris rewritten ------------------------------------------------
+
+
+def test_embedded_s3_uploads_inputs_and_rewrites_uris(tmp_path: Path) -> None:
+    make_model(tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "good", "label": 1}\n')
+    (tmp_path / "val" / "more").mkdir(parents=True)
+    (tmp_path / "val" / "more" / "v.jsonl").write_text('{"text": "bad", "label": 0}\n')
+    job = FineTuneJob.model_validate({
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "emb-demo"},
+        "spec": {"model": {"uri": "model", "task": "sequence-classification", "labels": ["neg", "pos"]},
+                 "data": {"train": "data/train.jsonl", "validation": "val"},
+                 "output": {"uri": "out"}, "checkpoint": {"uri": "ckpt"}}})
+    env_before = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "NO_PROXY")}
+
+    with embedded_s3(job, tmp_path / "state", tmp_path / "job.yaml") as s3_job:
+        spec = s3_job.spec
+        assert spec.model.uri == "s3://kubetune-models/emb-demo/"
+        assert spec.data.train == "s3://kubetune-data/emb-demo/train/train.jsonl"
+        assert spec.data.validation == "s3://kubetune-data/emb-demo/validation/"
+        assert spec.output.uri == "s3://kubetune-outputs/emb-demo/"
+        assert spec.checkpoint.uri == "s3://kubetune-outputs/emb-demo/checkpoints/"
+        assert spec.storage.endpoint and spec.storage.endpoint.startswith("http://127.0.0.1:")
+        storage = Storage(spec.storage)
+        model = storage.fetch(spec.model.uri, tmp_path / "fetched")  # verified against the uploaded manifest
+        assert without_manifest(tree(model)) == tree(tmp_path / "model")
+        assert storage.fetch(spec.data.validation, tmp_path / "val-down").joinpath("more", "v.jsonl").is_file()
+        storage.publish(tmp_path / "model", spec.output.uri)
+        keys = [key for key, _ in list_objects(spec.storage, spec.output.uri)]
+        assert "emb-demo/manifest.json" in keys and "emb-demo/weights/shard-0/model.safetensors" in keys
+
+    assert job.spec.model.uri == "model" and job.spec.storage.endpoint is None  # the original is untouched
+    assert {k: os.environ.get(k) for k in env_before} == env_before

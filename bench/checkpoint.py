@@ -1,0 +1,280 @@
+"""Checkpoint cost and work lost to preemption, for MiniLM full fine-tuning and LoRA, local disk and SeaweedFS.
+
+    .venv/bin/python bench/checkpoint.py [--repeats 3] [--signal-every 10] [--signal-storage both]
+
+Part 1, cost: a real FineTuneRecipe (spec defaults: batch 16, bf16 autocast where the CPU has it, AdamW) is set
+up on the sample reviews, trains a few steps through the recipe's own update function (timed: the per-step time),
+validates once (so the checkpoint carries best_weights as every checkpoint after the first epoch does), then
+`recipe.save_checkpoint()` is timed, and a fresh recipe's resume (find newest complete checkpoint, fetch, verify,
+load weights, optimizer, scheduler, RNG) is timed inside its setup(). Both are reported as a fraction of
+`checkpoint.everySteps` (spec default 100) training steps: measured per-step time x everySteps, extrapolated.
+
+Part 2, work lost: `kubetune run` in a subprocess with a small checkpoint.everySteps is sent SIGKILL (or SIGTERM)
+at a random step after the first checkpoint, then run again; work lost = the last step the first run logged
+minus the step the restart resumes from. SIGKILL must lose at most everySteps; SIGTERM must lose nothing.
+
+The last line of output is one JSON object with every figure and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as common
+
+TARGET_OVERHEAD = 0.05
+BUCKET = "kubetune-bench"
+STEP_LINE = re.compile(r"\bstep (\d+)/(\d+)\b")
+RESUMED_LINE = re.compile(r"resumed from (\S+) at step (\d+)")
+SUMMARY_LINE = re.compile(r"\bsteps (\d+)/(\d+)\b")
+PREEMPTED_LINE = re.compile(r"SIGTERM: saved (\S+) at step (\d+)")
+
+
+def checkpoint_root(storage: str, name: str, work: Path) -> str:
+    return f"s3://{BUCKET}/{name}/checkpoints/" if storage == "seaweed" else str(work / name / "checkpoints")
+
+
+def job_for(name: str, method: str, storage: str, endpoint: str | None, work: Path, **spec: Any) -> dict[str, Any]:
+    doc = common.job_document(name, common.sample_path(common.REVIEWS), work / name / "output",
+                              method={"type": method}, **spec)
+    doc["spec"]["checkpoint"] = {**doc["spec"].get("checkpoint", {}), "uri": checkpoint_root(storage, name, work)}
+    if storage == "seaweed":
+        doc["spec"]["storage"] = {"endpoint": endpoint}
+        doc["spec"]["output"]["uri"] = f"s3://{BUCKET}/{name}/output/"
+    return doc
+
+
+# ---- part 1: write / restore time -----------------------------------------------------------------
+def measure_cost(method: str, storage: str, endpoint: str | None, args: argparse.Namespace,
+                 work: Path) -> dict[str, Any]:
+    from kubetune.jobfile import parse_job
+    from kubetune.train.batching import epoch_batches
+    from kubetune.train.progress import Progress
+    from kubetune.train.recipe import FineTuneRecipe
+
+    name = f"cost-{method}-{storage}"
+    job = parse_job(job_for(name, method, storage, endpoint, work))
+    hp = job.spec.hyperparameters
+    recipe = FineTuneRecipe(job, work / name / "work")
+    recipe.setup()
+    batches = epoch_batches(recipe.lengths, hp.batch_size, hp.seed, 0, 1, 0)
+
+    step_times: list[float] = []
+
+    def train(steps: int, timed: bool = True) -> None:
+        # The recipe's own optimizer update (collate, autocast forward, backward, clip, AdamW, scheduler).
+        for _ in range(steps):
+            started = time.perf_counter()
+            recipe._update([batches[recipe.state.step % len(batches)]])
+            if timed:
+                step_times.append(time.perf_counter() - started)
+            recipe.state.step += 1
+            recipe.state.batch_in_epoch = recipe.state.step % len(batches)
+
+    train(args.warmup_steps, timed=False)  # first steps pay one-off allocation and kernel selection
+    recipe._validate(Progress(recipe.total_steps, recipe.state.step, enabled=False))
+    recipe.save_checkpoint()  # warm-up: creates the S3 client and checks the bucket once, as a real run does
+    saves: list[float] = []
+    for _ in range(args.repeats):
+        train(args.steps_between)
+        started = time.perf_counter()
+        recipe.save_checkpoint()
+        saves.append(time.perf_counter() - started)
+    saved_step, saved_uri = recipe.state.step, recipe.last_checkpoint
+    manifest = recipe.storage.read_manifest(saved_uri or "") or {}
+    size = sum(f["size"] for f in manifest.get("files", []))
+    every = job.spec.checkpoint.every_steps
+    del recipe
+    gc.collect()
+
+    restores: list[float] = []
+    for attempt in range(args.repeats):
+        # A fresh work dir each time: an S3 checkpoint is downloaded again, as on a new pod.
+        fresh = FineTuneRecipe(job, work / name / f"restore-{attempt}")
+        stopwatch = {"seconds": 0.0}
+        resume = fresh._resume
+
+        def timed_resume(resume: Any = resume) -> None:
+            started = time.perf_counter()
+            resume()
+            stopwatch["seconds"] += time.perf_counter() - started
+
+        fresh._resume = timed_resume  # type: ignore[method-assign]  # setup() calls the instance attribute
+        fresh.setup()
+        if fresh.state.step != saved_step:
+            sys.exit(f"{name}: restore resumed at step {fresh.state.step}, expected {saved_step}")
+        restores.append(stopwatch["seconds"])
+        del fresh
+        gc.collect()
+
+    step = statistics.mean(step_times)
+    save, restore = statistics.median(saves), statistics.median(restores)
+    return {
+        "method": method, "storage": storage, "checkpointBytes": size, "stepSeconds": step,
+        "stepsTimed": len(step_times), "saveSeconds": save, "saveRuns": saves, "restoreSeconds": restore,
+        "restoreRuns": restores, "everySteps": every, "intervalSeconds": every * step,
+        "saveOverhead": save / (every * step), "restoreOverhead": restore / (every * step),
+    }
+
+
+# ---- part 2: work lost to SIGKILL / SIGTERM ---------------------------------------------------------
+def kubetune_run(job_path: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    kubetune = Path(sys.executable).parent / "kubetune"
+    with open(log, "ab") as out:
+        return subprocess.Popen([str(kubetune), "run", str(job_path)], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
+
+
+def steps_logged(log: Path) -> list[int]:
+    return [int(m.group(1)) for m in STEP_LINE.finditer(log.read_text(errors="replace"))]
+
+
+def interrupt(kind: str, storage: str, endpoint: str | None, every: int, rng: random.Random,
+              work: Path) -> dict[str, Any]:
+    """Run, signal at a random step after the first checkpoint, restart; compare the steps."""
+    name = f"signal-{kind.lower()}-{storage}"
+    # 2 x everySteps steps (fewer than one epoch of the reviews): the progress log then names every step.
+    doc = job_for(name, "lora", storage, endpoint, work, checkpoint={"everySteps": every},
+                  hyperparameters={"maxSteps": 2 * every})
+    job_path = common.write_yaml(doc, work / name / "job.yaml")
+    env = {**os.environ, "KUBETUNE_STATE_DIR": str(work / name / "state"), "PYTHONUNBUFFERED": "1"}
+    target = rng.randint(every + 1, 2 * every - 1)
+    first_log, second_log = work / name / "first.log", work / name / "second.log"
+
+    process = kubetune_run(job_path, first_log, env)
+    while process.poll() is None and max(steps_logged(first_log), default=0) < target:
+        time.sleep(0.05)
+    if process.poll() is not None:
+        sys.exit(f"{name}: kubetune run ended before step {target}:\n{common.log_tail(first_log)}")
+    sent = time.perf_counter()
+    process.send_signal(signal.SIGKILL if kind == "SIGKILL" else signal.SIGTERM)
+    code = process.wait()
+    exit_seconds = time.perf_counter() - sent
+    # SIGTERM lets the step in flight finish (and log) before the checkpoint: the last logged step counts.
+    reached = max(steps_logged(first_log))
+    preempted = PREEMPTED_LINE.search(first_log.read_text(errors="replace"))
+
+    restarted = kubetune_run(job_path, second_log, env)
+    second_code = restarted.wait()
+    text = second_log.read_text(errors="replace")
+    resumed = RESUMED_LINE.search(text)
+    summary = SUMMARY_LINE.search(text)
+    if second_code != 0 or resumed is None:
+        sys.exit(f"{name}: the restart failed (exit {second_code}) or did not resume:\n{common.log_tail(second_log)}")
+    resume_step = int(resumed.group(2))
+    return {
+        "signal": kind, "storage": storage, "everySteps": every, "signalledAtStep": target,
+        "stepReached": reached, "exitCode": code, "exitSeconds": exit_seconds,
+        "savedAtStep": int(preempted.group(2)) if preempted else None, "resumedAtStep": resume_step,
+        "stepsLost": reached - resume_step, "restartExitCode": second_code,
+        "finalSteps": int(summary.group(1)) if summary else None, "totalSteps": 2 * every,
+    }
+
+
+# ---- report ------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--storage", nargs="+", default=["local", "seaweed"], choices=["local", "seaweed"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed saves and restores per case (median)")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed training steps first")
+    parser.add_argument("--steps-between", type=int, default=3, help="timed training steps before each save")
+    parser.add_argument("--signal-every", type=int, default=10, help="checkpoint.everySteps of the signal runs")
+    parser.add_argument("--signal-storage", nargs="*", default=["local", "seaweed"], choices=["local", "seaweed"],
+                        help="storage of the SIGKILL/SIGTERM runs (none: skip them)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random signal step (default: random)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep files here (default: a temp dir)")
+    args = parser.parse_args()
+
+    common.setup_env(args.threads)
+    common.set_torch_threads(args.threads)
+    from kubetune.spec import CheckpointSpec, StorageSpec
+    from kubetune.storage.s3 import S3Backend
+    from kubetune.storage.seaweed import SeaweedServer
+    from kubetune.train.entry import setup_logging
+
+    setup_logging(0)
+    # SeaweedFS without identities accepts any key; botocore only needs some credentials in its chain.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "kubetune-bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kubetune-bench-secret")
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
+    rng = random.Random(seed)
+    needs_s3 = "seaweed" in args.storage or "seaweed" in (args.signal_storage or [])
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-ckpt-") as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        server = SeaweedServer(work / "seaweed") if needs_s3 else None
+        endpoint = None
+        try:
+            if server is not None:
+                server.start()
+                endpoint = server.endpoint
+                S3Backend(StorageSpec(endpoint=endpoint)).ensure_bucket(BUCKET)
+            costs = []
+            for method in args.methods:
+                for storage in args.storage:
+                    print(f"checkpoint cost: {method} on {storage} ...", file=sys.stderr, flush=True)
+                    costs.append(measure_cost(method, storage, endpoint, args, work))
+            lost = []
+            for storage in args.signal_storage or []:
+                for kind in ("SIGKILL", "SIGTERM"):
+                    print(f"{kind} on {storage} ...", file=sys.stderr, flush=True)
+                    lost.append(interrupt(kind, storage, endpoint, args.signal_every, rng, work))
+        finally:
+            if server is not None:
+                server.stop()
+    report(costs, lost, args, seed, CheckpointSpec().every_steps)
+
+
+def report(costs: list[dict[str, Any]], lost: list[dict[str, Any]], args: argparse.Namespace, seed: int,
+           default_every: int) -> None:
+    machine = common.machine()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {args.threads} threads")
+    print(f"checkpoint cost at checkpoint.everySteps = {default_every} (spec default), spec-default "
+          "hyperparameters (batch 16, precision auto); interval time = measured mean step time x "
+          f"{default_every} (extrapolated); save/restore = median of {args.repeats}")
+    print()
+    rows = [[c["method"], c["storage"], c["checkpointBytes"] / 2**20, c["stepSeconds"], c["intervalSeconds"],
+             c["saveSeconds"], 100 * c["saveOverhead"], c["restoreSeconds"], 100 * c["restoreOverhead"]]
+            for c in costs]
+    print(common.table(["method", "storage", "ckpt MiB", "step s", f"{default_every} steps s", "save s", "save %",
+                        "restore s", "restore %"], rows))
+    worst = max((c["saveOverhead"] for c in costs), default=0.0)
+    print(f"\nworst save overhead: {100 * worst:.2f}% of {default_every} steps "
+          f"(target < {100 * TARGET_OVERHEAD:.0f}%) {'MET' if worst < TARGET_OVERHEAD else 'NOT MET'}")
+    if lost:
+        print(f"\nwork lost to a signal (kubetune run, LoRA, checkpoint.everySteps {args.signal_every}, "
+              f"signal step drawn with seed {seed})")
+        rows = [[r["signal"], r["storage"], r["signalledAtStep"], r["stepReached"], r["exitCode"], r["exitSeconds"],
+                 r["resumedAtStep"], r["stepsLost"], f"{r['finalSteps']}/{r['totalSteps']}"] for r in lost]
+        print(common.table(["signal", "storage", "sent at step", "step reached", "exit", "exit s", "resumed at",
+                            "steps lost", "final"], rows))
+    kill_ok = all(r["stepsLost"] <= r["everySteps"] for r in lost if r["signal"] == "SIGKILL")
+    term_ok = all(r["stepsLost"] == 0 and r["exitCode"] == 75 for r in lost if r["signal"] == "SIGTERM")
+    if lost:
+        print(f"SIGKILL loses <= everySteps: {'MET' if kill_ok else 'NOT MET'}; "
+              f"SIGTERM loses 0 and exits 75: {'MET' if term_ok else 'NOT MET'}")
+    print(json.dumps({
+        "benchmark": "checkpoint", "machine": machine, "threads": args.threads, "everySteps": default_every,
+        "costs": costs, "worstSaveOverhead": worst, "target": TARGET_OVERHEAD, "overheadMet": worst < TARGET_OVERHEAD,
+        "signals": lost, "signalSeed": seed, "sigkillMet": kill_ok, "sigtermMet": term_ok,
+    }))
+
+
+if __name__ == "__main__":
+    main()
