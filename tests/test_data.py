@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubetune.data import encode_causal_lm, encode_classification, prepare_data
 from kubetune.data.encode import IGNORE_INDEX
 from kubetune.errors import UserError

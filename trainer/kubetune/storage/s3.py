@@ -1,7 +1,7 @@
 """S3 backend (AWS, MinIO, SeaweedFS, Ceph): same contract as local.py, through boto3.
 
-Transfers go through one s3transfer TransferManager per call: its thread pool runs many files at once
-and splits large ones into ranged GETs / multipart uploads, streaming to and from disk.
+Transfers run many files at once: small ones as single requests on a thread pool, large ones through an
+s3transfer TransferManager (multipart uploads, ranged GETs); everything streams to and from disk.
 Errors that retrying cannot fix (no bucket, no key, denied, unreachable endpoint) become UserError (exit 2);
 anything else fails after bounded retries as StorageError (exit 1).
 """
@@ -9,16 +9,23 @@ anything else fails after bounded retries as StorageError (exit 1).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from s3transfer.futures import TransferFuture
+from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
 from kubetune.contract import MANIFEST_NAME, SECRET_ACCESS_KEY_ID, SECRET_SECRET_ACCESS_KEY
 from kubetune.errors import UserError
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
 
 MiB = 1024 * 1024
 DELETE_BATCH = 1000  # the S3 limit per DeleteObjects call
+DOWNLOAD_ATTEMPTS = 2  # body reads cut mid-stream; botocore's own retries cover the request itself
 
 # Error codes that retrying cannot fix: the uri or the credentials are wrong.
 NOT_FOUND_CODES = frozenset({"NoSuchBucket", "NoSuchKey", "NotFound", "404"})
@@ -95,14 +103,28 @@ class _KnownSize(BaseSubscriber):
         future.meta.provide_transfer_size(self.size)
 
 
+def _start_download(manager: TransferManager, *, bucket: str, key: str, target: Path, size: int) -> TransferFuture:
+    return manager.download(bucket, key, str(target), subscribers=[_KnownSize(size)])
+
+
+def _start_upload(manager: TransferManager, *, bucket: str, key: str, path: Path) -> TransferFuture:
+    return manager.upload(str(path), bucket, key)
+
+
 class S3Backend:
     def __init__(self, spec: StorageSpec, *, part_size: int = 8 * MiB, concurrency: int = 16,
                  max_attempts: int = 3, connect_timeout: float = 5.0, read_timeout: float = 15.0) -> None:
         self.where = spec.endpoint or f"AWS S3 ({spec.region})"
+        self.part_size = part_size
+        self.concurrency = concurrency
         # Credentials come from the standard chain (env, profile, web identity), never from the spec.
         session = boto3.session.Session()
 
         def client(attempts: int, connect: float, read: float) -> S3Client:
+            # Other S3 servers (older MinIO, Ceph) reject the aws-chunked checksums boto3 sends by default;
+            # our manifests carry sha256 end to end anyway.
+            checksums: Literal["when_supported", "when_required"] = (
+                "when_required" if spec.endpoint else "when_supported")
             config = Config(
                 region_name=spec.region,
                 signature_version="s3v4",
@@ -110,8 +132,10 @@ class S3Backend:
                 retries={"mode": "standard", "max_attempts": attempts},
                 connect_timeout=connect,
                 read_timeout=read,
-                max_pool_connections=concurrency + 4,
+                max_pool_connections=2 * concurrency + 2,  # the file pool and the TransferManager at once
                 tcp_keepalive=True,
+                request_checksum_calculation=checksums,
+                response_checksum_validation=checksums,
             )
             return session.client("s3", endpoint_url=spec.endpoint, config=config)
 
@@ -120,7 +144,7 @@ class S3Backend:
         # The first call per bucket: one quick probe, so a wrong endpoint fails at once instead of a retry storm.
         self._probe = client(2, 3.0, 10.0)
         self.transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
-                                       max_concurrency=concurrency, num_download_attempts=2,
+                                       max_concurrency=concurrency, num_download_attempts=DOWNLOAD_ATTEMPTS,
                                        use_threads=True)
         self._checked: set[str] = set()
 
@@ -296,20 +320,55 @@ class S3Backend:
             yield from page.get("Contents", [])
 
     def _download(self, bucket: str, jobs: list[tuple[str, Path, int]]) -> None:
-        # Leaving the block on the first failure cancels the queued transfers instead of retrying each of them.
-        with create_transfer_manager(self.client, self.transfer) as manager:
-            futures = []
-            for key, target, size in jobs:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                futures.append(manager.download(bucket, key, str(target), subscribers=[_KnownSize(size)]))
-            for future in futures:
-                future.result()
+        for _, target, _ in jobs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        self._run([partial(_start_download, bucket=bucket, key=key, target=target, size=size)
+                   for key, target, size in jobs if size >= self.part_size],
+                  [partial(self._get_small, bucket, key, target) for key, target, size in jobs
+                   if size < self.part_size])
 
     def _upload(self, bucket: str, jobs: list[tuple[Path, str]]) -> None:
-        with create_transfer_manager(self.client, self.transfer) as manager:
-            futures = [manager.upload(str(path), bucket, key) for path, key in jobs]
-            for future in futures:
-                future.result()
+        sized = [(path, key, path.stat().st_size) for path, key in jobs]
+        self._run([partial(_start_upload, bucket=bucket, key=key, path=path)
+                   for path, key, size in sized if size >= self.part_size],
+                  [partial(self._put_small, bucket, path, key) for path, key, size in sized
+                   if size < self.part_size])
+
+    def _run(self, large: list[Callable[[TransferManager], TransferFuture]], small: list[Callable[[], None]]) -> None:
+        """Large files on the TransferManager (parts in parallel), small ones as single requests on a pool.
+
+        The first failure cancels everything still queued instead of letting each file retry a dead server.
+        """
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="kubetune-s3")
+        try:
+            with create_transfer_manager(self.client, self.transfer) as manager:
+                futures: list[TransferFuture | Future[None]] = [start(manager) for start in large]
+                futures += [pool.submit(task) for task in small]
+                for future in futures:
+                    future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _put_small(self, bucket: str, path: Path, key: str) -> None:
+        with open(path, "rb") as handle:  # botocore streams (and on retry rewinds) the open file
+            self.client.put_object(Bucket=bucket, Key=key, Body=handle)
+
+    def _get_small(self, bucket: str, key: str, target: Path) -> None:
+        """Stream one object to a temp file beside target, then rename: no half-written file under its name."""
+        partial = target.with_name(f".{target.name}.part")
+        try:
+            for attempt in range(DOWNLOAD_ATTEMPTS):
+                try:
+                    body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+                    with open(partial, "wb") as handle:
+                        shutil.copyfileobj(body, handle, MiB)
+                    break
+                except S3_RETRYABLE_DOWNLOAD_ERRORS:
+                    if attempt + 1 == DOWNLOAD_ATTEMPTS:
+                        raise
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
 
     def _no_credentials(self, uri: str) -> str:
         return (f"{uri}: no S3 credentials found: set {SECRET_ACCESS_KEY_ID} and {SECRET_SECRET_ACCESS_KEY} "

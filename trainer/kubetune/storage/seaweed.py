@@ -118,8 +118,10 @@ class SeaweedServer:
         return path
 
     def _command(self) -> list[str]:
+        # No telemetry, no WebDAV/Iceberg/Lance listeners, and no pre-stop grace (a cluster thing): a second faster.
         cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-               "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+               "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-volume.preStopSeconds=0"]
         cmd += [f"-{name}={port}" for name, port in self.ports.items()]
         config = self._config_path()
         if config is not None:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from kubetune import contract
@@ -41,6 +45,9 @@ def setup_logging(rank: int) -> None:
     )
     for noisy in ("transformers", "peft", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars would drown the training log
 
 
 def run_worker(spec_path: str) -> int:
@@ -69,6 +76,8 @@ def run_worker(spec_path: str) -> int:
         log.error("training failed on rank %d:\n%s", rank, traceback.format_exc())
         result.update(outcome="Failed", reason=type(exc).__name__, message=str(exc), exitCode=contract.EXIT_FAILURE)
     finally:
+        if result.get("outcome") != "Succeeded":
+            result["failedAt"] = time.time()  # the first failing rank is the cause; see combine_results
         if recipe is not None:
             result.setdefault("lastCheckpoint", recipe.last_checkpoint)
             result.setdefault("step", recipe.state.step)
@@ -89,7 +98,7 @@ def results_dir(spec_path: str) -> Path:
 
 
 def combine_results(folder: Path) -> dict[str, Any]:
-    """Rank 0's result on success; otherwise the most telling failure (bad input > preempted > crash)."""
+    """Rank 0's result on success; otherwise the most telling failure (bad input > crash > preempted)."""
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("rank-*.json"))]
     if not results:
         return {"outcome": "Failed", "reason": "NoResult", "message": "no trainer process reported a result",
@@ -98,7 +107,14 @@ def combine_results(folder: Path) -> dict[str, Any]:
     if not failures:
         return next((r for r in results if r.get("rank") == 0), results[0])
     order = {contract.EXIT_BAD_INPUT: 0, contract.EXIT_RETRY: 2}
-    return min(failures, key=lambda r: order.get(r["exitCode"], 1))
+
+    def telling(r: dict[str, Any]) -> tuple[int, float, int]:
+        kind = order.get(r["exitCode"], 1)
+        # Among crashes the first is the cause: the others failed because its connections closed.
+        when = float(r.get("failedAt", float("inf"))) if kind == 1 else 0.0
+        return kind, when, int(r.get("rank", 0))
+
+    return min(failures, key=telling)
 
 
 def termination_message(result: dict[str, Any]) -> str:
@@ -138,7 +154,7 @@ def launch(spec_path: str, nproc_per_node: int, nnodes: int = 1, node_rank: int 
     for old in folder.glob("rank-*.json"):
         old.unlink()
     command = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "kubetune.train.torchrun",
         f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--nproc-per-node={nproc_per_node}",
         f"--master-addr={master_addr}", f"--master-port={master_port or free_port()}",
         "-m", "kubetune.train.worker", spec_path,
@@ -146,11 +162,21 @@ def launch(spec_path: str, nproc_per_node: int, nnodes: int = 1, node_rank: int 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
                                                                                        // nproc_per_node)))}
     process = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        # A pod's SIGTERM reaches only this process: torchrun passes it on to the workers, which checkpoint.
+        process.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, forward) if main_thread else None
     try:
         process.wait()
     except KeyboardInterrupt:
         process.terminate()
         process.wait()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return combine_results(folder)
 
 
