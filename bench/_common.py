@@ -87,7 +87,37 @@ class ChildResult:
     returncode: int
     seconds: float
     peak_rss_mib: float  # the child's own peak resident set (wait4 rusage of that one process tree)
+    cpu_seconds: float  # the child's user + system CPU time
+    background_cpu: float  # share of all cores that other processes used meanwhile: how noisy the run was
     log: Path
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time all processes on this machine have used since boot (/proc/stat), 0 where unavailable."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.15, window: float = 3.0) -> float:
+    """Wait (at most max_wait s) until other processes use under `threshold` of the CPUs; returns the last share.
+
+    On a shared machine a burst of someone else's work can halve a run's speed; starting in a quiet moment
+    makes the two sides comparable (the load during each run is still measured and reported).
+    """
+    deadline = time.monotonic() + max_wait
+    cores = os.cpu_count() or 1
+    while True:
+        before, started = busy_cpu_seconds(), time.monotonic()
+        time.sleep(window)
+        share = (busy_cpu_seconds() - before) / ((time.monotonic() - started) * cores)
+        if share < threshold or time.monotonic() >= deadline:
+            return share
+        print(f"  waiting for a quieter machine (other processes use {100 * share:.0f}% of the CPUs)",
+              file=sys.stderr, flush=True)
 
 
 def run_child(command: Sequence[str], log: Path, env: dict[str, str] | None = None,
@@ -97,6 +127,7 @@ def run_child(command: Sequence[str], log: Path, env: dict[str, str] | None = No
     getrusage(RUSAGE_CHILDREN) would report the maximum over every child waited for so far, mixing runs.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
+    busy_before = busy_cpu_seconds()
     started = time.perf_counter()
     with open(log, "wb") as out:
         process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -109,8 +140,12 @@ def run_child(command: Sequence[str], log: Path, env: dict[str, str] | None = No
             process.kill()
         time.sleep(0.05)
     process.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    cpu = usage.ru_utime + usage.ru_stime
+    others = max(0.0, busy_cpu_seconds() - busy_before - cpu)
     # Linux reports ru_maxrss in KiB.
-    return ChildResult(process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024, log)
+    return ChildResult(process.returncode, seconds, usage.ru_maxrss / 1024, cpu,
+                       others / (seconds * (os.cpu_count() or 1)), log)
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

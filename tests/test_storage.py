@@ -278,7 +278,7 @@ def test_denied_access_is_a_user_error(auth_server: SeaweedServer, monkeypatch: 
 # -- faults -----------------------------------------------------------------------------------------------------
 
 
-def test_server_killed_mid_publish(tmp_path: Path, s3_server: SeaweedServer) -> None:
+def test_server_killed_mid_publish(tmp_path: Path, s3_server: SeaweedServer) -> None:  # s3_server: test credentials
     """SIGKILL during an upload: bounded failure (exit 1 kind), and no manifest.json afterwards."""
     with SeaweedServer(tmp_path / "s3") as server:
         s3_client(server.endpoint).create_bucket(Bucket="fault")

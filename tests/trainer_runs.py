@@ -21,9 +21,12 @@ from kubetune.contract import CHECKPOINT_PREFIX, MANIFEST_NAME
 from kubetune.samples import INSTRUCTIONS, sample_path
 from kubetune.spec import StorageSpec
 from kubetune.storage import Storage, join_uri
-from tests.fixtures_models import causal_job, write_job
+from tests.fixtures_models import causal_job
 
-KUBETUNE = str(Path(sys.executable).parent / "kubetune")
+_SCRIPT = Path(sys.executable).parent / "kubetune"
+# The console script beside this interpreter (the venv's), else the same entry point through -c.
+KUBETUNE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-c",
+                                                     "import sys; from kubetune.cli import main; sys.exit(main())"]
 RUN_TIMEOUT = 300  # seconds; a hung run fails the test instead of the suite
 SPLIT = {"train": 112, "validation": 25, "test": 26}  # 112 = 7 x 16: whole batches for 1 x 16 and 2 x 8
 
@@ -75,11 +78,12 @@ class Trainer:
         return self.state_dir / "run.log"
 
     def env(self) -> dict[str, str]:
+        # One thread per process: steps this small gain nothing from more, and a busy machine stalls them.
         return {**os.environ, "HF_HUB_OFFLINE": "1", "KUBETUNE_STATE_DIR": str(self.state_dir),
-                "KUBETUNE_TERMINATION_LOG": str(self.termination_log)}
+                "KUBETUNE_TERMINATION_LOG": str(self.termination_log), "OMP_NUM_THREADS": "1"}
 
     def command(self) -> list[str]:
-        return [KUBETUNE, "run", str(self.job), "--nproc-per-node", str(self.nproc)]
+        return [*KUBETUNE, "run", str(self.job), "--nproc-per-node", str(self.nproc)]
 
     def start(self) -> subprocess.Popen[bytes]:
         """In its own session, as a pod's process tree; output to a file so no pipe can block it."""

@@ -29,7 +29,7 @@ def export_minilm(dest: Path) -> Path:
 
 
 def instruction_texts() -> list[str]:
-    texts = []
+    texts: list[str] = []
     for line in sample_path(INSTRUCTIONS).read_text().splitlines():
         row = json.loads(line)
         if "messages" in row:

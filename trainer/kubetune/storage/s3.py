@@ -355,20 +355,20 @@ class S3Backend:
 
     def _get_small(self, bucket: str, key: str, target: Path) -> None:
         """Stream one object to a temp file beside target, then rename: no half-written file under its name."""
-        partial = target.with_name(f".{target.name}.part")
+        temp = target.with_name(f".{target.name}.part")
         try:
             for attempt in range(DOWNLOAD_ATTEMPTS):
                 try:
                     body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
-                    with open(partial, "wb") as handle:
+                    with open(temp, "wb") as handle:
                         shutil.copyfileobj(body, handle, MiB)
                     break
                 except S3_RETRYABLE_DOWNLOAD_ERRORS:
                     if attempt + 1 == DOWNLOAD_ATTEMPTS:
                         raise
-            os.replace(partial, target)
+            os.replace(temp, target)
         finally:
-            partial.unlink(missing_ok=True)
+            temp.unlink(missing_ok=True)
 
     def _no_credentials(self, uri: str) -> str:
         return (f"{uri}: no S3 credentials found: set {SECRET_ACCESS_KEY_ID} and {SECRET_SECRET_ACCESS_KEY} "
@@ -385,6 +385,8 @@ class S3Backend:
             if _code(exc) in DENIED_CODES or _status(exc) == 403:
                 return UserError(f"{uri}: access denied by {self.where} while trying to {doing} "
                                  f"({_code(exc)}: {message}); check the credentials and their permissions")
+        if isinstance(exc, OSError) and not isinstance(exc, BotoCoreError | ConnectionError | TimeoutError):
+            return StorageError(f"{uri}: {doing} failed on this machine: {exc}")  # local disk, not the server
         return StorageError(f"{uri}: {doing} failed at {self.where} after retries: {exc}")
 
     @contextmanager

@@ -22,6 +22,8 @@ from typing import Any
 HOST = "127.0.0.1"
 # weed mini's worker dials the admin gRPC port at admin HTTP port + 10000 whatever -admin.port.grpc says.
 ADMIN_GRPC_OFFSET = 10000
+START_ATTEMPTS = 3
+PORT_FLOOR = 10000
 # Env vars that make `weed mini` create its own identity (and so require that key): the server must not inherit them.
 _SERVER_ENV_DROP = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "S3_BUCKET")
 
@@ -53,27 +55,26 @@ def free_port() -> int:
         return port
 
 
-def _free_port_pair(offset: int) -> int:
-    """A port p with p and p + offset both free (below the ephemeral range so p + offset stays valid)."""
-    for _ in range(200):
-        port = random.randint(20000, 65535 - offset - 1)
-        if _port_free(port) and _port_free(port + offset):
-            return port
-    raise RuntimeError(f"no free pair of loopback ports {offset} apart")
+def _ephemeral_start() -> int:
+    """First port of the kernel's range for outgoing connections (32768 unless configured otherwise)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _allocate_ports() -> dict[str, int]:
-    admin = _free_port_pair(ADMIN_GRPC_OFFSET)
+    """A free port for every listener, below the ephemeral range so no outgoing connection can take one first."""
+    top = max(_ephemeral_start(), PORT_FLOOR + ADMIN_GRPC_OFFSET + 1000)
     names = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
              "filer.port", "filer.port.grpc")
-    ports: dict[str, int] = {}
-    while len(ports) < len(names):
-        port = free_port()
-        if port not in ports.values() and port not in (admin, admin + ADMIN_GRPC_OFFSET):
-            ports[names[len(ports)]] = port
-    ports["admin.port"] = admin
-    ports["admin.port.grpc"] = admin + ADMIN_GRPC_OFFSET
-    return ports
+    for _ in range(1000):
+        admin = random.randint(PORT_FLOOR, top - ADMIN_GRPC_OFFSET - 1)
+        ports = dict(zip(names, random.sample(range(PORT_FLOOR, top), len(names)), strict=True))
+        ports.update({"admin.port": admin, "admin.port.grpc": admin + ADMIN_GRPC_OFFSET})
+        if len(set(ports.values())) == len(ports) and all(_port_free(p) for p in ports.values()):
+            return ports
+    raise RuntimeError("no free set of loopback ports for SeaweedFS")
 
 
 def _s3_answers(port: int) -> bool:
@@ -133,20 +134,30 @@ class SeaweedServer:
         if self.process is not None and self.process.poll() is None:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if not self.ports or not all(_port_free(p) for p in self.ports.values()):
-            self.ports = _allocate_ports()
+        for attempt in range(START_ATTEMPTS):
+            if attempt or not self.ports or not all(_port_free(p) for p in self.ports.values()):
+                self.ports = _allocate_ports()
+            if self._launch(time.monotonic() + timeout):
+                return self
+        raise RuntimeError(f"SeaweedFS did not start on {self.endpoint}; log {self.log_path}:\n{self._log_tail()}")
+
+    def _launch(self, deadline: float) -> bool:
+        """True once S3 answers; False if weed exited (another process took a port between our check and its bind)."""
+        self._remove_sockets()
         env = {k: v for k, v in os.environ.items() if k not in _SERVER_ENV_DROP}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
         while not _s3_answers(self.ports["s3.port"]):
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            if self.process.poll() is not None:
+                self._remove_sockets()
+                return False
+            if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"SeaweedFS did not start on {self.endpoint}; log {self.log_path}:\n"
+                raise RuntimeError(f"SeaweedFS did not answer on {self.endpoint} in time; log {self.log_path}:\n"
                                    + self._log_tail())
             time.sleep(0.1)
-        return self
+        return True
 
     def _log_tail(self, lines: int = 20) -> str:
         try:
@@ -158,13 +169,14 @@ class SeaweedServer:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM and wait (it flushes its metadata); SIGKILL if it does not exit in time."""
         process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._remove_sockets()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: for fault tests."""
@@ -172,6 +184,14 @@ class SeaweedServer:
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGKILL)
             process.wait()
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """weed leaves unix sockets named by port in the temp dir; a stale one would break a later server there."""
+        tmp = Path(os.environ.get("TMPDIR") or "/tmp")  # where Go's os.TempDir() puts them
+        for port in self.ports.values():
+            for path in tmp.glob(f"seaweedfs-*-{port}.sock"):
+                path.unlink(missing_ok=True)
 
     def __enter__(self) -> SeaweedServer:
         return self.start()

@@ -70,7 +70,8 @@ def run_worker(spec_path: str) -> int:
     except UserError as exc:  # printed once by whoever launched us, without a traceback
         result.update(outcome="Failed", reason="InvalidInput", message=str(exc), exitCode=contract.EXIT_BAD_INPUT)
     except PreemptedError as exc:
-        log.warning("%s", exc)
+        if rank == 0:  # every rank saw it; one line is enough
+            log.warning("%s", exc)
         result.update(outcome="Preempted", reason="Preempted", message=str(exc), exitCode=contract.EXIT_RETRY)
     except Exception as exc:
         log.error("training failed on rank %d:\n%s", rank, traceback.format_exc())

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
+from kubetune import contract
 from kubetune.data import encode_causal_lm, encode_classification, prepare_data
 from kubetune.errors import PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
@@ -54,10 +56,13 @@ class TrainState:
 
 
 def _spec_identity(job: FineTuneJob) -> str:
-    """The parts of the spec that decide the training trajectory; a checkpoint of another one is not ours."""
+    """What decides the training trajectory; a checkpoint of another one is not ours.
+
+    The world size is part of it: the saved data position is per-rank batches of that sharding.
+    """
     keys = ("model", "method", "data", "hyperparameters")
     dumped = job.spec.model_dump(mode="json", by_alias=True)
-    return json.dumps({k: dumped[k] for k in keys}, sort_keys=True)
+    return json.dumps({**{k: dumped[k] for k in keys}, "worldSize": distributed.world_size()}, sort_keys=True)
 
 
 class FineTuneRecipe:
@@ -147,7 +152,7 @@ class FineTuneRecipe:
         saved = checkpoint.load(path)
         if saved.get("identity") != _spec_identity(self.job):
             if self.is_main:
-                log.warning("ignoring checkpoint %s: it was made for a different spec", name)
+                log.warning("ignoring checkpoint %s: it was made for a different spec or process count", name)
             return
         load_trainable_state(self.model, saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -276,6 +281,11 @@ class FineTuneRecipe:
 
     def _preempt(self) -> None:
         self.save_checkpoint()
+        took = time.monotonic() - getattr(self, "sigterm_at", time.monotonic())
+        grace = float(os.environ.get(contract.ENV_GRACE_SECONDS, contract.DEFAULT_GRACE_SECONDS))
+        if took > grace and self.is_main:
+            log.warning("the checkpoint after SIGTERM took %.1fs, longer than the %.0fs grace period: raise "
+                        "terminationGracePeriodSeconds or lower batchSize x gradientAccumulationSteps", took, grace)
         raise PreemptedError(f"SIGTERM: saved {self.last_checkpoint} at step {self.state.step}; restart to resume")
 
     # ---- checkpoints -------------------------------------------------------------------------
