@@ -31,6 +31,8 @@ from typing import Any
 import _common as common
 
 TARGET_RATIO = 2.0
+# Test accuracy "equal within noise": on ~100 test examples one example is 1%, the binomial spread several.
+ACCURACY_TOLERANCE_EXAMPLES = 2
 DEMO_LEARNING_RATE = 2.0e-3  # examples/reviews-sentiment.yaml; LoRA on MiniLM needs more than the spec's 2e-4
 LORA = {"r": 8, "alpha": 16, "targetModules": ["query", "value"]}  # dropout: kubetune's default, both sides
 
@@ -112,6 +114,7 @@ def run_hf(config: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
+    from torch.utils.data import Dataset as TorchDataset
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -130,8 +133,19 @@ def run_hf(config: dict[str, Any]) -> dict[str, Any]:
         return [{"input_ids": ids, "attention_mask": mask, "label": r["label"]}
                 for ids, mask, r in zip(enc["input_ids"], enc["attention_mask"], rows, strict=True)]
 
-    # A list of dicts is a valid map-style dataset for Trainer (the `datasets` package is not a dependency).
-    train, validation, test = (load(config["split"][p]) for p in ("train", "validation", "test"))
+    class Rows(TorchDataset[dict[str, Any]]):
+        """A list of examples as a map-style dataset (the `datasets` package is not a dependency here)."""
+
+        def __init__(self, rows: list[dict[str, Any]]) -> None:
+            self.rows = rows
+
+        def __len__(self) -> int:
+            return len(self.rows)
+
+        def __getitem__(self, index: int) -> dict[str, Any]:
+            return self.rows[index]
+
+    train, validation, test = (Rows(load(config["split"][p])) for p in ("train", "validation", "test"))
 
     torch.manual_seed(config["seed"])
     labels = config["labels"]
@@ -180,6 +194,7 @@ def run_hf(config: dict[str, Any]) -> dict[str, Any]:
     excluded_seconds = excluded.seconds
     excluded.active = True
     predicted = trainer.predict(test)
+    assert predicted.metrics is not None
     # accelerate's loader fetches one batch ahead: only the first global_step batches were trained on.
     shapes = shapes[: trainer.state.global_step]
     samples = sum(n for n, _, _ in shapes)
@@ -334,11 +349,13 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: 
             print(f"{name} samples/s over {args.repeats} runs: {runs} (the median run is shown)")
     ratio = kt["samplesPerSecond"] / hf["samplesPerSecond"]
     accuracy_delta = kt["testAccuracy"] - hf["testAccuracy"]
-    one_example = 1 / max(kt["testExamples"], 1)  # accuracy resolution of this test split
+    tolerance = ACCURACY_TOLERANCE_EXAMPLES / max(kt["testExamples"], 1)
     print()
     print(f"samples/s ratio kubetune / HF: {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x) "
           f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'}")
-    print(f"test accuracy kubetune - HF: {accuracy_delta:+.4f} (one test example = {one_example:.4f})")
+    accuracy_ok = accuracy_delta >= -tolerance - 1e-12
+    print(f"test accuracy kubetune - HF: {accuracy_delta:+.4f} (noise allowance {ACCURACY_TOLERANCE_EXAMPLES} test "
+          f"examples = {tolerance:.4f}) {'MET' if accuracy_ok else 'NOT MET'}")
     print("samples/s = training examples / (wall time of the train call - evaluation and checkpoint time in it); "
           "'own figure' is each framework's self-reported number; peak RSS = the child process's ru_maxrss "
           "(os.wait4), whole run, highest of the runs; other load = CPU share other processes used during the run")
@@ -355,7 +372,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: 
         "hf": hf,
         "ratio": ratio,
         "target": TARGET_RATIO,
-        "met": ratio >= TARGET_RATIO and accuracy_delta >= -one_example,
+        "met": ratio >= TARGET_RATIO and accuracy_ok,
         "testAccuracyDelta": accuracy_delta,
     }))
 

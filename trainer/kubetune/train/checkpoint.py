@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from kubetune.contract import CHECKPOINT_PREFIX
-from kubetune.storage import IntegrityError, Storage, join_uri
+from kubetune.contract import CHECKPOINT_PREFIX, MANIFEST_NAME
+from kubetune.storage import IntegrityError, Storage, is_s3, join_uri
 
 log = logging.getLogger("kubetune.checkpoint")
 STATE_FILE = "state.pt"
@@ -39,13 +39,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save(storage: Storage, root_uri: str, state: dict[str, Any], staging: Path, keep_last: int) -> str:
     """Write state to staging, publish it under root_uri/checkpoint-<step>/ (manifest last), prune old ones."""
     name = checkpoint_name(state["step"])
-    folder = staging / name
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    torch.save({**state, "format": FORMAT_VERSION}, folder / STATE_FILE)
     uri = join_uri(root_uri, name)
+    # Local checkpoints are written in place (publish then only adds the manifest): no second copy.
+    folder = staging / name if is_s3(uri) else Path(uri)
+    if is_s3(uri):
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)  # never vouch for a state.pt being rewritten
+    torch.save({**state, "format": FORMAT_VERSION}, folder / STATE_FILE)
     storage.publish(folder, uri, extra={"kind": "checkpoint", "step": state["step"]})
-    shutil.rmtree(folder, ignore_errors=True)
+    if is_s3(uri):
+        shutil.rmtree(folder, ignore_errors=True)
     _prune(storage, root_uri, keep_last)
     return uri
 

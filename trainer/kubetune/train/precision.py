@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -20,22 +19,12 @@ class Precision:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype is None:
             return contextlib.nullcontext()
-        if self.device_type == "cpu":
-            return _cpu_autocast(self.dtype)
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def grad_scaler(self) -> Any:
         # fp16 needs loss scaling to keep small gradients from underflowing; bf16 does not.
         enabled = self.name == "fp16" and self.device_type == "cuda"
         return torch.amp.GradScaler("cuda", enabled=enabled)
-
-
-@contextlib.contextmanager
-def _cpu_autocast(dtype: torch.dtype) -> Iterator[None]:
-    # The CPU flash-attention kernel's bf16 backward is ~8x slower than its fp32 one and made bf16 training
-    # slower than fp32 (MiniLM + LoRA, AMX Xeon, 2 threads: 114 vs 123 samples/s); the math kernel gives 167.
-    with torch.autocast(device_type="cpu", dtype=dtype), sdpa_kernel(SDPBackend.MATH):
-        yield
 
 
 def _cpu_has_fast_bf16() -> bool:

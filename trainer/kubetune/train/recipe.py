@@ -160,6 +160,8 @@ class FineTuneRecipe:
         self.scaler.load_state_dict(saved["scaler"])
         self.state = TrainState(**saved["train_state"])
         self.best_weights = saved.get("best_weights")
+        if self.best_weights is None and self.state.best_step == self.state.step:
+            self.best_weights = trainable_state(self.model)
         ranks = saved["rng"]
         checkpoint.set_rng_state(ranks[distributed.rank() % len(ranks)])
         self.state.resumed_from.append(name)
@@ -300,7 +302,8 @@ class FineTuneRecipe:
                 "scaler": self.scaler.state_dict(),
                 "rng": rng,
                 "train_state": asdict(self.state),
-                "best_weights": self.best_weights,
+                # When the best model is the current one, the weights above already are it (saves a copy).
+                "best_weights": self.best_weights if self.state.best_step != self.state.step else None,
                 "identity": _spec_identity(self.job),
                 "spec": self.job.model_dump(mode="json", by_alias=True),
             }
