@@ -1,5 +1,5 @@
 # One command sets up and runs the demo, one sets up and runs the whole test suite.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from kubetune import jobfile
 
 REVIEWS = "reviews.jsonl"
 LABELS = ["negative", "positive"]
@@ -37,12 +37,8 @@ def set_torch_threads(threads: int | None) -> None:
 
 def sample_path(name: str) -> Path:
     """A sample dataset shipped in the kubetune package."""
-    try:
-        from kubetune.samples import sample_path as shipped
-    except ImportError:  # older trees have the files but not the helper
-        import kubetune
+    from kubetune.samples import sample_path as shipped
 
-        return Path(kubetune.__file__).parent / "samples" / name
     return Path(shipped(name))
 
 
@@ -54,32 +50,12 @@ def minilm_path() -> Path:
 
 def job_document(name: str, train: Path | str, output: Path | str, **spec: Any) -> dict[str, Any]:
     """A FineTuneJob for MiniLM on the sample reviews with the spec defaults; `spec` merges over it."""
-    doc: dict[str, Any] = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": str(minilm_path()), "task": "sequence-classification", "labels": LABELS},
-            "data": {"train": str(train)},
-            "output": {"uri": str(output)},
-        },
-    }
-    merge(doc["spec"], spec)
-    return doc
+    base = {"model": {"uri": str(minilm_path()), "task": "sequence-classification", "labels": LABELS},
+            "data": {"train": str(train)}, "output": {"uri": str(output)}}
+    return jobfile.job_document(name, base, spec)
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-
-
-def write_yaml(doc: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+write_yaml = jobfile.write_job
 
 
 @dataclass

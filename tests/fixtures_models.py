@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kubetune.demo import build_tiny_gpt2, instruction_texts
+from kubetune.jobfile import job_document
 from kubetune.samples import REVIEWS, sample_path
 
 
@@ -41,39 +41,19 @@ def reviews_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def classification_job(name: str, model: Path | str, train: Path | str, output: Path | str,
                        **spec: Any) -> dict[str, Any]:
     """A small, fast FineTuneJob document; `spec` overrides merge into the defaults."""
-    doc: dict[str, Any] = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": str(model), "task": "sequence-classification", "labels": ["negative", "positive"]},
-            "method": {"type": "lora"},
-            "data": {"train": str(train), "maxSeqLength": 128},
-            "hyperparameters": {"learningRate": 1e-3, "batchSize": 16, "epochs": 1, "maxSteps": 6},
-            "checkpoint": {"everySteps": 100},
-            "output": {"uri": str(output)},
-        },
+    base = {
+        "model": {"uri": str(model), "task": "sequence-classification", "labels": ["negative", "positive"]},
+        "method": {"type": "lora"},
+        "data": {"train": str(train), "maxSeqLength": 128},
+        "hyperparameters": {"learningRate": 1e-3, "batchSize": 16, "epochs": 1, "maxSteps": 6},
+        "checkpoint": {"everySteps": 100},
+        "output": {"uri": str(output)},
     }
-    _merge(doc["spec"], spec)
-    return doc
+    return job_document(name, base, spec)
 
 
 def causal_job(name: str, model: Path | str, train: Path | str, output: Path | str, **spec: Any) -> dict[str, Any]:
-    doc = classification_job(name, model, train, output)
-    doc["spec"]["model"] = {"uri": str(model), "task": "causal-lm"}
-    doc["spec"]["hyperparameters"] = {"learningRate": 2e-3, "batchSize": 8, "epochs": 1, "maxSteps": 6}
-    _merge(doc["spec"], spec)
-    return doc
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-
-
-def write_job(doc: dict[str, Any], path: Path) -> Path:
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    base = classification_job(name, model, train, output)["spec"]
+    base["model"] = {"uri": str(model), "task": "causal-lm"}
+    base["hyperparameters"] = {"learningRate": 2e-3, "batchSize": 8, "epochs": 1, "maxSteps": 6}
+    return job_document(name, base, spec)

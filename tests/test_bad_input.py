@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from kubetune.cli import main
-from tests.fixtures_models import classification_job, write_job
+from kubetune.jobfile import write_job
+from tests.fixtures_models import classification_job
 
 
 @pytest.fixture(autouse=True)

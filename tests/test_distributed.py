@@ -24,12 +24,12 @@ from kubetune.contract import (
     EXIT_RETRY,
     MANIFEST_NAME,
 )
+from kubetune.jobfile import write_job
 from kubetune.storage import Storage, join_uri
 from kubetune.storage.manifest import verify_dir
 from kubetune.train import checkpoint
 from kubetune.train.batching import epoch_batches
 from kubetune.train.checkpoint import checkpoint_name
-from tests.fixtures_models import write_job
 from tests.trainer_runs import (
     SPLIT,
     Trainer,

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from kubetune.contract import DEFAULT_GRACE_SECONDS, EXIT_OK, EXIT_RETRY, MANIFEST_NAME
+from kubetune.jobfile import write_job
 from kubetune.storage import Storage, join_uri
 from kubetune.train import checkpoint
 from kubetune.train.checkpoint import STATE_FILE, checkpoint_name
-from tests.fixtures_models import write_job
 from tests.trainer_runs import (
     SPLIT,
     Trainer,

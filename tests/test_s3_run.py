@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from kubetune.cli import main
+from kubetune.jobfile import write_job
 from kubetune.storage import Storage
 from kubetune.storage.embedded import list_objects
 from kubetune.storage.manifest import sha256_file
 from kubetune.storage.seaweed import SeaweedServer
-from tests.fixtures_models import classification_job, write_job
+from tests.fixtures_models import classification_job
 from tests.fixtures_s3 import s3_client
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from kubetune.cli import main
+from kubetune.jobfile import write_job
 from kubetune.storage.manifest import sha256_file
-from tests.fixtures_models import causal_job, classification_job, write_job
+from tests.fixtures_models import causal_job, classification_job
 
 
 @pytest.fixture(autouse=True)

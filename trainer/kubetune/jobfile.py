@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,24 @@ def load_job(path: str | Path) -> FineTuneJob:
     if len(documents) != 1:
         raise UserError(f"{path}: expected exactly one YAML document, found {len(documents)}")
     return parse_job(documents[0], str(path))
+
+
+def job_document(name: str, spec: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A FineTuneJob as a plain dict, `overrides` deep-merged into `spec`: for scripts, tests and benchmarks."""
+    merged = json.loads(json.dumps(spec))  # a deep copy: callers reuse their base spec
+    _deep_merge(merged, overrides or {})
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": merged}
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def write_job(doc: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
