@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from kubetune.train import checkpoint
 from kubetune.train.batching import epoch_batches
 from kubetune.train.checkpoint import checkpoint_name
 from tests.trainer_runs import (
+    KUBETUNE,
+    RUN_TIMEOUT,
     SPLIT,
     Trainer,
     checkpoint_root,
@@ -219,3 +222,24 @@ def test_sigterm_under_torchrun_checkpoints_on_every_rank_and_resumes(
     assert [s for s, _ in losses(metrics)] == list(range(1, TOTAL + 1))
     assert [v for _, v in losses(metrics)] == pytest.approx([v for _, v in losses(reference)], rel=RESUME_REL)
     assert metrics["test"]["loss"] == pytest.approx(reference["test"]["loss"], rel=RESUME_REL)
+
+
+def test_pod_entrypoint_takes_its_topology_from_the_operator_env(
+    tmp_path: Path, tiny_gpt2: Path, data: dict[str, Path], two_processes: dict[str, Any]
+) -> None:
+    """`kubetune trainer` as a pod runs it: spec from KUBETUNE_SPEC_PATH, torchrun topology from env vars."""
+    from kubetune.train.entry import free_port
+
+    doc = job_doc("pod", tiny_gpt2, data, str(tmp_path / "out"), nproc=2)
+    spec_path = write_job(doc, tmp_path / "spec.yaml")
+    trainer = Trainer(spec_path, tmp_path / "state", nproc=2)
+    env = {**trainer.env(), "KUBETUNE_SPEC_PATH": str(spec_path), "NPROC_PER_NODE": "2", "NNODES": "1",
+           "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    trainer.state_dir.mkdir(parents=True)
+    done = subprocess.run([*KUBETUNE, "trainer"], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == EXIT_OK, done.stderr
+    result = trainer.result()
+    assert result["outcome"] == "Succeeded" and result["outputUri"] == str(tmp_path / "out")
+    metrics = read_output(Storage(), str(tmp_path / "out"), "metrics.json", tmp_path / "fetched")
+    # Same spec, same world size, fp32: the pod path is the `kubetune run --nproc-per-node 2` path.
+    assert metrics["test"]["loss"] == pytest.approx(two_processes["metrics"]["test"]["loss"], rel=RESUME_REL)
