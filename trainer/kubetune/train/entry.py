@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,12 +36,24 @@ def work_dir_for(name: str) -> Path:
     return Path(os.environ.get(contract.ENV_STATE_DIR, ".kubetune")) / "runs" / name
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now, so rich's progress bar can redirect log lines above itself."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        handlers=[_CurrentStderr()],
         force=True,
     )
     for noisy in ("transformers", "peft", "botocore", "urllib3"):
@@ -48,6 +61,9 @@ def setup_logging(rank: int) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the training log
+    hf_logging.set_verbosity_error()  # the "newly initialized" load report is expected: the head is new
+    # peft calls a transformers API deprecated for v6 on every run; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def run_worker(spec_path: str) -> int:
