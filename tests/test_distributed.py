@@ -228,7 +228,7 @@ def test_pod_entrypoint_takes_its_topology_from_the_operator_env(
     tmp_path: Path, tiny_gpt2: Path, data: dict[str, Path], two_processes: dict[str, Any]
 ) -> None:
     """`kubetune trainer` as a pod runs it: spec from KUBETUNE_SPEC_PATH, torchrun topology from env vars."""
-    from kubetune.train.entry import free_port
+    from kubetune.netutil import free_port
 
     doc = job_doc("pod", tiny_gpt2, data, str(tmp_path / "out"), nproc=2)
     spec_path = write_job(doc, tmp_path / "spec.yaml")

@@ -14,11 +14,12 @@ import pytest
 
 from kubetune.contract import MANIFEST_NAME
 from kubetune.errors import UserError
+from kubetune.netutil import free_port
 from kubetune.spec import FineTuneJob, StorageSpec
 from kubetune.storage import IntegrityError, Storage
 from kubetune.storage.embedded import embedded_s3, list_objects
 from kubetune.storage.s3 import MiB, S3Backend, StorageError, child_key
-from kubetune.storage.seaweed import SeaweedServer, free_port
+from kubetune.storage.seaweed import SeaweedServer
 from tests.fixtures_s3 import TEST_CREDENTIALS, s3_client
 
 FAULT_TIMEOUT = 120

@@ -48,13 +48,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _ephemeral_start() -> int:
     """First port of the kernel's range for outgoing connections (32768 unless configured otherwise)."""
     try:

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from typing import Any
 from kubetune import contract
 from kubetune.errors import PreemptedError, UserError
 from kubetune.jobfile import load_job
+from kubetune.netutil import free_port
 
 log = logging.getLogger("kubetune.trainer")
 TERMINATION_LOG_LIMIT = 4096  # Kubernetes keeps at most 4 KiB of the termination message
@@ -155,13 +155,6 @@ def write_termination_log(result: dict[str, Any], work_dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(termination_message(result))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def launch(spec_path: str, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
