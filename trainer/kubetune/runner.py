@@ -14,6 +14,7 @@ from kubetune import contract
 from kubetune.jobfile import load_job
 from kubetune.preflight import check_local_inputs, resolve_local
 from kubetune.spec import FineTuneJob
+from kubetune.train.outputs import metric_rows
 
 
 def resolve_paths(job: FineTuneJob, manifest_file: str | Path) -> FineTuneJob:
@@ -45,11 +46,8 @@ def summary_table(result: dict[str, Any]) -> Table:
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
-    base, tuned = result.get("baseTest") or {}, result.get("test") or {}
-    for key, value in tuned.items():
-        if isinstance(value, float):
-            before = base.get(key)
-            table.add_row(key, f"{before:.4f}" if isinstance(before, float) else "-", f"{value:.4f}")
+    for row in metric_rows(result.get("baseTest"), result.get("test")):
+        table.add_row(*row)
     return table
 
 

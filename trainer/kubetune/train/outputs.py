@@ -8,12 +8,13 @@ import shutil
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kubetune import contract
 from kubetune.storage import Storage
+
+if TYPE_CHECKING:
+    import torch
 
 
 def package_versions() -> dict[str, str]:
@@ -27,6 +28,8 @@ def package_versions() -> dict[str, str]:
 
 
 def hardware(device: torch.device, precision: str, world: int) -> dict[str, Any]:
+    import torch  # here, not at the top: `kubetune run` imports this module for its summary
+
     info: dict[str, Any] = {
         "device": str(device),
         "precision": precision,
@@ -46,28 +49,31 @@ def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Pa
         model.save_pretrained(staging / contract.ADAPTER_DIR)
         tokenizer.save_pretrained(staging / contract.ADAPTER_DIR)
         written.append(contract.ADAPTER_DIR)
-        if merge:
-            # merge_and_unload changes the model in place: it is the last thing done with it.
-            merged = model.merge_and_unload()
-            merged.save_pretrained(staging / contract.MERGED_DIR, safe_serialization=True)
-            tokenizer.save_pretrained(staging / contract.MERGED_DIR)
-            written.append(contract.MERGED_DIR)
-    else:
-        model.save_pretrained(staging / contract.MERGED_DIR, safe_serialization=True)
-        tokenizer.save_pretrained(staging / contract.MERGED_DIR)
-        written.append(contract.MERGED_DIR)
+        if not merge:
+            return written
+        # merge_and_unload changes the model in place: it is the last thing done with it.
+        model = model.merge_and_unload()
+    model.save_pretrained(staging / contract.MERGED_DIR, safe_serialization=True)
+    tokenizer.save_pretrained(staging / contract.MERGED_DIR)
+    written.append(contract.MERGED_DIR)
     return written
 
 
-def _metric_rows(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> str:
+def metric_rows(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(metric, base, fine-tuned) for every scalar test metric, '-' where the base run has none."""
+    rows = []
+    for key, value in (tuned or {}).items():
+        if isinstance(value, float):
+            before = (base or {}).get(key)
+            rows.append((key, f"{before:.4f}" if isinstance(before, float) else "-", f"{value:.4f}"))
+    return rows
+
+
+def _metric_table(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> str:
     if not tuned:
         return "No test split was configured.\n"
     rows = ["| metric | base model | fine-tuned |", "|---|---|---|"]
-    for key, value in tuned.items():
-        if isinstance(value, float):
-            before = base.get(key) if base else None
-            rows.append(f"| {key} | {before:.4f} | {value:.4f} |" if isinstance(before, float)
-                        else f"| {key} | - | {value:.4f} |")
+    rows += [f"| {key} | {before} | {after} |" for key, before, after in metric_rows(base, tuned)]
     return "\n".join(rows) + "\n"
 
 
@@ -89,7 +95,7 @@ trained).
 
 ## Test results
 
-{_metric_rows(metrics.get('baseTest'), metrics.get('test'))}
+{_metric_table(metrics.get('baseTest'), metrics.get('test'))}
 Best checkpoint: step {metrics.get('bestStep')} by `{spec['evaluation']['metric']}`
 (stopped early: {metrics.get('stoppedEarly')}). Steps: {metrics.get('steps')}.
 
