@@ -50,7 +50,8 @@ class Storage:
             path: Path = self.s3().fetch(uri, dest)
         else:
             path = local.fetch(uri)
-        manifest = self.read_manifest(uri) if path.is_dir() else None
+        # The manifest came down with the prefix: verify against that copy, no second request.
+        manifest = local.read_manifest(str(path)) if path.is_dir() else None
         if manifest is not None:
             verify_dir(path, manifest, uri)
         return path

@@ -100,8 +100,9 @@ def run_worker(spec_path: str) -> int:
             result.setdefault("step", recipe.state.step)
             result.setdefault("totalSteps", getattr(recipe, "total_steps", None))
             recipe.cleanup()
-    results_dir(spec_path).mkdir(parents=True, exist_ok=True)
-    (results_dir(spec_path) / f"rank-{rank}.json").write_text(json.dumps(result, default=str))
+    folder = results_dir(spec_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{rank}.json").write_text(json.dumps(result, default=str))
     code: int = result["exitCode"]
     return code
 
@@ -158,11 +159,8 @@ def write_termination_log(result: dict[str, Any], work_dir: Path) -> Path:
 
 
 def launch(spec_path: str, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
-           master_addr: str = "127.0.0.1", master_port: int | None = None) -> dict[str, Any]:
-    """Run the workers under torchrun and return the combined result."""
-    folder = results_dir(spec_path)
-    for old in folder.glob("rank-*.json"):
-        old.unlink()
+           master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
+    """Run the workers under torchrun; each writes its own result file."""
     command = [
         sys.executable, "-m", "kubetune.train.torchrun",
         f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--nproc-per-node={nproc_per_node}",
@@ -187,25 +185,25 @@ def launch(spec_path: str, nproc_per_node: int, nnodes: int = 1, node_rank: int 
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-    return combine_results(folder)
 
 
 def run(spec_path: str, nproc_per_node: int = 1) -> dict[str, Any]:
     """Train on this node: in-process for one worker, torchrun for several (or several nodes)."""
     nnodes = int(os.environ.get(contract.ENV_NNODES, "1"))
+    folder = results_dir(spec_path)
+    for old in folder.glob("rank-*.json"):  # a previous attempt's results must not speak for this one
+        old.unlink()
     if nproc_per_node * nnodes > 1:
-        result = launch(
+        launch(
             spec_path, nproc_per_node, nnodes,
             node_rank=int(os.environ.get(contract.ENV_NODE_RANK, "0")),
             master_addr=os.environ.get(contract.ENV_MASTER_ADDR, "127.0.0.1"),
             master_port=int(os.environ.get(contract.ENV_MASTER_PORT, "0")) or None,
         )
     else:
-        for old in results_dir(spec_path).glob("rank-*.json"):
-            old.unlink()
         run_worker(spec_path)
-        result = combine_results(results_dir(spec_path))
-    write_termination_log(result, results_dir(spec_path).parent)
+    result = combine_results(folder)
+    write_termination_log(result, folder.parent)
     return result
 
 
