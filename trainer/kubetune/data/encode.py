@@ -22,14 +22,8 @@ class Encoded(list[Record]):
 
 
 def encode_classification(records: list[Record], tokenizer: Any, max_length: int) -> list[Record]:
-    out: list[Record] = []
-    for start in range(0, len(records), BATCH):
-        chunk = records[start : start + BATCH]
-        enc = tokenizer([r["text"] for r in chunk], truncation=True, max_length=max_length)
-        out.extend(
-            {"input_ids": list(ids), "label": int(r["label"])} for ids, r in zip(enc["input_ids"], chunk, strict=True)
-        )
-    return out
+    ids = _tokenize(tokenizer, [r["text"] for r in records], truncation=True, max_length=max_length)
+    return [{"input_ids": i, "label": int(r["label"])} for i, r in zip(ids, records, strict=True)]
 
 
 def encode_causal_lm(records: list[Record], tokenizer: Any, max_length: int) -> Encoded:
@@ -48,7 +42,7 @@ def encode_causal_lm(records: list[Record], tokenizer: Any, max_length: int) -> 
             examples.append((bos, _fallback_pieces(record["messages"])))
 
     texts = [text for _, pieces in examples for text, _, _ in pieces]
-    ids_of = iter(_tokenize(tokenizer, texts))
+    ids_of = iter(_tokenize(tokenizer, texts, add_special_tokens=False))
     out = Encoded()
     for prefix, pieces in examples:
         input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
@@ -72,10 +66,11 @@ def _bos(tokenizer: Any) -> list[int]:
     return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
-def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def _tokenize(tokenizer: Any, texts: list[str], **options: Any) -> list[list[int]]:
+    """Token ids of texts, BATCH at a time; `options` go to the tokenizer call."""
     out: list[list[int]] = []
     for start in range(0, len(texts), BATCH):
-        out.extend(list(ids) for ids in tokenizer(texts[start : start + BATCH], add_special_tokens=False)["input_ids"])
+        out.extend(list(ids) for ids in tokenizer(texts[start : start + BATCH], **options)["input_ids"])
     return out
 
 
