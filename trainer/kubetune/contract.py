@@ -61,3 +61,49 @@ RUN_FILE = "run.json"
 MODEL_CARD = "README.md"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
+
+# Kubernetes recommended labels on every child object (with LABEL_JOB_NAME above).
+LABEL_APP_NAME = "app.kubernetes.io/name"
+LABEL_APP_INSTANCE = "app.kubernetes.io/instance"
+LABEL_APP_COMPONENT = "app.kubernetes.io/component"
+LABEL_APP_MANAGED_BY = "app.kubernetes.io/managed-by"
+APP_NAME = "kubetune"
+MANAGED_BY = "kubetune-operator"
+
+# Status conditions (metav1.Condition types) and failure reasons a person can act on.
+CONDITIONS = ("Created", "Validated", "Running", "Succeeded", "Failed", "Suspended", "Restarting", "Stalled")
+FAILURE_REASONS = ("InvalidInput", "OOMKilled", "ImagePullBackOff", "ErrImagePull", "Unschedulable",
+                   "DeadlineExceeded", "BackoffLimitExceeded", "Preempted", "TrainerError")
+
+# Trainer metrics on :9400/metrics (rank 0 has the job-level series; per-rank ones carry a `rank` label).
+# Every series is labelled job=<FineTuneJob name>, namespace=<its namespace>. The operator scrapes
+# METRIC_STEP, METRIC_TOTAL_STEPS, METRIC_EPOCH, METRIC_PROGRESS, METRIC_ETA, METRIC_TRAIN_LOSS,
+# METRIC_EVAL_LOSS and METRIC_EVAL into status.progress / status.metrics.
+METRIC_TRAIN_LOSS = "kubetune_train_loss"                     # gauge
+METRIC_EVAL_LOSS = "kubetune_eval_loss"                       # gauge
+METRIC_EVAL = "kubetune_eval_metric"                          # gauge, label metric=<accuracy|f1|...>
+METRIC_LEARNING_RATE = "kubetune_learning_rate"               # gauge
+METRIC_STEP = "kubetune_step"                                 # gauge: optimizer updates done
+METRIC_TOTAL_STEPS = "kubetune_total_steps"                   # gauge
+METRIC_EPOCH = "kubetune_epoch"                               # gauge (fractional)
+METRIC_SAMPLES = "kubetune_samples_total"                     # counter
+METRIC_TOKENS = "kubetune_tokens_total"                       # counter
+METRIC_STEP_SECONDS = "kubetune_step_duration_seconds"        # histogram, label rank
+METRIC_PROGRESS = "kubetune_progress_ratio"                   # gauge 0..1
+METRIC_ETA = "kubetune_eta_seconds"                           # gauge
+METRIC_DOWNLOADED = "kubetune_storage_downloaded_bytes_total"  # counter
+METRIC_UPLOADED = "kubetune_storage_uploaded_bytes_total"      # counter
+METRIC_CHECKPOINT_SECONDS = "kubetune_checkpoint_save_duration_seconds"  # histogram
+METRIC_LAST_CHECKPOINT_STEP = "kubetune_last_checkpoint_step"  # gauge
+METRIC_MEMORY = "kubetune_device_memory_bytes"                # gauge, label rank
+METRIC_MEMORY_PEAK = "kubetune_device_memory_peak_bytes"      # gauge, label rank
+METRIC_RESUMES = "kubetune_resumes_total"                     # counter
+METRIC_STATE = "kubetune_state"                               # gauge 1/0, label state
+TRAINER_STATES = ("setup", "training", "evaluating", "uploading", "done", "failed")
+
+# Operator metrics on DEFAULT_OPERATOR_METRICS_PORT.
+METRIC_OP_JOBS = "kubetune_operator_finetunejobs"             # gauge, labels namespace, phase
+METRIC_OP_RECONCILE_SECONDS = "kubetune_operator_reconcile_duration_seconds"  # histogram
+METRIC_OP_API_ERRORS = "kubetune_operator_api_errors_total"   # counter, label kind (http status or exception)
+METRIC_OP_CHILDREN = "kubetune_operator_children_created_total"  # counter, label kind
+METRIC_OP_RESTARTS = "kubetune_operator_gang_restarts_total"  # counter, labels namespace, job, reason
