@@ -39,9 +39,11 @@ from tests.trainer_runs import (
     checkpoint_root,
     complete_checkpoints,
     gpt2_job,
+    identity_root,
     losses,
     poll,
     read_output,
+    run_checkpoints,
     split_instructions,
     storage_for,
     wait,
@@ -101,14 +103,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
 def test_only_rank_0_writes_outputs_and_logs(two_processes: dict[str, Any]) -> None:
     output: Path = two_processes["output"]
     manifests = sorted(p.relative_to(output).as_posix() for p in output.rglob(MANIFEST_NAME))
-    saved = complete_checkpoints(Storage(), checkpoint_root(two_processes["doc"]))
-    assert manifests == sorted([MANIFEST_NAME] + [f"checkpoints/{checkpoint_name(s)}/{MANIFEST_NAME}" for s in saved])
+    root = identity_root(Storage(), checkpoint_root(two_processes["doc"]))
+    saved = complete_checkpoints(Storage(), root)
+    folder = Path(root).relative_to(output).as_posix()
+    assert manifests == sorted([MANIFEST_NAME] + [f"{folder}/{checkpoint_name(s)}/{MANIFEST_NAME}" for s in saved])
     verify_dir(output, json.loads((output / MANIFEST_NAME).read_text()), str(output))
     out: str = two_processes["out"]
     assert out.count("INFO model written to") == 1
-    assert out.count(f"checkpoint {join_uri(str(output), 'checkpoints', checkpoint_name(TOTAL))}\n") == 1
+    assert out.count(f"checkpoint {join_uri(root, checkpoint_name(TOTAL))}\n") == 1
     # Every rank's RNG state goes into the checkpoint, so each rank resumes its own dropout stream.
-    state = checkpoint.load(output / "checkpoints" / checkpoint_name(saved[-1]))
+    state = checkpoint.load(Path(root) / checkpoint_name(saved[-1]))
     assert len(state["rng"]) == 2
 
 
@@ -194,7 +198,7 @@ def test_sigterm_under_torchrun_checkpoints_on_every_rank_and_resumes(
 
     first = Trainer(job, tmp_path / "pod-1", nproc=2)
     process = first.start()
-    poll(lambda: bool(complete_checkpoints(storage, root)), process, every=0.01 if where == "local" else 0.05)
+    poll(lambda: bool(run_checkpoints(storage, root)), process, every=0.01 if where == "local" else 0.05)
     os.kill(process.pid, signal.SIGTERM)  # the pod's main process only: it must pass it on to the workers
     sent = time.monotonic()
     code = wait(process, DEFAULT_GRACE_SECONDS)
@@ -205,8 +209,8 @@ def test_sigterm_under_torchrun_checkpoints_on_every_rank_and_resumes(
     result = first.result()
     assert (result["outcome"], result["exitCode"]) == ("Preempted", EXIT_RETRY)
     step = result["step"]
-    assert step < TOTAL and result["lastCheckpoint"] == join_uri(root, checkpoint_name(step))
-    assert complete_checkpoints(storage, root)[-1] == step
+    assert step < TOTAL and result["lastCheckpoint"] == join_uri(identity_root(storage, root), checkpoint_name(step))
+    assert run_checkpoints(storage, root)[-1] == step
     ranks = first.rank_results("preempted")
     assert sorted(ranks) == [0, 1]
     assert {(r["outcome"], r["lastCheckpoint"]) for r in ranks.values()} == {("Preempted", result["lastCheckpoint"])}
