@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -129,13 +130,21 @@ def culprit_seed(count: int, batch_size: int, rank: int) -> tuple[int, int]:
 
 def test_a_failing_rank_fails_the_run_with_its_own_message(tmp_path: Path, tiny_gpt2: Path, data: dict[str, Path],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rank 1 alone hits an example longer than the model's 256 positions; rank 0 waits in a collective."""
+    """Rank 1 alone hits a token the model has no embedding for (its tokenizer has one token more than the model's
+    vocabulary); rank 0 waits in a collective."""
+    from transformers import AutoTokenizer
+
+    model = Path(shutil.copytree(tiny_gpt2, tmp_path / "model"))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens(["<not-in-the-model>"])
+    tokenizer.save_pretrained(model)
     rows = data["train"].read_text().splitlines()
-    rows[0] = json.dumps({"prompt": "Tell a long story.", "completion": " ".join(["once upon a time"] * 150)})
+    story = "<not-in-the-model> " + " ".join(["once upon a time"] * 150)  # the longest example
+    rows[0] = json.dumps({"prompt": "Tell a long story.", "completion": story})
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(rows) + "\n")
     seed, step = culprit_seed(len(rows), 8, rank=1)
-    doc = gpt2_job("crash", tiny_gpt2, {**data, "train": train}, str(tmp_path / "out"), batch_size=8, epochs=1,
+    doc = gpt2_job("crash", model, {**data, "train": train}, str(tmp_path / "out"), batch_size=8, epochs=1,
                    every_steps=100, seed=seed)
     doc["spec"]["data"].update(maxSeqLength=1024, cleaning={"dedupe": False, "dropEmpty": False})
     trainer = Trainer(write_job(doc, tmp_path / "job.yaml"), tmp_path / "state", nproc=2)
