@@ -51,8 +51,8 @@ def finished_output(storage: Storage, job: FineTuneJob, newest_checkpoint: str |
     aside: an embedded server's endpoint changes every run).
     """
     uri = job.spec.output.uri
-    manifest = storage.read_manifest(uri)
-    if newest_checkpoint is None or manifest is None:
+    manifest = storage.read_manifest(uri) if newest_checkpoint else None
+    if manifest is None:
         return None
     run, metrics = (_read_json(storage, uri, name, scratch) for name in (contract.RUN_FILE, contract.METRICS_FILE))
     spec = job.model_dump(mode="json", by_alias=True, exclude_none=True)["spec"]
