@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from kubetune.errors import UserError
 from kubetune.spec import FineTuneJobSpec
+from kubetune.train import distributed
 
 log = logging.getLogger("kubetune.trainer")
 OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "xmod", "data2vec-text",
@@ -102,8 +103,9 @@ def max_sequence_length(requested: int, model_dir: Path, tokenizer: Any) -> int:
         limits.append(int(positions) - offset)
     limit = min(limits, default=requested)
     if requested > limit:
-        log.warning("spec.data.maxSeqLength %d is more than this model's %d positions: using %d", requested,
-                    limit, limit)
+        if distributed.is_main():
+            log.warning("spec.data.maxSeqLength %d is more than this model's %d positions: using %d", requested,
+                        limit, limit)
         return limit
     return requested
 
