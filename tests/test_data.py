@@ -184,12 +184,12 @@ def test_dropped_by_reason(tmp_path: Path) -> None:
         {"text": "row negative 1", "label": 0},  # duplicate as index
     ]
     out = prepare(write_jsonl(tmp_path / "train.jsonl", rows))
-    assert out.report["dropped"] == {"empty": 4, "malformed": 3, "duplicate": 2}
+    assert out.report["dropped"] == {"empty": 4, "malformed": 3, "duplicate": 2, "conflict": 0, "crossSplit": 0}
     assert out.report["rowsRead"] == 39
     assert out.report["rowsKept"] == 30
 
     kept = prepare(tmp_path / "train.jsonl", cleaning={"dedupe": False, "dropEmpty": False})
-    assert kept.report["dropped"] == {"empty": 1, "malformed": 3, "duplicate": 0}  # a missing label never trains
+    assert kept.report["dropped"] == {"empty": 1, "malformed": 3, "duplicate": 0, "conflict": 0, "crossSplit": 0}
     assert kept.report["rowsKept"] == 35
 
 
@@ -236,7 +236,7 @@ def test_split_only_validation_given(tmp_path: Path) -> None:
     assert all(r["text"].startswith("val") for r in out.validation)
     assert [f["split"] for f in out.report["files"]] == ["train", "validation"]
 
-    both = prepare(train, validation=validation, test=validation)
+    both = prepare(train, validation=validation, test=write_jsonl(tmp_path / "test.jsonl", balanced(2, prefix="t")))
     assert both.report["splitFrom"] == []
     assert both.report["splitSizes"] == {"train": 60, "validation": 6, "test": 6}
 
@@ -266,7 +266,7 @@ def test_causal_lm_records(tmp_path: Path) -> None:
     kept = out.train + out.validation + out.test
     assert {"prompt": "q3", "completion": "a3"} in kept
     assert {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]} in kept
-    assert out.report["dropped"] == {"empty": 1, "malformed": 2, "duplicate": 0}
+    assert out.report["dropped"] == {"empty": 1, "malformed": 2, "duplicate": 0, "conflict": 0, "crossSplit": 0}
     assert "labelCounts" not in out.report
 
     as_csv = write_csv(tmp_path / "chat.csv", [{"messages": json.dumps(c["messages"])} for c in chats * 5])

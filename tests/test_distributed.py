@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -39,9 +40,11 @@ from tests.trainer_runs import (
     checkpoint_root,
     complete_checkpoints,
     gpt2_job,
+    identity_root,
     losses,
     poll,
     read_output,
+    run_checkpoints,
     split_instructions,
     storage_for,
     wait,
@@ -101,14 +104,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
 def test_only_rank_0_writes_outputs_and_logs(two_processes: dict[str, Any]) -> None:
     output: Path = two_processes["output"]
     manifests = sorted(p.relative_to(output).as_posix() for p in output.rglob(MANIFEST_NAME))
-    saved = complete_checkpoints(Storage(), checkpoint_root(two_processes["doc"]))
-    assert manifests == sorted([MANIFEST_NAME] + [f"checkpoints/{checkpoint_name(s)}/{MANIFEST_NAME}" for s in saved])
+    root = identity_root(Storage(), checkpoint_root(two_processes["doc"]))
+    saved = complete_checkpoints(Storage(), root)
+    folder = Path(root).relative_to(output).as_posix()
+    assert manifests == sorted([MANIFEST_NAME] + [f"{folder}/{checkpoint_name(s)}/{MANIFEST_NAME}" for s in saved])
     verify_dir(output, json.loads((output / MANIFEST_NAME).read_text()), str(output))
     out: str = two_processes["out"]
     assert out.count("INFO model written to") == 1
-    assert out.count(f"checkpoint {join_uri(str(output), 'checkpoints', checkpoint_name(TOTAL))}\n") == 1
+    assert out.count(f"checkpoint {join_uri(root, checkpoint_name(TOTAL))}\n") == 1
     # Every rank's RNG state goes into the checkpoint, so each rank resumes its own dropout stream.
-    state = checkpoint.load(output / "checkpoints" / checkpoint_name(saved[-1]))
+    state = checkpoint.load(Path(root) / checkpoint_name(saved[-1]))
     assert len(state["rng"]) == 2
 
 
@@ -125,13 +130,21 @@ def culprit_seed(count: int, batch_size: int, rank: int) -> tuple[int, int]:
 
 def test_a_failing_rank_fails_the_run_with_its_own_message(tmp_path: Path, tiny_gpt2: Path, data: dict[str, Path],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rank 1 alone hits an example longer than the model's 256 positions; rank 0 waits in a collective."""
+    """Rank 1 alone hits a token the model has no embedding for (its tokenizer has one token more than the model's
+    vocabulary); rank 0 waits in a collective."""
+    from transformers import AutoTokenizer
+
+    model = Path(shutil.copytree(tiny_gpt2, tmp_path / "model"))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens(["<not-in-the-model>"])
+    tokenizer.save_pretrained(model)
     rows = data["train"].read_text().splitlines()
-    rows[0] = json.dumps({"prompt": "Tell a long story.", "completion": " ".join(["once upon a time"] * 150)})
+    story = "<not-in-the-model> " + " ".join(["once upon a time"] * 150)  # the longest example
+    rows[0] = json.dumps({"prompt": "Tell a long story.", "completion": story})
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(rows) + "\n")
     seed, step = culprit_seed(len(rows), 8, rank=1)
-    doc = gpt2_job("crash", tiny_gpt2, {**data, "train": train}, str(tmp_path / "out"), batch_size=8, epochs=1,
+    doc = gpt2_job("crash", model, {**data, "train": train}, str(tmp_path / "out"), batch_size=8, epochs=1,
                    every_steps=100, seed=seed)
     doc["spec"]["data"].update(maxSeqLength=1024, cleaning={"dedupe": False, "dropEmpty": False})
     trainer = Trainer(write_job(doc, tmp_path / "job.yaml"), tmp_path / "state", nproc=2)
@@ -194,7 +207,7 @@ def test_sigterm_under_torchrun_checkpoints_on_every_rank_and_resumes(
 
     first = Trainer(job, tmp_path / "pod-1", nproc=2)
     process = first.start()
-    poll(lambda: bool(complete_checkpoints(storage, root)), process, every=0.01 if where == "local" else 0.05)
+    poll(lambda: bool(run_checkpoints(storage, root)), process, every=0.01 if where == "local" else 0.05)
     os.kill(process.pid, signal.SIGTERM)  # the pod's main process only: it must pass it on to the workers
     sent = time.monotonic()
     code = wait(process, DEFAULT_GRACE_SECONDS)
@@ -205,8 +218,8 @@ def test_sigterm_under_torchrun_checkpoints_on_every_rank_and_resumes(
     result = first.result()
     assert (result["outcome"], result["exitCode"]) == ("Preempted", EXIT_RETRY)
     step = result["step"]
-    assert step < TOTAL and result["lastCheckpoint"] == join_uri(root, checkpoint_name(step))
-    assert complete_checkpoints(storage, root)[-1] == step
+    assert step < TOTAL and result["lastCheckpoint"] == join_uri(identity_root(storage, root), checkpoint_name(step))
+    assert run_checkpoints(storage, root)[-1] == step
     ranks = first.rank_results("preempted")
     assert sorted(ranks) == [0, 1]
     assert {(r["outcome"], r["lastCheckpoint"]) for r in ranks.values()} == {("Preempted", result["lastCheckpoint"])}

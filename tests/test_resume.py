@@ -30,9 +30,11 @@ from tests.trainer_runs import (
     checkpoint_root,
     complete_checkpoints,
     gpt2_job,
+    identity_root,
     losses,
     poll,
     read_output,
+    run_checkpoints,
     split_instructions,
     step_of,
     storage_for,
@@ -170,11 +172,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(where: str, request: pyt
 
     first = Trainer(job, tmp_path / "pod-1")
     process = first.start()
-    poll(lambda: bool(complete_checkpoints(storage, root)), process, every=0.01 if where == "local" else 0.05)
+    poll(lambda: bool(run_checkpoints(storage, root)), process, every=0.01 if where == "local" else 0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the whole tree, no chance to clean up
     process.wait()
     assert storage.read_manifest(output) is None, "the run finished before the kill; make it longer"
-    saved = complete_checkpoints(storage, root)
+    saved = run_checkpoints(storage, root)
     assert saved and saved[-1] < TOTAL
 
     second = Trainer(job, tmp_path / "pod-2")  # a rescheduled pod: the same spec, an empty local disk
@@ -182,7 +184,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(where: str, request: pyt
     assert code == EXIT_OK, out
     assert "resumed from" in out
     run = read_output(storage, output, "run.json", tmp_path / "fetched")
-    assert run["resumedFrom"] == [join_uri(root, checkpoint_name(saved[-1]))]
+    assert run["resumedFrom"] == [join_uri(identity_root(storage, root), checkpoint_name(saved[-1]))]
     assert_same_training(read_output(storage, output, "metrics.json", tmp_path / "fetched"), reference["metrics"])
 
 
@@ -196,7 +198,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_for_retry_and_resumes(tmp_path: Pat
 
     first = Trainer(job, tmp_path / "pod-1")
     process = first.start()
-    poll(lambda: bool(complete_checkpoints(storage, root)), process)
+    poll(lambda: bool(run_checkpoints(storage, root)), process)
     os.kill(process.pid, signal.SIGTERM)  # as the kubelet does: the container's main process only
     sent = time.monotonic()
     code = wait(process, DEFAULT_GRACE_SECONDS)
@@ -209,8 +211,8 @@ def test_sigterm_mid_epoch_checkpoints_exits_for_retry_and_resumes(tmp_path: Pat
     step = result["step"]
     assert step % STEPS_PER_EPOCH > 0 and step < TOTAL, "SIGTERM should land in the middle of an epoch"
     # No work lost: the checkpoint is at the step where it stopped, complete, with the position in the data.
-    assert result["lastCheckpoint"] == join_uri(root, checkpoint_name(step))
-    assert complete_checkpoints(storage, root)[-1] == step
+    assert result["lastCheckpoint"] == join_uri(identity_root(storage, root), checkpoint_name(step))
+    assert run_checkpoints(storage, root)[-1] == step
     state = checkpoint.load(Path(result["lastCheckpoint"]))
     assert state["step"] == step
     assert (state["train_state"]["epoch"], state["train_state"]["batch_in_epoch"]) == (
@@ -229,8 +231,9 @@ def test_sigterm_mid_epoch_checkpoints_exits_for_retry_and_resumes(tmp_path: Pat
 def test_restart_skips_incomplete_and_corrupt_checkpoints(tmp_path: Path, tiny_gpt2: Path, data: dict[str, Path],
                                                           reference: dict[str, Any]) -> None:
     """The finished reference's checkpoints, newest without manifest, next corrupt: resume from the third."""
-    storage, root = Storage(), str(tmp_path / "ckpt")
-    shutil.copytree(reference["checkpoints"], root)
+    storage, ckpt = Storage(), str(tmp_path / "ckpt")
+    shutil.copytree(reference["checkpoints"], ckpt)  # another checkpoint.uri: the same training identity
+    root = identity_root(storage, ckpt)
     steps = complete_checkpoints(storage, root)
     assert len(steps) == KEEP and steps[-1] == TOTAL
     oldest, middle, newest = steps
@@ -238,7 +241,7 @@ def test_restart_skips_incomplete_and_corrupt_checkpoints(tmp_path: Path, tiny_g
     flip_bytes(storage, join_uri(root, checkpoint_name(middle), STATE_FILE), tmp_path / "scratch")
 
     output = str(tmp_path / "out")
-    doc = job_doc("damaged", tiny_gpt2, data, output, checkpoint_uri=root)
+    doc = job_doc("damaged", tiny_gpt2, data, output, checkpoint_uri=ckpt)
     code, out = Trainer(write_job(doc, tmp_path / "job.yaml"), tmp_path / "state").run()
     assert code == EXIT_OK, out
     assert f"skipping incomplete checkpoint {join_uri(root, checkpoint_name(newest))}" in out

@@ -145,6 +145,19 @@ def complete_checkpoints(storage: Storage, root: str) -> list[int]:
                   if storage.read_manifest(join_uri(root, n)) is not None)
 
 
+def run_checkpoints(storage: Storage, root: str) -> list[int]:
+    """Steps of the complete checkpoints a job wrote: they live in <root>/<identity>/ (kubetune.train.identity)."""
+    return sorted(step for name in storage.list_prefixes(root) for step in complete_checkpoints(storage,
+                                                                                              join_uri(root, name)))
+
+
+def identity_root(storage: Storage, root: str) -> str:
+    """The one identity prefix below a job's checkpoint root (one training input ran there)."""
+    names = storage.list_prefixes(root)
+    assert len(names) == 1, f"expected one training identity under {root}, found {names}"
+    return join_uri(root, names[0])
+
+
 def read_output(storage: Storage, output_uri: str, name: str, dest: Path) -> dict[str, Any]:
     """metrics.json / run.json of a finished run (the output must be complete: manifest present)."""
     assert storage.read_manifest(output_uri) is not None, f"{output_uri}: no {MANIFEST_NAME}, run not finished"

@@ -75,6 +75,8 @@ def run_manifest(file: str, nproc_per_node: int = 1, embedded_s3: bool = False) 
     if code != contract.EXIT_OK:
         print(f"{result['outcome'].lower()}: {result.get('message')}", file=sys.stderr)
         return code
+    if result.get("alreadyFinished"):  # the trainer said so in one line; the output is as it was
+        return code
     console.print(summary_table(result))
     if isinstance(result.get("test"), dict) and "confusion_matrix" in result["test"]:
         console.print(f"confusion matrix (rows = true, columns = predicted, {job.spec.model.labels}): "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.data.clean import REASONS, clean_files
+from kubetune.data.clean import REASONS, clean_files, drop_cross_split
 from kubetune.data.encode import Encoded, encode_causal_lm, encode_classification
 from kubetune.data.read import DataFile, read_data
 from kubetune.data.split import PARTS, split_data
@@ -29,7 +29,7 @@ def prepare_data(spec: FineTuneJobSpec, paths: dict[str, Path | None]) -> Prepar
     """Read, clean and split. `paths`: local file or folder per part; validation/test may be None."""
     data = spec.data
     labels = spec.model.labels if spec.model.task == "sequence-classification" else None
-    dropped: Counter[str] = Counter()
+    dropped: dict[str, Counter[str]] = {}
     files: dict[str, list[DataFile]] = {}
     sources: dict[str, list[dict[str, Any]]] = {}
     for part in PARTS:
@@ -39,15 +39,17 @@ def prepare_data(spec: FineTuneJobSpec, paths: dict[str, Path | None]) -> Prepar
                 raise UserError("spec.data.train: no training data given")
             continue
         files[part] = read_data(Path(path), data.format)
-        part_dropped: Counter[str] = Counter()
-        sources[part] = clean_files(files[part], spec, part_dropped)
-        dropped.update(part_dropped)
-        if not sources[part]:
+        dropped[part] = Counter()
+        sources[part] = clean_files(files[part], spec, dropped[part])
+    if data.cleaning.dedupe:
+        drop_cross_split(sources, dropped)
+    for part, rows in sources.items():
+        if not rows:
             read = sum(len(f.rows) for f in files[part])
-            reasons = ", ".join(f"{part_dropped[r]} {r}" for r in REASONS)
+            reasons = ", ".join(f"{dropped[part][r]} {r}" for r in REASONS)
             raise UserError(
                 f"spec.data.{part}: no usable rows after cleaning ({read} rows read from {len(files[part])} "
-                f"file(s) under {path}; dropped: {reasons})"
+                f"file(s) under {paths[part]}; dropped: {reasons})"
             )
 
     fractions = {p: getattr(data.split, p) for p in PARTS}
@@ -66,7 +68,7 @@ def prepare_data(spec: FineTuneJobSpec, paths: dict[str, Path | None]) -> Prepar
         ],
         "rowsRead": sum(len(f.rows) for part_files in files.values() for f in part_files),
         "rowsKept": sum(len(rows) for rows in sources.values()),
-        "dropped": {r: dropped[r] for r in REASONS},
+        "dropped": {r: sum(c[r] for c in dropped.values()) for r in REASONS},
         "splitSizes": {p: len(parts[p]) for p in PARTS},
         "splitFrom": carved,
     }

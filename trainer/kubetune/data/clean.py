@@ -11,7 +11,9 @@ from kubetune.errors import UserError
 from kubetune.spec import DataSpec, FineTuneJobSpec
 
 Record = dict[str, Any]
-REASONS = ("empty", "malformed", "duplicate")
+# duplicate: same input and target as an earlier row; conflict: same input, another label (the first row wins);
+# crossSplit: an evaluation row whose input is also in train (or, for test, in validation).
+REASONS = ("empty", "malformed", "duplicate", "conflict", "crossSplit")
 
 
 class _BadLabel(Exception):
@@ -31,7 +33,7 @@ def clean_files(files: list[DataFile], spec: FineTuneJobSpec, dropped: Counter[s
     data = spec.data
     classification = spec.model.task == "sequence-classification"
     records: list[Record] = []
-    seen: set[str] = set()
+    seen: dict[str, Record] = {}
     for file in files:
         check_columns(file, data, classification)
         for index, row in enumerate(file.rows):
@@ -47,18 +49,39 @@ def clean_files(files: list[DataFile], spec: FineTuneJobSpec, dropped: Counter[s
                 continue
             except _BadLabel as bad:
                 labels = spec.model.labels or []
+                indices = ("; the names are numbers, so values are read as names, never as indices"
+                           if _numeric_names(labels) else f" nor an index 0..{len(labels) - 1}")
                 raise UserError(
                     f"{file.where(index)}: label {bad.args[0]!r} (spec.data.labelField={data.label_field!r}) "
-                    f"is not one of spec.model.labels [{', '.join(labels)}] nor an index 0..{len(labels) - 1}"
+                    f"is not one of spec.model.labels [{', '.join(labels)}]{indices}"
                 ) from None
             if data.cleaning.dedupe:
-                key = json.dumps(record, sort_keys=True, ensure_ascii=False)
+                key = input_key(record)
                 if key in seen:
-                    dropped["duplicate"] += 1
+                    dropped["duplicate" if seen[key] == record else "conflict"] += 1
                     continue
-                seen.add(key)
+                seen[key] = record
             records.append(record)
     return records
+
+
+def input_key(record: Record) -> str:
+    """What the model is given: the text for classification (so conflicting labels meet), the whole example else."""
+    if "text" in record:
+        return str(record["text"])
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def drop_cross_split(sources: dict[str, list[Record]], dropped: dict[str, Counter[str]]) -> None:
+    """Remove evaluation rows whose input is in train (or, for test, in validation): they score memorised answers."""
+    seen = {input_key(r) for r in sources["train"]}
+    for part in ("validation", "test"):
+        if part not in sources:
+            continue
+        kept = [r for r in sources[part] if input_key(r) not in seen]
+        dropped[part]["crossSplit"] += len(sources[part]) - len(kept)
+        seen |= {input_key(r) for r in kept}
+        sources[part] = kept
 
 
 def check_columns(file: DataFile, data: DataSpec, classification: bool) -> None:
@@ -106,19 +129,22 @@ def _classification(row: Record, data: DataSpec, labels: list[str]) -> Record:
 
 
 def label_index(value: Any, labels: list[str]) -> int:
-    """Map a label name, an index, or an index written as a string ("1") to its index in `labels`."""
+    """Map a label name, or an index (1 or "1"), to its index in `labels`; the same rule for every file format.
+
+    Names come first, and when any name is itself a number an index would be ambiguous: values are names only.
+    """
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _Drop("malformed")
-    if isinstance(value, str):
-        name = value.strip()
-        if name in labels:  # names first: labels may themselves be digits
-            return labels.index(name)
-        index = int(name) if name.isascii() and name.isdigit() else -1
-    else:
-        index = value
-    if 0 <= index < len(labels):
-        return index
+    text = str(value).strip()
+    if text in labels:
+        return labels.index(text)
+    if text.isascii() and text.isdigit() and not _numeric_names(labels) and int(text) < len(labels):
+        return int(text)
     raise _BadLabel(value)
+
+
+def _numeric_names(labels: list[str]) -> bool:
+    return any(name.strip().lstrip("-").isdigit() for name in labels)
 
 
 def _causal_lm(row: Record, data: DataSpec) -> Record:

@@ -65,14 +65,23 @@ def _prune(storage: Storage, root_uri: str, keep_last: int) -> None:
             storage.delete(join_uri(root_uri, name))
 
 
-def find_latest(storage: Storage, root_uri: str, dest: Path) -> tuple[str, Path] | None:
-    """Newest checkpoint that has a manifest and matches it; incomplete or corrupt ones are skipped."""
+def complete(storage: Storage, root_uri: str, warn: bool = False) -> list[str]:
+    """URIs of the checkpoints under root_uri that have their manifest, newest first."""
     names = sorted((n for n in storage.list_prefixes(root_uri) if n.startswith(CHECKPOINT_PREFIX)), reverse=True)
+    found = []
     for name in names:
         uri = join_uri(root_uri, name)
-        if storage.read_manifest(uri) is None:
+        if storage.read_manifest(uri) is not None:
+            found.append(uri)
+        elif warn:
             log.warning("skipping incomplete checkpoint %s (no manifest.json)", uri)
-            continue
+    return found
+
+
+def find_latest(storage: Storage, root_uri: str, dest: Path) -> tuple[str, Path] | None:
+    """Newest checkpoint that has a manifest and matches it; incomplete or corrupt ones are skipped."""
+    for uri in complete(storage, root_uri, warn=True):
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
         try:
             path = storage.fetch(uri, dest / name)
         except IntegrityError as exc:

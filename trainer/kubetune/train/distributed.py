@@ -43,10 +43,15 @@ def init() -> None:
     if world_size() <= 1 or is_distributed():
         return
     seconds = int(os.environ.get(contract.ENV_COLLECTIVE_TIMEOUT, contract.DEFAULT_COLLECTIVE_TIMEOUT_SECONDS))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=seconds))
+    dist.init_process_group(backend=backend(), timeout=timedelta(seconds=seconds))
+
+
+def backend() -> str:
+    """nccl for GPU tensors, gloo for CPU ones: nccl alone has no backend for the CPU tensors of our flags,
+    loss totals and object collectives ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def barrier() -> None:

@@ -8,13 +8,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from kubetune.data.encode import IGNORE_INDEX
 from kubetune.train import distributed
 from kubetune.train.batching import collate, eval_batches
 from kubetune.train.precision import Precision
 
 
 def classification_metrics(confusion: list[list[int]], labels: list[str]) -> dict[str, Any]:
-    """accuracy, macro precision/recall/F1 from a confusion matrix (rows = true, columns = predicted)."""
+    """accuracy, macro precision/recall/F1 from a confusion matrix (rows = true, columns = predicted).
+
+    Macro averages run over the classes present in the truth or the predictions (scikit-learn's rule):
+    a class absent from both says nothing about the model and must not count as a zero.
+    """
     total = sum(map(sum, confusion))
     correct = sum(confusion[i][i] for i in range(len(labels)))
     precisions, recalls, f1s = [], [], []
@@ -22,12 +27,14 @@ def classification_metrics(confusion: list[list[int]], labels: list[str]) -> dic
         tp = confusion[k][k]
         predicted = sum(row[k] for row in confusion)
         actual = sum(confusion[k])
+        if not predicted and not actual:
+            continue
         p = tp / predicted if predicted else 0.0
         r = tp / actual if actual else 0.0
         precisions.append(p)
         recalls.append(r)
         f1s.append(2 * p * r / (p + r) if p + r else 0.0)
-    n = len(labels)
+    n = max(len(f1s), 1)
     return {
         "accuracy": correct / total if total else 0.0,
         "f1": sum(f1s) / n,
@@ -35,6 +42,23 @@ def classification_metrics(confusion: list[list[int]], labels: list[str]) -> dic
         "recall": sum(recalls) / n,
         "confusion_matrix": confusion,
     }
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Cross-entropy summed over the targets (see target_count), in fp32: training and evaluation share it."""
+    if task == "sequence-classification":
+        return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    # Causal LM: position t predicts token t+1; only completion tokens are targets (labels = -100 elsewhere).
+    shifted = logits[:, :-1].float()
+    return nn.functional.cross_entropy(shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def target_count(labels: torch.Tensor, task: str) -> int:
+    """What a loss is averaged over: examples for classification, target tokens for causal LM."""
+    if task == "sequence-classification":
+        return labels.numel()
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -54,27 +78,17 @@ def evaluate(
     lengths = [len(e["input_ids"]) for e in examples]
     batches = eval_batches(len(examples), lengths, batch_size * 2, distributed.world_size(), distributed.rank())
     n_labels = max(len(labels), 1)
-    # [loss_sum, loss_count, confusion...]: one all-reduce for everything.
+    # [loss_sum, target_count, confusion...]: one all-reduce for everything.
     totals = torch.zeros(2 + n_labels * n_labels, dtype=torch.float64)
     for indices in batches:
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
         with precision.autocast():
-            out = model(**batch)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        totals[0] += summed_loss(logits, batch["labels"], task).item()
+        totals[1] += target_count(batch["labels"], task)
         if task == "sequence-classification":
-            logits = out.logits.float()
-            loss = nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-            totals[0] += loss.item()
-            totals[1] += len(indices)
             flat = batch["labels"] * n_labels + logits.argmax(-1)
             totals[2:] += torch.bincount(flat.cpu(), minlength=n_labels * n_labels).double()
-        else:
-            # Token-level loss over completion tokens only (labels = -100 elsewhere).
-            logits = out.logits[:, :-1].float()
-            target = batch["labels"][:, 1:]
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                               ignore_index=-100, reduction="sum")
-            totals[0] += loss.item()
-            totals[1] += (target != -100).sum().item()
     distributed.all_reduce_sum(totals)
     model.train(was_training)
     mean_loss = float(totals[0] / max(totals[1].item(), 1))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.contract import MANIFEST_NAME
 from kubetune.spec import FineTuneJobSpec
 from kubetune.storage import Storage, is_s3
+from kubetune.storage.manifest import local_files, sha256_file
 from kubetune.train import distributed
 
 PATHS_FILE = "paths.json"
@@ -19,6 +22,17 @@ class Inputs:
     model: Path
     data: dict[str, Path | None]
     objects: list[dict[str, Any]]  # S3 object metadata (ETag, version) of the data, for run.json
+    model_sha256: str  # the base model folder's content, part of a checkpoint's identity
+
+
+def content_sha256(folder: Path) -> str:
+    """One sha256 for a folder's files (paths and contents); a verified manifest saves reading them again."""
+    manifest_file = folder / MANIFEST_NAME
+    if manifest_file.is_file():  # Storage.fetch verified the files against it
+        entries = [(f["path"], f["sha256"]) for f in json.loads(manifest_file.read_text())["files"]]
+    else:
+        entries = [(p.relative_to(folder).as_posix(), sha256_file(p)) for p in local_files(folder)]
+    return hashlib.sha256("".join(f"{path} {sha}\n" for path, sha in sorted(entries)).encode()).hexdigest()
 
 
 def _fetch_all(storage: Storage, spec: FineTuneJobSpec, dest: Path) -> dict[str, Any]:
@@ -35,7 +49,7 @@ def _fetch_all(storage: Storage, spec: FineTuneJobSpec, dest: Path) -> dict[str,
             info = storage.describe(uri)
             if info:
                 objects.append({"split": split, "uri": uri, **info})
-    return {"model": str(model), "data": data, "objects": objects}
+    return {"model": str(model), "data": data, "objects": objects, "modelSha256": content_sha256(model)}
 
 
 def fetch_inputs(storage: Storage, spec: FineTuneJobSpec, dest: Path) -> Inputs:
@@ -55,4 +69,4 @@ def fetch_inputs(storage: Storage, spec: FineTuneJobSpec, dest: Path) -> Inputs:
         raise RuntimeError("another process failed to fetch the inputs; see its message")
     found = json.loads(paths_file.read_text())
     data = {k: Path(v) if v else None for k, v in found["data"].items()}
-    return Inputs(Path(found["model"]), data, found["objects"])
+    return Inputs(Path(found["model"]), data, found["objects"], found["modelSha256"])

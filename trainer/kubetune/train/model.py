@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from kubetune.errors import UserError
 from kubetune.spec import FineTuneJobSpec
+from kubetune.train import distributed
+
+log = logging.getLogger("kubetune.trainer")
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "xmod", "data2vec-text",
+                    "longformer", "ibert"}
 
 
 @dataclass
@@ -36,31 +42,72 @@ def load_tokenizer(model_dir: Path, uri: str) -> Any:
     return tokenizer
 
 
-def load_base_model(spec: FineTuneJobSpec, model_dir: Path) -> nn.Module:
+def load_base_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None = None) -> nn.Module:
     uri = spec.model.uri
     if not (model_dir / "config.json").is_file():
         raise UserError(f"spec.model.uri: {uri}: not a model folder (no config.json)")
+    # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to dtype="auto"): bf16 weights
+    # lose small updates, fp16 ones break loss scaling. Half precision is autocast's job (precision.py).
+    options: dict[str, Any] = {"output_loading_info": True, "dtype": torch.float32}
     try:
         AutoConfig.from_pretrained(model_dir)
         if spec.model.task == "sequence-classification":
             labels = spec.model.labels or []
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 model_dir,
-                output_loading_info=True,
                 num_labels=len(labels),
                 id2label=dict(enumerate(labels)),
                 label2id={name: i for i, name in enumerate(labels)},
                 ignore_mismatched_sizes=True,  # a base with another head gets a fresh one of our size
+                **options,
             )
+            if pad_token_id is not None:
+                # Decoder classifiers pool the last non-pad token: they must know the pad id the tokenizer uses.
+                model.config.pad_token_id = pad_token_id
         else:
-            model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)  # type: ignore[misc]
+            model, info = AutoModelForCausalLM.from_pretrained(model_dir, **options)  # type: ignore[misc]
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"spec.model.uri: {uri}: cannot load a {spec.model.task} model from it ({exc})") from None
     model.config.use_cache = False  # the KV cache only helps generation and costs memory in training
     # Freshly initialised modules (a new head, a missing pooler) must train whatever the method.
     missing = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
-    model.kubetune_new_modules = sorted({k.rsplit(".", 1)[0] for k in missing})
+    model.kubetune_new_modules = new_module_roots(model, missing)
     return model
+
+
+def new_module_roots(model: nn.Module, missing: set[str]) -> list[str]:
+    """Full names of the outermost modules whose parameters are all new: `classifier`, not `classifier.dense`.
+
+    peft matches modules_to_save by name suffix, so a short name like `dense` would also hit every layer's dense.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    roots = set()
+    for key in missing:
+        parts = key.split(".")[:-1]
+        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        whole = (p for p in prefixes if all(n in missing for n in names if n.startswith(p + ".")))
+        root = next(whole, ".".join(parts))  # no wholly new ancestor: the parameter's own module
+        if root:
+            roots.add(root)
+    return sorted(roots)
+
+
+def max_sequence_length(requested: int, model_dir: Path, tokenizer: Any) -> int:
+    """`requested`, clamped to the positions the model has (beyond them it crashes mid-run, on CUDA as an assert)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    limits = [int(tokenizer.model_max_length)] if tokenizer.model_max_length < 1e9 else []  # 1e30 means unset
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        # RoBERTa-style models number positions from pad_token_id + 1, so that many fewer are usable.
+        offset = (config.pad_token_id or 0) + 1 if config.model_type in OFFSET_POSITIONS else 0
+        limits.append(int(positions) - offset)
+    limit = min(limits, default=requested)
+    if requested > limit:
+        if distributed.is_main():
+            log.warning("spec.data.maxSeqLength %d is more than this model's %d positions: using %d", requested,
+                        limit, limit)
+        return limit
+    return requested
 
 
 def count_parameters(model: nn.Module) -> ParamCounts:
@@ -126,7 +173,7 @@ def apply_lora(model: nn.Module, spec: FineTuneJobSpec) -> nn.Module:
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats at run time
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,  # None: peft's per-architecture defaults
-        modules_to_save=[m.rsplit(".", 1)[-1] for m in getattr(model, "kubetune_new_modules", [])] or None,
+        modules_to_save=list(getattr(model, "kubetune_new_modules", [])) or None,
     )
     try:
         return get_peft_model(model, config)
@@ -134,8 +181,9 @@ def apply_lora(model: nn.Module, spec: FineTuneJobSpec) -> nn.Module:
         raise UserError(f"spec.method.lora.targetModules: {exc}") from None
 
 
-def build_model(spec: FineTuneJobSpec, model_dir: Path) -> tuple[nn.Module, ParamCounts]:
-    model = load_base_model(spec, model_dir)
+def build_model(spec: FineTuneJobSpec, model_dir: Path,
+                pad_token_id: int | None = None) -> tuple[nn.Module, ParamCounts]:
+    model = load_base_model(spec, model_dir, pad_token_id)
     if spec.method.type == "lora":
         model = apply_lora(model, spec)
     elif spec.method.type == "partial":

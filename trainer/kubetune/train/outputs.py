@@ -98,6 +98,7 @@ trained).
 {_metric_table(metrics.get('baseTest'), metrics.get('test'))}
 Best checkpoint: step {metrics.get('bestStep')} by `{spec['evaluation']['metric']}`
 (stopped early: {metrics.get('stoppedEarly')}). Steps: {metrics.get('steps')}.
+Ties on the metric go to the lower validation loss, then to the later step.
 
 ## Data
 

@@ -40,7 +40,8 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
     kind = device.type
     if requested == "auto":
         if kind == "cuda":
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # Emulated bf16 (T4, V100) is slow: there fp16 with loss scaling is the fast path.
+            requested = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         else:
             requested = "bf16" if _cpu_has_fast_bf16() else "fp32"
     if requested == "fp16" and kind != "cuda":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -24,12 +23,18 @@ from kubetune import contract
 from kubetune.data import encode_causal_lm, encode_classification, prepare_data
 from kubetune.errors import PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
-from kubetune.storage import Storage, is_s3
-from kubetune.train import checkpoint, distributed, outputs
+from kubetune.storage import Storage, is_s3, join_uri
+from kubetune.train import checkpoint, distributed, identity, outputs
 from kubetune.train.batching import collate, epoch_batches
-from kubetune.train.evaluate import evaluate, prefixed
+from kubetune.train.evaluate import evaluate, prefixed, summed_loss, target_count
 from kubetune.train.inputs import fetch_inputs
-from kubetune.train.model import build_model, load_tokenizer, load_trainable_state, trainable_state
+from kubetune.train.model import (
+    build_model,
+    load_tokenizer,
+    load_trainable_state,
+    max_sequence_length,
+    trainable_state,
+)
 from kubetune.train.precision import choose_precision
 from kubetune.train.progress import Progress
 
@@ -44,6 +49,7 @@ class TrainState:
     epoch: int = 0           # epoch in progress
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed on each rank
     best_metric: float | None = None
+    best_loss: float | None = None  # eval_loss at best_step: breaks ties on the metric
     best_step: int | None = None
     bad_evals: int = 0
     stopped_early: bool = False
@@ -53,16 +59,6 @@ class TrainState:
     validation: list[dict[str, Any]] = field(default_factory=list)
     base_test: dict[str, Any] | None = None
     resumed_from: list[str] = field(default_factory=list)
-
-
-def _spec_identity(job: FineTuneJob) -> str:
-    """What decides the training trajectory; a checkpoint of another one is not ours.
-
-    The world size is part of it: the saved data position is per-rank batches of that sharding.
-    """
-    keys = ("model", "method", "data", "hyperparameters")
-    dumped = job.spec.model_dump(mode="json", by_alias=True)
-    return json.dumps({**{k: dumped[k] for k in keys}, "worldSize": distributed.world_size()}, sort_keys=True)
 
 
 class FineTuneRecipe:
@@ -77,6 +73,7 @@ class FineTuneRecipe:
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.test_metrics: dict[str, Any] | None = None
+        self.published: dict[str, Any] | None = None  # the metrics of an identical finished run: nothing to do
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -92,13 +89,19 @@ class FineTuneRecipe:
         self.tokenizer = load_tokenizer(inputs.model, spec.model.uri)
         self.data = prepare_data(spec, inputs.data)
         self.data.report["objects"] = inputs.objects
+        self.identity = identity.training_identity(self.job, inputs.model_sha256, self.data.report["files"],
+                                                   distributed.world_size())
+        self.checkpoint_root = join_uri(spec.checkpoint_uri(), identity.digest(self.identity))
+        if self._finished_before():
+            return
         encode = encode_classification if spec.model.task == "sequence-classification" else encode_causal_lm
-        self.train_set = encode(self.data.train, self.tokenizer, spec.data.max_seq_length)
-        self.validation_set = encode(self.data.validation, self.tokenizer, spec.data.max_seq_length)
-        self.test_set = encode(self.data.test, self.tokenizer, spec.data.max_seq_length)
+        max_length = max_sequence_length(spec.data.max_seq_length, inputs.model, self.tokenizer)
+        self.train_set = encode(self.data.train, self.tokenizer, max_length)
+        self.validation_set = encode(self.data.validation, self.tokenizer, max_length)
+        self.test_set = encode(self.data.test, self.tokenizer, max_length)
 
         torch.manual_seed(hp.seed)  # the new head's init must not depend on what ran before
-        self.model, self.counts = build_model(spec, inputs.model)
+        self.model, self.counts = build_model(spec, inputs.model, self.tokenizer.pad_token_id)
         self.model.to(self.device)
         self.ddp: nn.Module = self.model
         if distributed.is_distributed():
@@ -138,8 +141,24 @@ class FineTuneRecipe:
         self.preempt_requested = True
         self.sigterm_at = time.monotonic()
 
+    def _finished_before(self) -> bool:
+        """A rerun of a finished job with the same inputs and spec: its verified output stands, nothing is rewritten."""
+        found: tuple[str, dict[str, Any]] | None = None
+        if self.is_main:
+            newest = next(iter(checkpoint.complete(self.storage, self.checkpoint_root)), None)
+            published = identity.finished_output(self.storage, self.job, newest, self.work_dir / "published")
+            found = (newest, published) if newest and published else None
+        found = distributed.broadcast_object(found)
+        if found is None:
+            return False
+        self.last_checkpoint, self.published = found
+        self.state.step = self.published.get("steps", _step_of(self.last_checkpoint))
+        if self.is_main:
+            log.info("already finished at step %d; outputs verified, nothing to do", self.state.step)
+        return True
+
     def _resume(self) -> None:
-        root = self.spec.checkpoint_uri()
+        root = self.checkpoint_root
         found = checkpoint.find_latest(self.storage, root, self.work_dir / "resume") if self.is_main else None
         name: str | None = distributed.broadcast_object(found[0] if found else None)
         if name is None:
@@ -150,9 +169,9 @@ class FineTuneRecipe:
             self.storage.fetch(name, path)
         distributed.barrier()
         saved = checkpoint.load(path)
-        if saved.get("identity") != _spec_identity(self.job):
+        if saved.get("identity") != self.identity:  # its prefix says it is ours: only a copied-in folder lies
             if self.is_main:
-                log.warning("ignoring checkpoint %s: it was made for a different spec or process count", name)
+                log.warning("ignoring checkpoint %s: it was made for other inputs, spec or process count", name)
             return
         load_trainable_state(self.model, saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -171,6 +190,8 @@ class FineTuneRecipe:
 
     # ---- train -------------------------------------------------------------------------------
     def train(self) -> None:
+        if self.published is not None:
+            return
         spec, state = self.spec, self.state
         progress = Progress(self.total_steps, state.step, enabled=self.is_main)
         try:
@@ -205,14 +226,14 @@ class FineTuneRecipe:
                 return
             started = time.monotonic()
             group = batches[update * accum : (update + 1) * accum]
-            loss, samples = self._update(group)
+            loss, targets, samples = self._update(group)
             state.step += 1
             state.batch_in_epoch = (update + 1) * accum
             state.samples_seen += samples * world
             elapsed = time.monotonic() - started
             state.train_seconds += elapsed
             # One all-reduce per step: the global mean loss and whether any rank was asked to stop.
-            totals = distributed.all_reduce_sum(torch.tensor([loss, 1.0, float(self.preempt_requested)]))
+            totals = distributed.all_reduce_sum(torch.tensor([loss, targets, float(self.preempt_requested)]))
             mean_loss = float(totals[0] / totals[1])
             state.train_losses.append({"step": state.step, "loss": mean_loss})
             progress.update(state.step, state.epoch + state.batch_in_epoch / max(len(batches), 1), mean_loss,
@@ -230,22 +251,10 @@ class FineTuneRecipe:
         if state.step != _step_of(self.last_checkpoint):
             self.save_checkpoint()
 
-    def _update(self, group: list[list[int]]) -> tuple[float, int]:
+    def _update(self, group: list[list[int]]) -> tuple[float, float, int]:
         """One optimizer step over a group of micro-batches (gradient accumulation)."""
         hp = self.spec.hyperparameters
-        total_loss, samples = 0.0, 0
-        for i, indices in enumerate(group):
-            batch = {k: v.to(self.device) for k, v in collate([self.train_set[j] for j in indices],
-                                                               self.tokenizer.pad_token_id).items()}
-            sync = i == len(group) - 1 or not isinstance(self.ddp, DistributedDataParallel)
-            # Under DDP, only the last micro-batch of a group all-reduces gradients.
-            context = contextlib.nullcontext() if sync else self.ddp.no_sync()  # type: ignore[operator]
-            with context:
-                with self.precision.autocast():
-                    loss = self.ddp(**batch).loss / len(group)
-                self.scaler.scale(loss).backward()
-            total_loss += loss.item()
-            samples += len(indices)
+        loss_sum, targets, samples = self._accumulate(group)
         if hp.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
@@ -254,7 +263,31 @@ class FineTuneRecipe:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total_loss, samples
+        return loss_sum, targets, samples
+
+    def _accumulate(self, group: list[list[int]]) -> tuple[float, float, int]:
+        """Gradients of the group's loss, every target of the global batch weighted alike (however micro-batches
+        and ranks split them): loss sums over the global target count. Returns this rank's loss sum, targets
+        and examples."""
+        task = self.spec.model.task
+        batches = [collate([self.train_set[j] for j in indices], self.tokenizer.pad_token_id) for indices in group]
+        targets = float(sum(target_count(b["labels"], task) for b in batches))
+        global_targets = float(distributed.all_reduce_sum(torch.tensor([targets]))[0])
+        scale = distributed.world_size() / max(global_targets, 1.0)  # DDP averages gradients over ranks
+        total_loss, samples = 0.0, 0
+        for i, cpu_batch in enumerate(batches):
+            batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
+            sync = i == len(batches) - 1 or not isinstance(self.ddp, DistributedDataParallel)
+            # Under DDP, only the last micro-batch of a group all-reduces gradients.
+            context = contextlib.nullcontext() if sync else self.ddp.no_sync()  # type: ignore[operator]
+            with context:
+                with self.precision.autocast():
+                    logits = self.ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = summed_loss(logits, batch["labels"], task)
+                self.scaler.scale(loss * scale).backward()
+            total_loss += loss.item()
+            samples += len(cpu_batch["labels"])
+        return total_loss, targets, samples
 
     def _evaluate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         return evaluate(self.model, examples, self.spec.model.task, self.spec.model.labels or [],
@@ -268,15 +301,18 @@ class FineTuneRecipe:
         ev, state = self.spec.evaluation, self.state
         metrics = prefixed(self._evaluate(self.validation_set), "eval")
         state.validation.append({"step": state.step, "epoch": state.epoch, **metrics})
-        value = metrics[ev.metric]
-        lower = ev.metric in LOWER_IS_BETTER
-        improved = state.best_metric is None or (value < state.best_metric if lower else value > state.best_metric)
-        if improved:
-            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+        value, loss = metrics[ev.metric], metrics["eval_loss"]
+        sign = 1 if ev.metric in LOWER_IS_BETTER else -1
+        # Ties on the metric go to the lower validation loss, and a full tie to the later, more trained, step.
+        rank = (sign * value, loss)
+        best = None if state.best_metric is None else (sign * state.best_metric, _or_inf(state.best_loss))
+        improved = best is None or rank < best
+        if best is None or rank <= best:
+            state.best_metric, state.best_loss, state.best_step = value, loss, state.step
             self.best_weights = trainable_state(self.model)
-        else:
-            state.bad_evals += 1
-        progress.message(f"step {state.step}: {_summary(metrics)}" + ("  (best)" if improved else ""))
+        state.bad_evals = 0 if improved else state.bad_evals + 1
+        best_now = "  (best)" if state.best_step == state.step else ""
+        progress.message(f"step {state.step}: {_summary(metrics)}{best_now}")
         if ev.early_stopping_patience and state.bad_evals >= ev.early_stopping_patience:
             state.stopped_early = True
             progress.message(f"early stopping: no better {ev.metric} in {state.bad_evals} evaluations")
@@ -304,10 +340,10 @@ class FineTuneRecipe:
                 "train_state": asdict(self.state),
                 # When the best model is the current one, the weights above already are it (saves a copy).
                 "best_weights": self.best_weights if self.state.best_step != self.state.step else None,
-                "identity": _spec_identity(self.job),
+                "identity": self.identity,
                 "spec": self.job.model_dump(mode="json", by_alias=True),
             }
-            uri = checkpoint.save(self.storage, self.spec.checkpoint_uri(), state, self.work_dir / "staging",
+            uri = checkpoint.save(self.storage, self.checkpoint_root, state, self.work_dir / "staging",
                                   self.spec.checkpoint.keep_last)
             log.info("checkpoint %s", uri)
         else:
@@ -319,6 +355,9 @@ class FineTuneRecipe:
     def write_outputs(self) -> dict[str, Any]:
         """Rank 0 writes and publishes every output; returns the run summary."""
         state, spec = self.state, self.spec
+        if self.published is not None:
+            return {"outputUri": spec.output.uri, "lastCheckpoint": self.last_checkpoint, "alreadyFinished": True,
+                    **self.published}
         metrics = {
             "task": spec.model.task,
             "metric": spec.evaluation.metric,
@@ -369,6 +408,10 @@ class FineTuneRecipe:
 
 def _summary(metrics: dict[str, Any]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
 
 
 def _step_of(checkpoint_uri: str | None) -> int:
