@@ -7,15 +7,16 @@ and data and publishes its outputs through the same S3 code path a cluster uses.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kubetune.contract import CHECKPOINTS_DIR, SECRET_ACCESS_KEY_ID, SECRET_SECRET_ACCESS_KEY
+from kubetune.contract import CHECKPOINTS_DIR, MANIFEST_NAME, SECRET_ACCESS_KEY_ID, SECRET_SECRET_ACCESS_KEY
 from kubetune.errors import UserError
 from kubetune.preflight import resolve_local
 from kubetune.spec import FineTuneJob, StorageSpec
-from kubetune.storage import Storage, is_s3
+from kubetune.storage import Storage, is_s3, join_uri
 from kubetune.storage.s3 import S3Backend
 from kubetune.storage.seaweed import HOST, SeaweedServer
 
@@ -95,3 +96,32 @@ def list_objects(where: Storage | StorageSpec | str, uri: str) -> list[tuple[str
     storage = where if isinstance(where, Storage) else Storage(where)
     objects: list[tuple[str, int]] = storage.s3().list_objects(uri)
     return objects
+
+
+def local_copy_target(job: FineTuneJob, state_dir: Path) -> Path:
+    """The manifest's own output folder when it is local, else <state dir>/outputs/<name>."""
+    uri = job.spec.output.uri
+    return Path(uri).expanduser() if not is_s3(uri) else Path(state_dir) / "outputs" / job.metadata.name
+
+
+def save_local_copy(s3_job: FineTuneJob, dest: Path) -> Path:
+    """Download the published output (not its checkpoints), verify it against its manifest, publish it to dest."""
+    from kubetune.storage.manifest import verify_dir
+    from kubetune.train.outputs import publish_outputs
+
+    storage = Storage(s3_job.spec.storage)
+    uri = s3_job.spec.output.uri
+    manifest = storage.read_manifest(uri)
+    if manifest is None:
+        raise UserError(f"{uri}: no {MANIFEST_NAME}; the output is incomplete")
+    staging = dest.parent / f".{dest.name}.download"
+    shutil.rmtree(staging, ignore_errors=True)
+    for entry in manifest["files"]:
+        folder = (staging / entry["path"]).parent
+        storage.fetch(join_uri(uri, entry["path"]), folder)
+    verify_dir(staging, manifest, uri)
+    local_spec = s3_job.spec.model_copy(deep=True)
+    local_spec.output.uri = str(dest)
+    local_spec.checkpoint.uri = None  # whatever sits in dest/checkpoints/ stays
+    publish_outputs(Storage(), staging, local_spec)
+    return dest

@@ -6,13 +6,11 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -20,12 +18,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
-from kubetune import contract
 from kubetune.data import encode_causal_lm, encode_classification, prepare_data
 from kubetune.errors import PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
 from kubetune.storage import Storage, is_s3
-from kubetune.train import checkpoint, distributed, outputs
+from kubetune.train import checkpoint, distributed, interrupts, outputs
 from kubetune.train.batching import collate, epoch_batches
 from kubetune.train.evaluate import evaluate, prefixed
 from kubetune.train.inputs import fetch_inputs
@@ -72,7 +69,6 @@ class FineTuneRecipe:
         self.work_dir = work_dir
         self.storage = Storage(job.spec.storage)
         self.is_main = distributed.is_main()
-        self.preempt_requested = False
         self.last_checkpoint: str | None = None
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -83,7 +79,6 @@ class FineTuneRecipe:
         spec, hp = self.spec, self.spec.hyperparameters
         self.started_at = outputs.now()
         distributed.init()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
         self.device = distributed.device()
         self.precision = choose_precision(hp.precision, self.device)
         torch.manual_seed(hp.seed)
@@ -132,11 +127,6 @@ class FineTuneRecipe:
             self.counts.percent, self.precision.name, self.device, world, self.global_batch, hp.batch_size,
             hp.gradient_accumulation_steps, world, self.total_steps,
         )
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        # Only set a flag: the loop saves a checkpoint at the next update boundary, on every rank together.
-        self.preempt_requested = True
-        self.sigterm_at = time.monotonic()
 
     def _resume(self) -> None:
         root = self.spec.checkpoint_uri()
@@ -212,7 +202,8 @@ class FineTuneRecipe:
             elapsed = time.monotonic() - started
             state.train_seconds += elapsed
             # One all-reduce per step: the global mean loss and whether any rank was asked to stop.
-            totals = distributed.all_reduce_sum(torch.tensor([loss, 1.0, float(self.preempt_requested)]))
+            stop = float(interrupts.requested() is not None)
+            totals = distributed.all_reduce_sum(torch.tensor([loss, 1.0, stop]))
             mean_loss = float(totals[0] / totals[1])
             state.train_losses.append({"step": state.step, "loss": mean_loss})
             progress.update(state.step, state.epoch + state.batch_in_epoch / max(len(batches), 1), mean_loss,
@@ -282,13 +273,11 @@ class FineTuneRecipe:
             progress.message(f"early stopping: no better {ev.metric} in {state.bad_evals} evaluations")
 
     def _preempt(self) -> None:
+        # A signal reached some rank (SIGTERM or Ctrl-C): checkpoint on every rank together, then stop.
         self.save_checkpoint()
-        took = time.monotonic() - getattr(self, "sigterm_at", time.monotonic())
-        grace = float(os.environ.get(contract.ENV_GRACE_SECONDS, contract.DEFAULT_GRACE_SECONDS))
-        if took > grace and self.is_main:
-            log.warning("the checkpoint after SIGTERM took %.1fs, longer than the %.0fs grace period: raise "
-                        "terminationGracePeriodSeconds or lower batchSize x gradientAccumulationSteps", took, grace)
-        raise PreemptedError(f"SIGTERM: saved {self.last_checkpoint} at step {self.state.step}; restart to resume")
+        signum = interrupts.requested() or signal.SIGTERM
+        raise PreemptedError(interrupts.stop_message(signum, self.state.step, self.last_checkpoint),
+                             interrupts.exit_code(signum))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -358,7 +347,7 @@ class FineTuneRecipe:
             folders = outputs.save_model(self.model, self.tokenizer, spec.method.type, spec.output.merge_adapter,
                                          staging)
             outputs.write_reports(staging, metrics, run, job, folders)
-            outputs.publish_outputs(self.storage, staging, spec.output.uri)
+            outputs.publish_outputs(self.storage, staging, spec)
             log.info("model written to %s", spec.output.uri)
         distributed.barrier()
         return {"outputUri": spec.output.uri, "lastCheckpoint": self.last_checkpoint, **metrics}
