@@ -14,6 +14,7 @@ from kubetune import contract
 from kubetune.errors import UserError
 from kubetune.spec import FineTuneJobSpec
 from kubetune.storage import Storage, is_s3, join_uri
+from kubetune.train import usage
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +48,7 @@ def hardware(device: torch.device, precision: str, world: int) -> dict[str, Any]
 def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Path) -> list[str]:
     """adapter/ (PEFT format) for LoRA; merged/ is always a standalone model (LoRA folded in)."""
     written = []
+    use_cache = getattr(model, "kubetune_use_cache", None)  # training turned the KV cache off; inference wants it
     if method == "lora":
         model.save_pretrained(staging / contract.ADAPTER_DIR)
         tokenizer.save_pretrained(staging / contract.ADAPTER_DIR)
@@ -55,6 +57,8 @@ def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Pa
             return written
         # merge_and_unload changes the model in place: it is the last thing done with it.
         model = model.merge_and_unload()
+    if use_cache is not None:
+        model.config.use_cache = use_cache
     model.save_pretrained(staging / contract.MERGED_DIR, safe_serialization=True)
     tokenizer.save_pretrained(staging / contract.MERGED_DIR)
     written.append(contract.MERGED_DIR)
@@ -79,15 +83,11 @@ def _metric_table(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> 
     return "\n".join(rows) + "\n"
 
 
-def model_card(job: dict[str, Any], metrics: dict[str, Any], run: dict[str, Any], folders: list[str]) -> str:
+def model_card(job: dict[str, Any], metrics: dict[str, Any], run: dict[str, Any], folders: list[str],
+               use: str = "") -> str:
     spec = job["spec"]
     name = job["metadata"]["name"]
     task = spec["model"]["task"]
-    auto = "AutoModelForSequenceClassification" if task == "sequence-classification" else "AutoModelForCausalLM"
-    load = f'from transformers import {auto}\nmodel = {auto}.from_pretrained("merged")'
-    if "adapter" in folders:
-        load += (f'\n\n# or the adapter on top of the base model\nfrom peft import PeftModel\n'
-                 f'base = {auto}.from_pretrained("<base model>")\nmodel = PeftModel.from_pretrained(base, "adapter")')
     split = run["data"].get("splitSizes", {})
     return f"""# {name}
 
@@ -114,19 +114,18 @@ Hardware: `{json.dumps(run['hardware'])}`.
 
 ## Use
 
-```python
-{load}
-```
-
+{use}
 Every file is listed with its size and sha256 in `manifest.json`; no manifest means an incomplete upload.
 """
 
 
 def write_reports(staging: Path, metrics: dict[str, Any], run: dict[str, Any], job: dict[str, Any],
-                  folders: list[str]) -> None:
+                  folders: list[str], example: dict[str, Any] | None = None) -> None:
+    """metrics.json, run.json and the model card; example (a training record) fills the card's snippets."""
     (staging / contract.METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     (staging / contract.RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
-    (staging / contract.MODEL_CARD).write_text(model_card(job, metrics, run, folders))
+    use = usage.use_section(job["spec"], folders, example, usage.rendered_prompt(staging, folders, example))
+    (staging / contract.MODEL_CARD).write_text(model_card(job, metrics, run, folders, use))
 
 
 # What kubetune writes at the top of an output prefix (a half-done publish leaves only these).

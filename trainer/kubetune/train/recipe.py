@@ -346,7 +346,8 @@ class FineTuneRecipe:
             staging.mkdir(parents=True)
             folders = outputs.save_model(self.model, self.tokenizer, spec.method.type, spec.output.merge_adapter,
                                          staging)
-            outputs.write_reports(staging, metrics, run, job, folders)
+            example = self.data.train[0] if self.data.train else None  # for the model card's snippets
+            outputs.write_reports(staging, metrics, run, job, folders, example)
             outputs.publish_outputs(self.storage, staging, spec)
             log.info("model written to %s", spec.output.uri)
         distributed.barrier()
