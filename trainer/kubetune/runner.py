@@ -90,8 +90,9 @@ def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool) -> int:
     work_dir = work_dir_for(job.metadata.name)
     if embedded_s3:
         from kubetune.storage.embedded import embedded_s3 as serve
-        from kubetune.storage.embedded import list_objects, local_copy_target, save_local_copy
+        from kubetune.storage.embedded import list_objects, local_copy_spec, save_local_copy
 
+        copy_spec = local_copy_spec(job, work_dir.parent.parent)  # refuse a foreign folder before training
         with serve(job, work_dir.parent.parent, Path(file)) as s3_job:
             console.print(f"embedded S3 at {s3_job.spec.storage.endpoint}; output -> {s3_job.spec.output.uri}")
             result = run(str(write_resolved(s3_job, work_dir)), nproc_per_node)
@@ -100,8 +101,8 @@ def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool) -> int:
                 for key, size in objects:
                     console.print(f"  {key}  ({size:,} bytes)")
                 # The server's volume files are no place to leave a model: copy it out, verified.
-                copy = save_local_copy(s3_job, local_copy_target(job, work_dir.parent.parent))
-                console.print(f"verified copy of the output in {copy}")
+                copy = save_local_copy(s3_job, copy_spec)
+                console.print(f"verified copy of the output in {copy}", soft_wrap=True)  # a path must stay copyable
     else:
         check_output(Storage(job.spec.storage), job.spec)  # refuse before training, not after it
         result = run(str(write_resolved(job, work_dir)), nproc_per_node)
@@ -115,5 +116,6 @@ def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool) -> int:
                       f"{result['test']['confusion_matrix']}")
     console.print(f"steps {result.get('steps')}/{result.get('totalSteps')}, best step {result.get('bestStep')}, "
                   f"{result.get('trainSamplesPerSecond', 0):.1f} samples/s")
-    console.print(f"[bold green]model written to {result['outputUri']}[/] (manifest.json lists every file)")
+    console.print(f"[bold green]model written to {result['outputUri']}[/] (manifest.json lists every file)",
+                  soft_wrap=True)
     return code
