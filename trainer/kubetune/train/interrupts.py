@@ -50,6 +50,7 @@ def install(give_up: Callable[[int], None]) -> dict[str, Any]:
     """
     _state.update(signum=None, at=None)
     lock = threading.Lock()
+    previous: dict[str, Any] = {}
 
     def record(signum: int) -> None:
         with lock:
@@ -59,6 +60,7 @@ def install(give_up: Callable[[int], None]) -> dict[str, Any]:
         timer = threading.Timer(grace_seconds() * WORKER_SHARE, give_up, args=(signum,))
         timer.daemon = True
         timer.start()
+        previous["timer"] = timer
 
     def watch(fd: int) -> None:
         while data := os.read(fd, 1):  # empty: restore() closed the write end
@@ -69,15 +71,18 @@ def install(give_up: Callable[[int], None]) -> dict[str, Any]:
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)  # set_wakeup_fd requires it
     threading.Thread(target=watch, args=(read_end,), daemon=True, name="kubetune-signals").start()
-    previous: dict[str, Any] = {"wakeup": signal.set_wakeup_fd(write_end), "pipe": write_end}
+    previous.update(wakeup=signal.set_wakeup_fd(write_end), pipe=write_end)
     for s in SIGNALS:
         previous[s.name] = signal.signal(s, lambda signum, frame: record(signum))
     return previous
 
 
 def restore(previous: dict[str, Any]) -> None:
+    """Put back what install() replaced; a stop that finished in time cancels the give-up timer."""
     if not previous:
         return
+    if "timer" in previous:
+        previous["timer"].cancel()
     for s in SIGNALS:
         old = previous[s.name]
         signal.signal(s, old if old is not None else signal.SIG_DFL)
