@@ -332,12 +332,15 @@ CHAT = [
 
 
 def test_chat_masking_fallback_format(tiny_tokenizer: Any) -> None:
-    assert not tiny_tokenizer.chat_template
-    (example,) = encode_causal_lm([{"messages": CHAT}], tiny_tokenizer, max_length=256)
-    eos = tiny_tokenizer.eos_token_id
-    assert trained(example) == [*ids(tiny_tokenizer, "four"), eos, *ids(tiny_tokenizer, "paris"), eos]
-    text = tiny_tokenizer.decode(example["input_ids"])
+    tokenizer = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
+    assert not tokenizer.chat_template
+    (example,) = encode_causal_lm([{"messages": CHAT}], tokenizer, max_length=256)
+    eos, newline = tokenizer.eos_token_id, ids(tokenizer, "\n")
+    assert trained(example) == [*ids(tokenizer, "four"), eos, *newline, *ids(tokenizer, "paris"), eos, *newline]
+    text = tokenizer.decode(example["input_ids"])
     assert text.startswith("<|system|>\nbe brief\n<|user|>\nwhat is two plus two?\n<|assistant|>\nfour<|endoftext|>\n")
+    # the fallback became the tokenizer's template (saved with the outputs): it renders what training saw
+    assert text == tokenizer.apply_chat_template(CHAT, tokenize=False)
     for i, label in enumerate(example["labels"]):
         assert label in (IGNORE_INDEX, example["input_ids"][i])
 
@@ -354,11 +357,12 @@ def test_chat_masking_with_template(tiny_tokenizer: Any) -> None:
     assert trained(example) == [*ids(tokenizer, "four"), end, *newline, *ids(tokenizer, "paris"), end, *newline]
     assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(CHAT, tokenize=False)
 
-    # a template without its own end token gets EOS appended after each answer
+    # a template without an end token trains on exactly what it renders: no EOS appended
     bare = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
     bare.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     (plain,) = encode_causal_lm([{"messages": CHAT[1:3]}], bare, max_length=256)
-    assert trained(plain)[-2:] == [*newline, bare.eos_token_id]
+    assert bare.eos_token_id not in plain["input_ids"]
+    assert bare.decode(plain["input_ids"]) == bare.apply_chat_template(CHAT[1:3], tokenize=False)
     assert plain["labels"].count(IGNORE_INDEX) == len(ids(bare, "[user] what is two plus two?\n"))
 
 

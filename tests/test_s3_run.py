@@ -55,4 +55,6 @@ def test_embedded_s3_run(tmp_path: Path, minilm_path: Path, reviews_subset: Path
     assert main(["run", str(write_job(doc, tmp_path / "job.yaml")), "--embedded-s3"]) == 0
     printed = capsys.readouterr().out
     assert "s3://kubetune-outputs/embedded/" in printed and "manifest.json" in printed
-    assert not out.exists()  # everything went to the embedded S3, nothing to the local path
+    # trained against the embedded S3, then the verified output copied out of it (issue 7, item 10)
+    assert f"verified copy of the output in {out}" in printed
+    assert (out / "manifest.json").is_file() and not (out / "checkpoints").exists()

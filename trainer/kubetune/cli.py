@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 from kubetune import contract
 from kubetune.errors import PreemptedError, UserError
@@ -67,9 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_before_training(signum: int, frame: FrameType | None) -> None:
+    # Outside training (loading, uploading inputs) there is nothing to checkpoint: stop, asking for a retry.
+    raise PreemptedError("SIGTERM before training started; restart to run the job", contract.EXIT_RETRY)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    if args.command in ("run", "trainer"):  # the trainer replaces it with its checkpointing handler
+        signal.signal(signal.SIGTERM, _stop_before_training)
     try:
         return handler(args)
     except UserError as exc:
@@ -77,9 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return contract.EXIT_BAD_INPUT
     except PreemptedError as exc:
         print(f"preempted: {exc}", file=sys.stderr)
-        return contract.EXIT_RETRY
+        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        print("interrupted before training started; nothing to resume", file=sys.stderr)
+        return contract.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_RETRY = 75  # EX_TEMPFAIL: preempted after a checkpoint, safe to restart
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT) after a checkpoint: run the same command to resume
 
 # Environment the operator sets on trainer pods (torchrun rendezvous + our own).
 ENV_MASTER_ADDR = "MASTER_ADDR"

@@ -70,6 +70,14 @@ def prepare(llm: bool) -> None:
         export_minilm(DEMO / "models" / "all-MiniLM-L6-v2")
 
 
+def demo_output(manifest: Path) -> Path:
+    """The example's own output folder (checkpoints inside), as `kubetune run` resolves it."""
+    from kubetune.jobfile import load_job
+    from kubetune.preflight import resolve_local
+
+    return Path(resolve_local(load_job(manifest).spec.output.uri, manifest))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llm", action="store_true", help="the causal-LM example instead of the classifier")
@@ -84,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = ROOT / "examples" / f"{name}.yaml"
     from kubetune.cli import main as cli
 
-    # A fresh output and checkpoints each time: otherwise the run would resume the finished previous one.
-    shutil.rmtree(DEMO / "output", ignore_errors=True)
+    # A fresh output and checkpoints each time (otherwise the run would resume the finished previous one);
+    # only this example's: the other demo's results stay.
+    shutil.rmtree(demo_output(manifest), ignore_errors=True)
     return cli(["run", str(manifest), *(["--embedded-s3"] if args.embedded_s3 else [])])
 
 

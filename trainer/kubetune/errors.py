@@ -6,4 +6,8 @@ class UserError(Exception):
 
 
 class PreemptedError(Exception):
-    """The trainer saved a checkpoint after SIGTERM and should be restarted (exit EXIT_RETRY)."""
+    """The trainer stopped after SIGTERM (exit 75, restart it) or Ctrl-C (exit 130) and can be resumed."""
+
+    def __init__(self, message: str, exit_code: int = 75) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -16,6 +16,13 @@ def resolve_local(uri: str, manifest_file: str | Path | None) -> str:
     return str((Path(manifest_file).resolve().parent / uri).resolve())
 
 
+def _where(uri: str, resolved: Path, manifest_file: str | Path | None) -> str:
+    """Name the path that was looked for; relative ones are relative to the manifest, not the shell."""
+    if manifest_file is None or Path(uri).expanduser().is_absolute():
+        return f" ({resolved})" if str(resolved) != uri else ""
+    return f" (looked for {resolved}: relative paths are relative to the manifest's folder)"
+
+
 def check_local_inputs(spec: FineTuneJobSpec, manifest_file: str | Path | None = None) -> None:
     problems = []
     inputs = {"spec.model.uri": spec.model.uri, "spec.data.train": spec.data.train,
@@ -25,7 +32,7 @@ def check_local_inputs(spec: FineTuneJobSpec, manifest_file: str | Path | None =
             continue
         path = Path(resolve_local(uri, manifest_file))
         if not path.exists():
-            problems.append(f"{field}: {uri}: no such file or folder")
+            problems.append(f"{field}: {uri}: no such file or folder{_where(uri, path, manifest_file)}")
     model = spec.model.uri
     if not is_s3(model):
         path = Path(resolve_local(model, manifest_file))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,8 @@ from kubetune import contract
 from kubetune.jobfile import load_job
 from kubetune.preflight import check_local_inputs, resolve_local
 from kubetune.spec import FineTuneJob
-from kubetune.train.outputs import metric_rows
+from kubetune.storage import Storage
+from kubetune.train.outputs import check_output, metric_rows
 
 
 def resolve_paths(job: FineTuneJob, manifest_file: str | Path) -> FineTuneJob:
@@ -51,17 +55,44 @@ def summary_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def run_manifest(file: str, nproc_per_node: int = 1, embedded_s3: bool = False) -> int:
-    from kubetune.train.entry import run, work_dir_for
+def state_dir_for(manifest_file: str | Path) -> Path:
+    """Where `kubetune run` keeps its state: $KUBETUNE_STATE_DIR, else .kubetune/ beside the manifest."""
+    configured = os.environ.get(contract.ENV_STATE_DIR)
+    return Path(configured) if configured else Path(manifest_file).resolve().parent / ".kubetune"
 
-    job = resolve_paths(load_job(file), file)
-    check_local_inputs(job.spec)
+
+@contextmanager
+def _state_dir(path: Path) -> Iterator[None]:
+    """The trainer (in this process or torchrun's) finds its work dir through the environment."""
+    saved = os.environ.get(contract.ENV_STATE_DIR)
+    os.environ[contract.ENV_STATE_DIR] = str(path)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(contract.ENV_STATE_DIR, None)
+        else:
+            os.environ[contract.ENV_STATE_DIR] = saved
+
+
+def run_manifest(file: str, nproc_per_node: int = 1, embedded_s3: bool = False) -> int:
+    with _state_dir(state_dir_for(file)):
+        return _run_manifest(file, nproc_per_node, embedded_s3)
+
+
+def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool) -> int:
+    from kubetune.train.entry import failure_line, run, work_dir_for
+
+    loaded = load_job(file)
+    check_local_inputs(loaded.spec, file)  # messages name the manifest's own paths and where they resolve
+    job = resolve_paths(loaded, file)
     console = Console(stderr=False)
     work_dir = work_dir_for(job.metadata.name)
     if embedded_s3:
         from kubetune.storage.embedded import embedded_s3 as serve
-        from kubetune.storage.embedded import list_objects
+        from kubetune.storage.embedded import list_objects, local_copy_spec, save_local_copy
 
+        copy_spec = local_copy_spec(job, work_dir.parent.parent)  # refuse a foreign folder before training
         with serve(job, work_dir.parent.parent, Path(file)) as s3_job:
             console.print(f"embedded S3 at {s3_job.spec.storage.endpoint}; output -> {s3_job.spec.output.uri}")
             result = run(str(write_resolved(s3_job, work_dir)), nproc_per_node)
@@ -69,11 +100,15 @@ def run_manifest(file: str, nproc_per_node: int = 1, embedded_s3: bool = False) 
                 objects = list_objects(s3_job.spec.storage, s3_job.spec.output.uri)
                 for key, size in objects:
                     console.print(f"  {key}  ({size:,} bytes)")
+                # The server's volume files are no place to leave a model: copy it out, verified.
+                copy = save_local_copy(s3_job, copy_spec)
+                console.print(f"verified copy of the output in {copy}", soft_wrap=True)  # a path must stay copyable
     else:
+        check_output(Storage(job.spec.storage), job.spec)  # refuse before training, not after it
         result = run(str(write_resolved(job, work_dir)), nproc_per_node)
     code: int = result["exitCode"]
     if code != contract.EXIT_OK:
-        print(f"{result['outcome'].lower()}: {result.get('message')}", file=sys.stderr)
+        print(failure_line(result), file=sys.stderr)
         return code
     if result.get("alreadyFinished"):  # the trainer said so in one line; the output is as it was
         return code
@@ -83,5 +118,6 @@ def run_manifest(file: str, nproc_per_node: int = 1, embedded_s3: bool = False) 
                       f"{result['test']['confusion_matrix']}")
     console.print(f"steps {result.get('steps')}/{result.get('totalSteps')}, best step {result.get('bestStep')}, "
                   f"{result.get('trainSamplesPerSecond', 0):.1f} samples/s")
-    console.print(f"[bold green]model written to {result['outputUri']}[/] (manifest.json lists every file)")
+    console.print(f"[bold green]model written to {result['outputUri']}[/] (manifest.json lists every file)",
+                  soft_wrap=True)
     return code

@@ -31,15 +31,15 @@ def encode_causal_lm(records: list[Record], tokenizer: Any, max_length: int) -> 
     if eos is None:
         raise UserError("the model's tokenizer has no eos_token; causal-lm fine-tuning needs one to end completions")
     bos = _bos(tokenizer)
-    templated = bool(getattr(tokenizer, "chat_template", None))
+    if any("messages" in r for r in records) and not getattr(tokenizer, "chat_template", None):
+        # Saved with the outputs, so inference renders exactly what training saw.
+        tokenizer.chat_template = fallback_template(bool(bos))
     examples: list[tuple[list[int], list[Piece]]] = []
     for number, record in enumerate(records, start=1):
         if "messages" not in record:
             examples.append((bos, _prompt_pieces(record["prompt"], record["completion"])))
-        elif templated:
-            examples.append(([], _template_pieces(record["messages"], tokenizer, number)))
         else:
-            examples.append((bos, _fallback_pieces(record["messages"])))
+            examples.append(([], _template_pieces(record["messages"], tokenizer, number)))
 
     texts = [text for _, pieces in examples for text, _, _ in pieces]
     ids_of = iter(_tokenize(tokenizer, texts, add_special_tokens=False))
@@ -80,14 +80,13 @@ def _prompt_pieces(prompt: str, completion: str) -> list[Piece]:
     return [(prompt, False, False), (sep + completion, True, True)]
 
 
-def _fallback_pieces(messages: list[Record]) -> list[Piece]:
-    pieces: list[Piece] = []
-    for m in messages:
-        if m["role"] == "assistant":
-            pieces += [("<|assistant|>\n", False, False), (m["content"], True, True), ("\n", False, False)]
-        else:
-            pieces.append((f"<|{m['role']}|>\n{m['content']}\n", False, False))
-    return pieces
+def fallback_template(with_bos: bool) -> str:
+    """The chat template for tokenizers without one: `<|role|>` headers, EOS after each answer."""
+    return (("{{ bos_token }}" if with_bos else "")
+            # newlines as expressions: transformers renders with trim_blocks, which eats one after a tag
+            + "{% for m in messages %}<|{{ m['role'] }}|>{{ '\\n' }}{{ m['content'] }}"
+            "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}")
 
 
 def _template_pieces(messages: list[Record], tokenizer: Any, number: int) -> list[Piece]:
@@ -121,7 +120,7 @@ def _template_pieces(messages: list[Record], tokenizer: Any, number: int) -> lis
             header = render(i, generation_prompt=True) if i else prev
             if not (header.startswith(prev) and full.startswith(header)):
                 header = prev
-            body = full[len(header) :]
-            pieces += [(header[len(prev) :], False, False), (body, True, tokenizer.eos_token not in body)]
+            # exactly what the template renders: its own end-of-turn token (ChatML <|im_end|>), no extra EOS
+            pieces += [(header[len(prev) :], False, False), (full[len(header) :], True, False)]
         prev = full
     return pieces

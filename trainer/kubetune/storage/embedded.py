@@ -7,15 +7,16 @@ and data and publishes its outputs through the same S3 code path a cluster uses.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kubetune.contract import CHECKPOINTS_DIR, SECRET_ACCESS_KEY_ID, SECRET_SECRET_ACCESS_KEY
+from kubetune.contract import CHECKPOINTS_DIR, MANIFEST_NAME, SECRET_ACCESS_KEY_ID, SECRET_SECRET_ACCESS_KEY
 from kubetune.errors import UserError
 from kubetune.preflight import resolve_local
-from kubetune.spec import FineTuneJob, StorageSpec
-from kubetune.storage import Storage, is_s3
+from kubetune.spec import FineTuneJob, FineTuneJobSpec, StorageSpec
+from kubetune.storage import Storage, is_s3, join_uri
 from kubetune.storage.s3 import S3Backend
 from kubetune.storage.seaweed import HOST, SeaweedServer
 
@@ -95,3 +96,37 @@ def list_objects(where: Storage | StorageSpec | str, uri: str) -> list[tuple[str
     storage = where if isinstance(where, Storage) else Storage(where)
     objects: list[tuple[str, int]] = storage.s3().list_objects(uri)
     return objects
+
+
+def local_copy_spec(job: FineTuneJob, state_dir: Path) -> FineTuneJobSpec:
+    """The job's spec with output.uri where the copy goes: the manifest's own output folder when it is
+    local, else <state dir>/outputs/<name>. Checked before training like any output."""
+    from kubetune.train.outputs import check_output
+
+    uri = job.spec.output.uri
+    spec = job.spec.model_copy(deep=True)
+    spec.output.uri = uri if not is_s3(uri) else str(Path(state_dir) / "outputs" / job.metadata.name)
+    spec.checkpoint.uri = None  # whatever sits in <copy>/checkpoints/ stays
+    spec.storage = StorageSpec()
+    check_output(Storage(), spec)
+    return spec
+
+
+def save_local_copy(s3_job: FineTuneJob, local_spec: FineTuneJobSpec) -> Path:
+    """Download the published output (not its checkpoints), verify it against its manifest, publish it locally."""
+    from kubetune.storage.manifest import verify_dir
+    from kubetune.train.outputs import publish_outputs
+
+    storage = Storage(s3_job.spec.storage)
+    uri = s3_job.spec.output.uri
+    manifest = storage.read_manifest(uri)
+    if manifest is None:
+        raise UserError(f"{uri}: no {MANIFEST_NAME}; the output is incomplete")
+    dest = Path(local_spec.output.uri).expanduser()
+    staging = dest.parent / f".{dest.name}.download"
+    shutil.rmtree(staging, ignore_errors=True)
+    for entry in manifest["files"]:
+        storage.fetch(join_uri(uri, entry["path"]), (staging / entry["path"]).parent)
+    verify_dir(staging, manifest, uri)
+    publish_outputs(Storage(), staging, local_spec)
+    return dest

@@ -24,6 +24,7 @@ from kubetune import contract
 from kubetune.errors import PreemptedError, UserError
 from kubetune.jobfile import load_job
 from kubetune.netutil import free_port
+from kubetune.train import interrupts
 
 log = logging.getLogger("kubetune.trainer")
 TERMINATION_LOG_LIMIT = 4096  # Kubernetes keeps at most 4 KiB of the termination message
@@ -66,11 +67,29 @@ def setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def run_worker(spec_path: str) -> int:
-    """One training process (plain, or one of torchrun's). Returns its exit code."""
+def run_worker(spec_path: str, standalone: bool = True) -> int:
+    """One training process (plain, or one of torchrun's). Returns its exit code.
+
+    standalone: no launcher waits for us, so giving up after a signal also writes the job's result.
+    """
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     result: dict[str, Any] = {"rank": rank}
+    folder = results_dir(spec_path)
+
+    def give_up(signum: int) -> None:
+        # The grace period is spent (a stuck rank, a slow upload): report and leave before SIGKILL does.
+        code = interrupts.exit_code(signum)
+        message = interrupts.give_up_message(signum)
+        _write_result(folder, {**result, "outcome": _outcome(code), "reason": "Preempted", "message": message,
+                               "exitCode": code, "failedAt": time.time()})
+        if standalone:
+            finish(folder)
+            print(f"{_outcome(code).lower()}: {message}", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = interrupts.install(give_up) if main_thread else {}
     recipe = None
     try:
         job = load_job(spec_path)
@@ -86,9 +105,9 @@ def run_worker(spec_path: str) -> int:
     except UserError as exc:  # printed once by whoever launched us, without a traceback
         result.update(outcome="Failed", reason="InvalidInput", message=str(exc), exitCode=contract.EXIT_BAD_INPUT)
     except PreemptedError as exc:
-        if rank == 0:  # every rank saw it; one line is enough
+        if rank == 0 and exc.exit_code == contract.EXIT_RETRY:  # every rank saw it; one line is enough
             log.warning("%s", exc)
-        result.update(outcome="Preempted", reason="Preempted", message=str(exc), exitCode=contract.EXIT_RETRY)
+        result.update(outcome=_outcome(exc.exit_code), reason="Preempted", message=str(exc), exitCode=exc.exit_code)
     except Exception as exc:
         log.error("training failed on rank %d:\n%s", rank, traceback.format_exc())
         result.update(outcome="Failed", reason=type(exc).__name__, message=str(exc), exitCode=contract.EXIT_FAILURE)
@@ -100,11 +119,21 @@ def run_worker(spec_path: str) -> int:
             result.setdefault("step", recipe.state.step)
             result.setdefault("totalSteps", getattr(recipe, "total_steps", None))
             recipe.cleanup()
-    folder = results_dir(spec_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank-{rank}.json").write_text(json.dumps(result, default=str))
+    _write_result(folder, result)
+    interrupts.restore(previous)
     code: int = result["exitCode"]
     return code
+
+
+def _outcome(code: int) -> str:
+    return "Interrupted" if code == contract.EXIT_INTERRUPTED else "Preempted"
+
+
+def _write_result(folder: Path, result: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank-{result['rank']}.json.tmp"
+    tmp.write_text(json.dumps(result, default=str))
+    os.replace(tmp, folder / f"rank-{result['rank']}.json")  # the watchdog and the loop may both write it
 
 
 def results_dir(spec_path: str) -> Path:
@@ -124,7 +153,7 @@ def combine_results(folder: Path) -> dict[str, Any]:
     failures = [r for r in results if r.get("exitCode") != contract.EXIT_OK]
     if not failures:
         return next((r for r in results if r.get("rank") == 0), results[0])
-    order = {contract.EXIT_BAD_INPUT: 0, contract.EXIT_RETRY: 2}
+    order = {contract.EXIT_BAD_INPUT: 0, contract.EXIT_RETRY: 2, contract.EXIT_INTERRUPTED: 2}
 
     def telling(r: dict[str, Any]) -> tuple[int, float, int]:
         kind = order.get(r["exitCode"], 1)
@@ -161,30 +190,43 @@ def write_termination_log(result: dict[str, Any], work_dir: Path) -> Path:
 def launch(spec_path: str, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
     """Run the workers under torchrun; each writes its own result file."""
+    shutdown = max(1, int(interrupts.grace_seconds() * interrupts.LAUNCHER_SHARE))
     command = [
         sys.executable, "-m", "kubetune.train.torchrun",
         f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--nproc-per-node={nproc_per_node}",
         f"--master-addr={master_addr}", f"--master-port={master_port or free_port()}",
+        f"--shutdown-timeout={shutdown}",  # torchrun's default (30 s) ignores the pod's grace period
         "-m", "kubetune.train.worker", spec_path,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
                                                                                        // nproc_per_node)))}
-    process = subprocess.Popen(command, env=env)
+    process: subprocess.Popen[bytes] | None = None
+    received: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
         # A pod's SIGTERM reaches only this process: torchrun passes it on to the workers, which checkpoint.
-        process.send_signal(signum)
+        # Only the first: torchrun ignores repeats anyway, and a Ctrl-C already reached it from the terminal.
+        if not received and process is not None:
+            process.send_signal(signum)
+        received.append(signum)
 
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = signal.signal(signal.SIGTERM, forward) if main_thread else None
+    previous = {s: signal.signal(s, forward) for s in interrupts.SIGNALS} if main_thread else {}
     try:
-        process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait()
+        process = subprocess.Popen(command, env=env)
+        if received:  # arrived while starting it
+            process.send_signal(received[0])
+        process.wait()  # bounded: torchrun kills the workers after its shutdown timeout
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+
+
+def finish(folder: Path) -> dict[str, Any]:
+    """The job's result from the rank files, also written where the operator reads it."""
+    result = combine_results(folder)
+    write_termination_log(result, folder.parent)
+    return result
 
 
 def run(spec_path: str, nproc_per_node: int = 1) -> dict[str, Any]:
@@ -202,17 +244,27 @@ def run(spec_path: str, nproc_per_node: int = 1) -> dict[str, Any]:
         )
     else:
         run_worker(spec_path)
-    result = combine_results(folder)
-    write_termination_log(result, folder.parent)
-    return result
+    return finish(folder)
+
+
+def failure_line(result: dict[str, Any]) -> str:
+    """What the user reads when a run did not succeed: Ctrl-C's own line, else outcome and message."""
+    if result["exitCode"] == contract.EXIT_INTERRUPTED:
+        return str(result.get("message"))
+    return f"{result['outcome'].lower()}: {result.get('message')}"
 
 
 def trainer_main(spec_path: str | None) -> int:
     """`kubetune trainer`: the pod entrypoint. Topology comes from the operator's env vars."""
     path = spec_path or os.environ.get(contract.ENV_SPEC_PATH, contract.SPEC_MOUNT_PATH)
-    load_job(path)  # bad input: exit 2 before any process starts
+    job = load_job(path)  # bad input: exit 2 before any process starts
+    if int(os.environ.get(contract.ENV_NODE_RANK, "0")) == 0:
+        from kubetune.storage import Storage
+        from kubetune.train.outputs import check_output
+
+        check_output(Storage(job.spec.storage), job.spec)  # an output we may not replace: refuse before training
     result = run(path, int(os.environ.get(contract.ENV_NPROC_PER_NODE, "1")))
     if result["exitCode"] != contract.EXIT_OK:
-        print(f"{result['outcome'].lower()}: {result.get('message')}", file=sys.stderr)
+        print(failure_line(result), file=sys.stderr)
     code: int = result["exitCode"]
     return code

@@ -68,6 +68,7 @@ def load_base_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | 
             model, info = AutoModelForCausalLM.from_pretrained(model_dir, **options)  # type: ignore[misc]
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"spec.model.uri: {uri}: cannot load a {spec.model.task} model from it ({exc})") from None
+    model.kubetune_use_cache = getattr(model.config, "use_cache", None)  # restored in the saved config
     model.config.use_cache = False  # the KV cache only helps generation and costs memory in training
     # Freshly initialised modules (a new head, a missing pooler) must train whatever the method.
     missing = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}

@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune import contract
-from kubetune.storage import Storage
+from kubetune.errors import UserError
+from kubetune.spec import FineTuneJobSpec
+from kubetune.storage import Storage, is_s3, join_uri
+from kubetune.train import usage
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +48,7 @@ def hardware(device: torch.device, precision: str, world: int) -> dict[str, Any]
 def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Path) -> list[str]:
     """adapter/ (PEFT format) for LoRA; merged/ is always a standalone model (LoRA folded in)."""
     written = []
+    use_cache = getattr(model, "kubetune_use_cache", None)  # training turned the KV cache off; inference wants it
     if method == "lora":
         model.save_pretrained(staging / contract.ADAPTER_DIR)
         tokenizer.save_pretrained(staging / contract.ADAPTER_DIR)
@@ -53,6 +57,8 @@ def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Pa
             return written
         # merge_and_unload changes the model in place: it is the last thing done with it.
         model = model.merge_and_unload()
+    if use_cache is not None:
+        model.config.use_cache = use_cache
     model.save_pretrained(staging / contract.MERGED_DIR, safe_serialization=True)
     tokenizer.save_pretrained(staging / contract.MERGED_DIR)
     written.append(contract.MERGED_DIR)
@@ -77,15 +83,11 @@ def _metric_table(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> 
     return "\n".join(rows) + "\n"
 
 
-def model_card(job: dict[str, Any], metrics: dict[str, Any], run: dict[str, Any], folders: list[str]) -> str:
+def model_card(job: dict[str, Any], metrics: dict[str, Any], run: dict[str, Any], folders: list[str],
+               use: str = "") -> str:
     spec = job["spec"]
     name = job["metadata"]["name"]
     task = spec["model"]["task"]
-    auto = "AutoModelForSequenceClassification" if task == "sequence-classification" else "AutoModelForCausalLM"
-    load = f'from transformers import {auto}\nmodel = {auto}.from_pretrained("merged")'
-    if "adapter" in folders:
-        load += (f'\n\n# or the adapter on top of the base model\nfrom peft import PeftModel\n'
-                 f'base = {auto}.from_pretrained("<base model>")\nmodel = PeftModel.from_pretrained(base, "adapter")')
     split = run["data"].get("splitSizes", {})
     return f"""# {name}
 
@@ -113,22 +115,72 @@ Hardware: `{json.dumps(run['hardware'])}`.
 
 ## Use
 
-```python
-{load}
-```
-
+{use}
 Every file is listed with its size and sha256 in `manifest.json`; no manifest means an incomplete upload.
 """
 
 
 def write_reports(staging: Path, metrics: dict[str, Any], run: dict[str, Any], job: dict[str, Any],
-                  folders: list[str]) -> None:
+                  folders: list[str], example: dict[str, Any] | None = None) -> None:
+    """metrics.json, run.json and the model card; example (a training record) fills the card's snippets."""
     (staging / contract.METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     (staging / contract.RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
-    (staging / contract.MODEL_CARD).write_text(model_card(job, metrics, run, folders))
+    use = usage.use_section(job["spec"], folders, example, usage.rendered_prompt(staging, folders, example))
+    (staging / contract.MODEL_CARD).write_text(model_card(job, metrics, run, folders, use))
 
 
-def publish_outputs(storage: Storage, staging: Path, uri: str) -> dict[str, Any]:
+# What kubetune writes at the top of an output prefix (a half-done publish leaves only these).
+OUR_NAMES = {contract.ADAPTER_DIR, contract.MERGED_DIR, contract.METRICS_FILE, contract.RUN_FILE,
+             contract.MODEL_CARD, contract.MANIFEST_NAME, f".{contract.MANIFEST_NAME}.tmp"}
+
+
+def _below(child: str, parent: str) -> str | None:
+    """child's path relative to parent when it lies inside it (the default checkpoints/ does)."""
+    child, parent = child.rstrip("/") + "/", parent.rstrip("/") + "/"
+    if not is_s3(parent):
+        child, parent = str(Path(child).expanduser().resolve()) + "/", str(Path(parent).expanduser().resolve()) + "/"
+    return child[len(parent):].rstrip("/") if child.startswith(parent) and child != parent else None
+
+
+def output_files(storage: Storage, spec: FineTuneJobSpec) -> list[str]:
+    """Paths of every file under output.uri, relative to it, except the checkpoints kept inside it."""
+    uri = spec.output.uri
+    if is_s3(uri):
+        prefix = uri[5:].partition("/")[2].strip("/")
+        prefix = prefix + "/" if prefix else ""
+        files = [key[len(prefix):] for key, _ in storage.s3().list_objects(uri)]
+    else:
+        root = Path(uri).expanduser()
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    keep = _below(spec.checkpoint_uri(), uri)
+    return sorted(f for f in files if not (keep and (f + "/").startswith(keep + "/")))
+
+
+def check_output(storage: Storage, spec: FineTuneJobSpec) -> list[str]:
+    """The files a publish will replace; UserError (exit 2) when some of them are not kubetune's."""
+    files = output_files(storage, spec)
+    manifest = storage.read_manifest(spec.output.uri) if files else None
+    listed = {e["path"] for e in manifest.get("files", [])} if manifest and manifest.get("kind") == "output" else set()
+    foreign = [f for f in files if f not in listed and f.split("/", 1)[0] not in OUR_NAMES]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(f"spec.output.uri: {spec.output.uri} holds files kubetune did not write ({shown}); "
+                        "publishing replaces that folder's contents: choose an empty output.uri or move them away")
+    return files
+
+
+def publish_outputs(storage: Storage, staging: Path, spec: FineTuneJobSpec) -> dict[str, Any]:
+    """Replace the output prefix's contents with staging: old manifest first, stale files, then publish."""
+    uri = spec.output.uri
+    old = check_output(storage, spec)
+    new = {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()}
+    if contract.MANIFEST_NAME in old:
+        storage.delete(join_uri(uri, contract.MANIFEST_NAME))  # from here on the prefix reads as incomplete
+    new_tops = {f.split("/", 1)[0] for f in new}
+    for top in sorted({f.split("/", 1)[0] for f in old} - new_tops - {contract.MANIFEST_NAME}):
+        storage.delete(join_uri(uri, top))  # e.g. adapter/ after switching from lora to full
+    for stale in (f for f in old if f not in new and f.split("/", 1)[0] in new_tops):
+        storage.delete(join_uri(uri, stale))
     manifest = storage.publish(staging, uri, extra={"kind": "output"})
     shutil.rmtree(staging, ignore_errors=True)
     return manifest

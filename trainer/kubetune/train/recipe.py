@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -19,12 +17,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
-from kubetune import contract
 from kubetune.data import encode_causal_lm, encode_classification, prepare_data
 from kubetune.errors import PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
 from kubetune.storage import Storage, is_s3, join_uri
-from kubetune.train import checkpoint, distributed, identity, outputs
+from kubetune.train import checkpoint, distributed, identity, interrupts, outputs
 from kubetune.train.batching import collate, epoch_batches
 from kubetune.train.evaluate import evaluate, prefixed, summed_loss, target_count
 from kubetune.train.inputs import fetch_inputs
@@ -68,7 +65,6 @@ class FineTuneRecipe:
         self.work_dir = work_dir
         self.storage = Storage(job.spec.storage)
         self.is_main = distributed.is_main()
-        self.preempt_requested = False
         self.last_checkpoint: str | None = None
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -80,7 +76,6 @@ class FineTuneRecipe:
         spec, hp = self.spec, self.spec.hyperparameters
         self.started_at = outputs.now()
         distributed.init()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
         self.device = distributed.device()
         self.precision = choose_precision(hp.precision, self.device)
         torch.manual_seed(hp.seed)
@@ -135,11 +130,6 @@ class FineTuneRecipe:
             self.counts.percent, self.precision.name, self.device, world, self.global_batch, hp.batch_size,
             hp.gradient_accumulation_steps, world, self.total_steps,
         )
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        # Only set a flag: the loop saves a checkpoint at the next update boundary, on every rank together.
-        self.preempt_requested = True
-        self.sigterm_at = time.monotonic()
 
     def _finished_before(self) -> bool:
         """A rerun of a finished job with the same inputs and spec: its verified output stands, nothing is rewritten."""
@@ -233,7 +223,8 @@ class FineTuneRecipe:
             elapsed = time.monotonic() - started
             state.train_seconds += elapsed
             # One all-reduce per step: the global mean loss and whether any rank was asked to stop.
-            totals = distributed.all_reduce_sum(torch.tensor([loss, targets, float(self.preempt_requested)]))
+            stop = float(interrupts.requested() is not None)
+            totals = distributed.all_reduce_sum(torch.tensor([loss, targets, stop]))
             mean_loss = float(totals[0] / totals[1])
             state.train_losses.append({"step": state.step, "loss": mean_loss})
             progress.update(state.step, state.epoch + state.batch_in_epoch / max(len(batches), 1), mean_loss,
@@ -318,13 +309,11 @@ class FineTuneRecipe:
             progress.message(f"early stopping: no better {ev.metric} in {state.bad_evals} evaluations")
 
     def _preempt(self) -> None:
+        # A signal reached some rank (SIGTERM or Ctrl-C): checkpoint on every rank together, then stop.
         self.save_checkpoint()
-        took = time.monotonic() - getattr(self, "sigterm_at", time.monotonic())
-        grace = float(os.environ.get(contract.ENV_GRACE_SECONDS, contract.DEFAULT_GRACE_SECONDS))
-        if took > grace and self.is_main:
-            log.warning("the checkpoint after SIGTERM took %.1fs, longer than the %.0fs grace period: raise "
-                        "terminationGracePeriodSeconds or lower batchSize x gradientAccumulationSteps", took, grace)
-        raise PreemptedError(f"SIGTERM: saved {self.last_checkpoint} at step {self.state.step}; restart to resume")
+        signum = interrupts.requested() or signal.SIGTERM
+        raise PreemptedError(interrupts.stop_message(signum, self.state.step, self.last_checkpoint),
+                             interrupts.exit_code(signum))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -396,8 +385,9 @@ class FineTuneRecipe:
             staging.mkdir(parents=True)
             folders = outputs.save_model(self.model, self.tokenizer, spec.method.type, spec.output.merge_adapter,
                                          staging)
-            outputs.write_reports(staging, metrics, run, job, folders)
-            outputs.publish_outputs(self.storage, staging, spec.output.uri)
+            example = self.data.train[0] if self.data.train else None  # for the model card's snippets
+            outputs.write_reports(staging, metrics, run, job, folders, example)
+            outputs.publish_outputs(self.storage, staging, spec)
             log.info("model written to %s", spec.output.uri)
         distributed.barrier()
         return {"outputUri": spec.output.uri, "lastCheckpoint": self.last_checkpoint, **metrics}

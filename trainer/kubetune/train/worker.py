@@ -5,4 +5,4 @@ import sys
 from kubetune.train.entry import run_worker
 
 if __name__ == "__main__":
-    sys.exit(run_worker(sys.argv[1]))
+    sys.exit(run_worker(sys.argv[1], standalone=False))
