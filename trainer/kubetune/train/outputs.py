@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune import contract
 from kubetune.storage import Storage
+from kubetune.train.curves import write_curves
 
 if TYPE_CHECKING:
     import torch
@@ -99,6 +100,8 @@ trained).
 Best checkpoint: step {metrics.get('bestStep')} by `{spec['evaluation']['metric']}`
 (stopped early: {metrics.get('stoppedEarly')}). Steps: {metrics.get('steps')}.
 
+![training curves]({contract.CURVES_FILE})
+
 ## Data
 
 Rows read {run['data'].get('rowsRead')}, kept {run['data'].get('rowsKept')} after cleaning
@@ -123,6 +126,7 @@ Every file is listed with its size and sha256 in `manifest.json`; no manifest me
 def write_reports(staging: Path, metrics: dict[str, Any], run: dict[str, Any], job: dict[str, Any],
                   folders: list[str]) -> None:
     (staging / contract.METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    write_curves(staging / contract.CURVES_FILE, metrics)  # observability: loss/eval curves, in the card below
     (staging / contract.RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
     (staging / contract.MODEL_CARD).write_text(model_card(job, metrics, run, folders))
 
