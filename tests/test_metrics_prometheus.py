@@ -34,11 +34,9 @@ from tests.monitoring_exprs import (
 )
 from tests.trainer_runs import Trainer, wait
 
-pytest_plugins = ["tests.fixtures_prometheus"]
-
 JOB = "observed-run"
 NAMESPACE = "local"  # no KUBETUNE_NAMESPACE in a local run
-STEPS = 12
+STEPS = 8
 
 
 @dataclass
@@ -129,8 +127,9 @@ def observed(tmp_path_factory: pytest.TempPathFactory, prometheus_factory: Any, 
     prometheus = prometheus_factory(targets)
     output = tmp / "out"
     doc = classification_job(JOB, minilm_path, reviews_subset, output,
-                             hyperparameters={"maxSteps": STEPS, "batchSize": 16, "learningRate": 1e-3},
-                             evaluation={"everySteps": 4}, checkpoint={"everySteps": 6})
+                             data={"maxSeqLength": 64},
+                             hyperparameters={"maxSteps": STEPS, "batchSize": 8, "learningRate": 1e-3},
+                             evaluation={"everySteps": 4}, checkpoint={"everySteps": 4})
     trainer = _ObservedTrainer(write_job(doc, tmp / "job.yaml"), tmp / "state", {
         contract.ENV_METRICS_PORT: str(trainer_port),
         contract.ENV_METRICS_LINGER: "3",  # > 2 scrape intervals: Prometheus sees the final state
@@ -182,7 +181,7 @@ def test_values_at_the_end_match_metrics_json(observed: ObservedRun) -> None:
     samples = metrics["trainSamplesPerSecond"] * metrics["trainSeconds"]
     assert observed.value(f"{contract.METRIC_SAMPLES}{sel}") == pytest.approx(samples, rel=1e-6)
     assert observed.value(f"{contract.METRIC_LAST_CHECKPOINT_STEP}{sel}") == STEPS
-    assert observed.value(f"{contract.METRIC_CHECKPOINT_SECONDS}_count{sel}") == 2  # steps 6 and 12
+    assert observed.value(f"{contract.METRIC_CHECKPOINT_SECONDS}_count{sel}") == 2  # steps 4 and 8
     assert observed.value(f'{contract.METRIC_STATE}{{job="{JOB}", state="done"}}') == 1.0
     assert observed.value(f'sum({contract.METRIC_STATE}{{job="{JOB}"}})') == 1.0  # exactly one state at a time
     # Uploaded bytes cover at least the published output; downloaded ones the model folder that was read.

@@ -2,24 +2,27 @@
 
 Rank 0 exports the job-level series; every rank exports its own per-rank series (step time, memory) on
 `port + local_rank`. Updates are O(1) gauge sets and counter increments: nothing here holds a lock across a
-step, and a scrape only formats numbers (memory is read from /proc at scrape time), so the server thread
-answers while training saturates the CPU. Imports without torch: the operator tests run it as a trainer pod.
+step. Imports without torch: the operator tests run it as a stand-in trainer pod.
 
-The recipe calls the module-level functions below; they do nothing until `start()` ran in this process.
+The endpoint itself is a small child process (kubetune.telemetry_server) fed a snapshot every PUSH_SECONDS:
+a thread here would starve whenever the trainer holds the GIL in a C call. The recipe calls the methods of
+the TrainerMetrics that `start()` returns; storage calls the module-level hooks (no-ops before `start()`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kubetune import contract
 from kubetune.errors import UserError
@@ -28,6 +31,7 @@ log = logging.getLogger("kubetune.trainer")
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+PUSH_SECONDS = 0.25  # how stale a served snapshot may be while this process runs Python
 TEST_PREFIX = "test_"  # test-split results share kubetune_eval_metric, as metric="test_<name>"
 
 
@@ -43,6 +47,10 @@ def _rss_bytes() -> float:
 def _peak_rss_bytes() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
+
+
+def _peak_at_least_current() -> float:
+    return max(_peak_rss_bytes(), _rss_bytes())  # the two are sampled differently; peak must not read lower
 
 
 class TrainerMetrics:
@@ -94,7 +102,7 @@ class TrainerMetrics:
                             registry=self.registry).labels(**self.labels, rank=self.rank)
         self.memory_peak = Gauge(c.METRIC_MEMORY_PEAK, "Peak device memory: CUDA max allocated, else peak RSS.",
                                  per_rank, registry=self.registry).labels(**self.labels, rank=self.rank)
-        self.set_memory_source(_rss_bytes, _peak_rss_bytes)
+        self.set_memory_source(_rss_bytes, _peak_at_least_current)
         for name in ("train_loss", "eval_loss", "learning_rate", "step", "total_steps", "epoch", "progress", "eta",
                      "last_checkpoint_step"):
             setattr(self, name, getattr(self, name).labels(**self.labels))
@@ -154,11 +162,65 @@ class TrainerMetrics:
 
 
 class _Exporter:
-    """The running server and the metrics it serves (one per process)."""
+    """Serves one process's metrics from a child process (kubetune.telemetry_server), pushing a snapshot often.
 
-    def __init__(self, metrics: TrainerMetrics, server: Any, thread: threading.Thread | None, url: str,
-                 linger: float) -> None:
-        self.metrics, self.server, self.thread, self.url, self.linger = metrics, server, thread, url, linger
+    Scrapes never wait for this process's GIL; a snapshot is at most PUSH_SECONDS old while this process runs
+    Python, older only while it is stuck in a C call (exactly when a thread-based server would not answer).
+    """
+
+    def __init__(self, metrics: TrainerMetrics, linger: float) -> None:
+        self.metrics, self.linger = metrics, linger
+        self.url = ""
+        self.process: subprocess.Popen[bytes] | None = None
+        self._write = threading.Lock()  # the pusher thread and flush() share the pipe; held for one write only
+        self._stopped = threading.Event()
+
+    def serve(self, port: int, addr: str) -> str | None:
+        """Start the server process; None when it serves, else why it could not."""
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kubetune.telemetry_server", str(port), addr],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=False)
+        assert self.process.stdout is not None
+        reply = self.process.stdout.readline().decode().strip()
+        if reply != "ok":
+            self.process.wait()
+            self.process = None
+            return reply.removeprefix("error ") or "the metrics server did not start"
+        self.flush()
+        threading.Thread(target=self._push_loop, name="kubetune-metrics-push", daemon=True).start()
+        return None
+
+    def flush(self) -> None:
+        """Push the current values now (tests and the final state; the push loop does it every PUSH_SECONDS)."""
+        if self.process is None or self.process.stdin is None:
+            return
+        data = generate_latest(self.metrics.registry)
+        with self._write:
+            try:
+                self.process.stdin.write(b"%d\n" % len(data) + data)
+                self.process.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                self._stopped.set()  # the server process is gone; training goes on without it
+
+    def _push_loop(self) -> None:
+        while not self._stopped.wait(PUSH_SECONDS):
+            self.flush()
+
+    def close(self, linger: bool) -> None:
+        if self.process is None:
+            return
+        self.flush()
+        if linger and self.linger > 0:
+            time.sleep(self.linger)
+        self._stopped.set()
+        with self._write, contextlib.suppress(OSError, ValueError):
+            self.process.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
 
 _current: _Exporter | None = None
@@ -192,37 +254,37 @@ def start(job: str, namespace: str | None = None, *, rank: int = 0, local_rank: 
     linger = _linger_seconds(env)
     job = env.get(contract.ENV_JOB_NAME) or job
     namespace = env.get(contract.ENV_NAMESPACE) or namespace or "local"
-    metrics = TrainerMetrics(job, namespace, rank=rank, main=rank == 0)
-    server, thread, url = None, None, ""
+    exporter = _Exporter(TrainerMetrics(job, namespace, rank=rank, main=rank == 0), linger)
     if base:
         port = base + local_rank
-        try:
-            server, thread = start_http_server(port, addr=addr, registry=metrics.registry)
-        except OSError as exc:
-            message = f"metrics port {port} is not available ({exc.strerror or exc})"
+        failure = exporter.serve(port, addr)
+        if failure is not None:
+            message = f"metrics port {port} is not available ({failure})"
             if explicit:
-                raise UserError(f"{contract.ENV_METRICS_PORT}={base}: {message}") from None
+                raise UserError(f"{contract.ENV_METRICS_PORT}={base}: {message}")
             log.warning("%s: running without the metrics endpoint; set %s to another port (0 = off)",
                         message, contract.ENV_METRICS_PORT)
         else:
-            url = f"http://{'127.0.0.1' if addr == '0.0.0.0' else addr}:{port}/metrics"
+            exporter.url = f"http://{'127.0.0.1' if addr == '0.0.0.0' else addr}:{port}/metrics"
             if rank == 0:
-                log.info("metrics at %s", url + (" (other ranks on the next ports)" if local_rank == 0 and
-                                                  int(env.get("LOCAL_WORLD_SIZE", "1")) > 1 else ""))
-    _current = _Exporter(metrics, server, thread, url, linger)
-    return metrics
+                log.info("metrics at %s", exporter.url + (" (other ranks on the next ports)" if local_rank == 0
+                                                          and int(env.get("LOCAL_WORLD_SIZE", "1")) > 1 else ""))
+    _current = exporter
+    return exporter.metrics
 
 
 def stop(linger: bool = False) -> None:
     """Shut the endpoint down; with linger, after KUBETUNE_METRICS_LINGER_SECONDS so a last scrape sees the end."""
     global _current
     exporter, _current = _current, None
-    if exporter is None or exporter.server is None:
-        return
-    if linger and exporter.linger > 0:
-        time.sleep(exporter.linger)
-    exporter.server.shutdown()
-    exporter.server.server_close()
+    if exporter is not None:
+        exporter.close(linger)
+
+
+def flush() -> None:
+    """Serve the values set so far right away (otherwise within PUSH_SECONDS)."""
+    if _current is not None:
+        _current.flush()
 
 
 def current() -> TrainerMetrics | None:
