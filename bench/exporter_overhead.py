@@ -51,6 +51,8 @@ def run_child(config: dict[str, Any]) -> dict[str, Any]:
     from kubetune import telemetry
 
     telemetry.stop()
+    if recipe.state.resumed_from:
+        raise RuntimeError(f"resumed from {recipe.state.resumed_from}: the runs must be independent")
     return {"samples": recipe.state.samples_seen, "steps": recipe.state.step, "trainSeconds": loop,
             "samplesPerSecond": recipe.state.samples_seen / loop, "precision": recipe.precision.name}
 
@@ -104,14 +106,15 @@ def main() -> None:
     print(json.dumps(common.machine()), flush=True)
     with tempfile.TemporaryDirectory(prefix="kubetune-exporter-bench-") as tmp:
         work = Path(tmp)
-        doc = common.job_document(
-            "exporter-bench", common.sample_path(common.REVIEWS), work / "out",
-            method={"type": "lora"}, hyperparameters={"maxSteps": args.steps, "batchSize": 16},
-            checkpoint={"everySteps": 100_000})
-        job = common.write_yaml(doc, work / "job.yaml")
-        runs = []
+        runs: list[dict[str, Any]] = []
         for _ in range(args.repeats):
             for on in (False, True):
+                # Each run its own output (and checkpoints): a later run must not resume an earlier one.
+                doc = common.job_document(
+                    "exporter-bench", common.sample_path(common.REVIEWS), work / f"out-{len(runs)}",
+                    method={"type": "lora"}, hyperparameters={"maxSteps": args.steps, "batchSize": 16},
+                    checkpoint={"everySteps": 100_000})
+                job = common.write_yaml(doc, work / f"job-{len(runs)}.yaml")
                 run = measure(work, job, on, len(runs), args.threads)
                 runs.append(run)
                 print(f"  metrics {'on ' if on else 'off'}  {run['samplesPerSecond']:7.2f} samples/s  "
