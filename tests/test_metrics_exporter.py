@@ -213,3 +213,14 @@ def test_every_rank_of_a_torchrun_job_serves_its_series(tmp_path: Path, tiny_gpt
     assert not any(key.startswith(contract.METRIC_STEP + "{") for key in rank1)  # job-level: rank 0 only
     assert rank1['kubetune_device_memory_bytes{job="two-ranks",namespace="local",rank="1"}'] > 0
     assert json.loads(trainer.termination_log.read_text())["outcome"] == "Succeeded"
+
+
+def test_curves_png_survives_non_finite_losses(tmp_path: Path) -> None:
+    from kubetune.train.curves import write_curves
+
+    metrics = {"metric": "eval_accuracy", "bestStep": 2,
+               "trainLoss": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": float("nan")}, {"step": 3, "loss": 0.5}],
+               "validation": [{"step": 2, "eval_loss": float("inf"), "eval_accuracy": 0.6},
+                              {"step": 3, "eval_loss": 0.5, "eval_accuracy": 0.7}]}
+    path = write_curves(tmp_path / contract.CURVES_FILE, metrics)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

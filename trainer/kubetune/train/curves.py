@@ -26,16 +26,16 @@ def write_curves(path: Path, metrics: dict[str, Any]) -> Path:
     loss_axes.plot(*finite(metrics.get("trainLoss") or [], "loss"), label="train loss", linewidth=1)
     loss_axes.plot(*finite(validation, "eval_loss"), "o-", label="eval loss")
     loss_axes.set(xlabel="step", ylabel="loss", title="loss")
-    loss_axes.legend()
     loss_axes.grid(alpha=0.3)
     if extra:
         axes[0][1].plot(*finite(validation, extra), "o-", color="tab:green", label=extra)
         axes[0][1].set(xlabel="step", ylabel=extra, title=f"{extra} (selects the best model)")
         axes[0][1].grid(alpha=0.3)
     best = metrics.get("bestStep")
-    if best is not None:
-        for ax in axes[0]:
+    for ax in axes[0]:
+        if best is not None:
             ax.axvline(best, color="grey", linestyle=":", label="best step")
+        ax.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
