@@ -31,7 +31,7 @@ log = logging.getLogger("kubetune.trainer")
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-PUSH_SECONDS = 0.25  # how stale a served snapshot may be while this process runs Python
+PUSH_SECONDS = 1.0  # how stale a served snapshot may be; one push costs a few ms of GIL time
 TEST_PREFIX = "test_"  # test-split results share kubetune_eval_metric, as metric="test_<name>"
 
 
