@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-llm test test-all lint crd clean
+.PHONY: setup demo demo-llm test test-all lint crd monitoring test-tools clean
 
 $(VENV)/.installed: pyproject.toml .ci/install-k8s-tools
 	$(PYTHON) -m venv $(VENV)
@@ -27,14 +27,22 @@ lint: setup
 	$(VENV)/bin/ruff check trainer operator tests bench
 	$(VENV)/bin/mypy trainer/kubetune operator/kubetune_operator
 
-test: setup lint
+# Prometheus + promtool for the monitoring tests (a Debian package; no-op when already installed).
+test-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: setup lint test-tools
 	$(VENV)/bin/pytest
 
-test-all: setup lint
+test-all: setup lint test-tools
 	$(VENV)/bin/pytest -m ''
 
 crd: setup
 	$(VENV)/bin/kubetune crd > crds/finetunejob.yaml
+
+monitoring: setup
+	$(PY) -m kubetune.monitoring charts/kubetune/files
 
 clean:
 	rm -rf $(VENV) .kubetune .pytest_cache .mypy_cache .ruff_cache

@@ -26,6 +26,7 @@ ENV_NPROC_PER_NODE = "NPROC_PER_NODE"
 ENV_SPEC_PATH = "KUBETUNE_SPEC_PATH"
 ENV_WORK_DIR = "KUBETUNE_WORK_DIR"
 ENV_METRICS_PORT = "KUBETUNE_METRICS_PORT"
+ENV_METRICS_LINGER = "KUBETUNE_METRICS_LINGER_SECONDS"  # keep /metrics up this long after the end (last scrape)
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
 ENV_JOB_NAME = "KUBETUNE_JOB_NAME"
 ENV_NAMESPACE = "KUBETUNE_NAMESPACE"
@@ -60,6 +61,7 @@ MERGED_DIR = "merged"
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
 MODEL_CARD = "README.md"
+CURVES_FILE = "training-curves.png"  # loss and evaluation curves, beside metrics.json
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 

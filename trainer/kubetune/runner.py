@@ -118,6 +118,7 @@ def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool) -> int:
                       f"{result['test']['confusion_matrix']}")
     console.print(f"steps {result.get('steps')}/{result.get('totalSteps')}, best step {result.get('bestStep')}, "
                   f"{result.get('trainSamplesPerSecond', 0):.1f} samples/s")
+    console.print(f"training curves: {result['outputUri'].rstrip('/')}/{contract.CURVES_FILE}")
     console.print(f"[bold green]model written to {result['outputUri']}[/] (manifest.json lists every file)",
                   soft_wrap=True)
     return code

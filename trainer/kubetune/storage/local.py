@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kubetune import telemetry
 from kubetune.contract import MANIFEST_NAME
 from kubetune.errors import UserError
 from kubetune.storage.manifest import build_manifest, local_files, manifest_bytes
@@ -17,6 +18,8 @@ def fetch(uri: str) -> Path:
     path = Path(uri).expanduser()
     if not path.exists():
         raise UserError(f"{uri}: no such file or folder")
+    files = [path] if path.is_file() else local_files(path)
+    telemetry.add_downloaded(sum(p.stat().st_size for p in files))
     return path
 
 
@@ -32,8 +35,11 @@ def publish(local_dir: Path, uri: str, extra: dict[str, Any] | None = None) -> d
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
     tmp = target / f".{MANIFEST_NAME}.tmp"
-    tmp.write_bytes(manifest_bytes(manifest))
+    body = manifest_bytes(manifest)
+    tmp.write_bytes(body)
     os.replace(tmp, target / MANIFEST_NAME)
+    # In-place writers (local checkpoints) wrote the files to the destination themselves: they count too.
+    telemetry.add_uploaded(sum(int(e["size"]) for e in manifest["files"]) + len(body))
     return manifest
 
 

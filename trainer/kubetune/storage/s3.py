@@ -27,6 +27,7 @@ from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
+from kubetune import telemetry
 from kubetune.contract import MANIFEST_NAME, SECRET_ACCESS_KEY_ID, SECRET_SECRET_ACCESS_KEY
 from kubetune.errors import UserError
 from kubetune.spec import StorageSpec, check_uri
@@ -178,8 +179,9 @@ class S3Backend:
             self.client.delete_object(Bucket=bucket, Key=manifest_key)
             manifest = build_manifest(local_dir, extra)
             self._upload(bucket, [(local_dir / e["path"], child_key(key, e["path"])) for e in manifest["files"]])
-            self.client.put_object(Bucket=bucket, Key=manifest_key, Body=manifest_bytes(manifest),
-                                   ContentType="application/json")
+            body = manifest_bytes(manifest)
+            self.client.put_object(Bucket=bucket, Key=manifest_key, Body=body, ContentType="application/json")
+            telemetry.add_uploaded(len(body))
         return manifest
 
     def read_manifest(self, uri: str) -> dict[str, Any] | None:
@@ -326,6 +328,7 @@ class S3Backend:
                    for key, target, size in jobs if size >= self.part_size],
                   [partial(self._get_small, bucket, key, target) for key, target, size in jobs
                    if size < self.part_size])
+        telemetry.add_downloaded(sum(size for _, _, size in jobs))
 
     def _upload(self, bucket: str, jobs: list[tuple[Path, str]]) -> None:
         sized = [(path, key, path.stat().st_size) for path, key in jobs]
@@ -333,6 +336,7 @@ class S3Backend:
                    for path, key, size in sized if size >= self.part_size],
                   [partial(self._put_small, bucket, path, key) for path, key, size in sized
                    if size < self.part_size])
+        telemetry.add_uploaded(sum(size for _, _, size in sized))
 
     def _run(self, large: list[Callable[[TransferManager], TransferFuture]], small: list[Callable[[], None]]) -> None:
         """Large files on the TransferManager (parts in parallel), small ones as single requests on a pool.

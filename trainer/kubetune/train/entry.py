@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from kubetune import contract
+from kubetune import contract, telemetry
 from kubetune.errors import PreemptedError, UserError
 from kubetune.jobfile import load_job
 from kubetune.netutil import free_port
@@ -102,8 +102,10 @@ def run_worker(spec_path: str, standalone: bool = True) -> int:
         recipe.train()
         result.update(recipe.write_outputs())
         result.update(outcome="Succeeded", exitCode=contract.EXIT_OK)
+        telemetry.set_state("done")
     except UserError as exc:  # printed once by whoever launched us, without a traceback
         result.update(outcome="Failed", reason="InvalidInput", message=str(exc), exitCode=contract.EXIT_BAD_INPUT)
+        telemetry.set_state("failed")
     except PreemptedError as exc:
         if rank == 0 and exc.exit_code == contract.EXIT_RETRY:  # every rank saw it; one line is enough
             log.warning("%s", exc)
@@ -111,6 +113,7 @@ def run_worker(spec_path: str, standalone: bool = True) -> int:
     except Exception as exc:
         log.error("training failed on rank %d:\n%s", rank, traceback.format_exc())
         result.update(outcome="Failed", reason=type(exc).__name__, message=str(exc), exitCode=contract.EXIT_FAILURE)
+        telemetry.set_state("failed")
     finally:
         if result.get("outcome") != "Succeeded":
             result["failedAt"] = time.time()  # the first failing rank is the cause; see combine_results
@@ -120,6 +123,7 @@ def run_worker(spec_path: str, standalone: bool = True) -> int:
             result.setdefault("totalSteps", getattr(recipe, "total_steps", None))
             recipe.cleanup()
     _write_result(folder, result)
+    telemetry.stop(linger=True)  # a last scrape sees the final state (KUBETUNE_METRICS_LINGER_SECONDS)
     interrupts.restore(previous)
     code: int = result["exitCode"]
     return code

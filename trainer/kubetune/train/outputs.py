@@ -15,6 +15,7 @@ from kubetune.errors import UserError
 from kubetune.spec import FineTuneJobSpec
 from kubetune.storage import Storage, is_s3, join_uri
 from kubetune.train import usage
+from kubetune.train.curves import write_curves
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +103,8 @@ Best checkpoint: step {metrics.get('bestStep')} by `{spec['evaluation']['metric'
 (stopped early: {metrics.get('stoppedEarly')}). Steps: {metrics.get('steps')}.
 Ties on the metric go to the lower validation loss, then to the later step.
 
+![training curves]({contract.CURVES_FILE})
+
 ## Data
 
 Rows read {run['data'].get('rowsRead')}, kept {run['data'].get('rowsKept')} after cleaning
@@ -124,13 +127,14 @@ def write_reports(staging: Path, metrics: dict[str, Any], run: dict[str, Any], j
                   folders: list[str], example: dict[str, Any] | None = None) -> None:
     """metrics.json, run.json and the model card; example (a training record) fills the card's snippets."""
     (staging / contract.METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    write_curves(staging / contract.CURVES_FILE, metrics)  # observability: loss/eval curves, in the card below
     (staging / contract.RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
     use = usage.use_section(job["spec"], folders, example, usage.rendered_prompt(staging, folders, example))
     (staging / contract.MODEL_CARD).write_text(model_card(job, metrics, run, folders, use))
 
 
 # What kubetune writes at the top of an output prefix (a half-done publish leaves only these).
-OUR_NAMES = {contract.ADAPTER_DIR, contract.MERGED_DIR, contract.METRICS_FILE, contract.RUN_FILE,
+OUR_NAMES = {contract.ADAPTER_DIR, contract.MERGED_DIR, contract.METRICS_FILE, contract.RUN_FILE, contract.CURVES_FILE,
              contract.MODEL_CARD, contract.MANIFEST_NAME, f".{contract.MANIFEST_NAME}.tmp"}
 
 

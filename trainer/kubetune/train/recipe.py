@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
+from kubetune import telemetry
 from kubetune.data import encode_causal_lm, encode_classification, prepare_data
 from kubetune.errors import PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
@@ -76,8 +77,13 @@ class FineTuneRecipe:
         spec, hp = self.spec, self.spec.hyperparameters
         self.started_at = outputs.now()
         distributed.init()
+        self.metrics = telemetry.start(self.job.metadata.name, self.job.metadata.namespace,  # observability
+                                       rank=distributed.rank(), local_rank=distributed.local_rank())
         self.device = distributed.device()
         self.precision = choose_precision(hp.precision, self.device)
+        if self.device.type == "cuda":  # observability: device memory instead of the process's RSS
+            self.metrics.set_memory_source(lambda: torch.cuda.memory_allocated(self.device),
+                                           lambda: torch.cuda.max_memory_allocated(self.device))
         torch.manual_seed(hp.seed)
 
         inputs = fetch_inputs(self.storage, spec, self.work_dir / "inputs")
@@ -123,6 +129,7 @@ class FineTuneRecipe:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.scaler = self.precision.grad_scaler()
         self._resume()
+        self.metrics.set_total_steps(self.total_steps, self.state.step)  # observability
         log.info(
             "model %s | %s | trainable %s of %s parameters (%.2f%%) | precision %s | device %s | world %d | "
             "global batch %d (%d x %d accumulation x %d processes) | %d steps",
@@ -175,6 +182,8 @@ class FineTuneRecipe:
         checkpoint.set_rng_state(ranks[distributed.rank() % len(ranks)])
         self.state.resumed_from.append(name)
         self.last_checkpoint = name
+        self.metrics.resumes.inc()  # observability
+        self.metrics.last_checkpoint_step.set(self.state.step)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", name, self.state.step, self.state.epoch,
                  self.state.batch_in_epoch)
 
@@ -186,8 +195,10 @@ class FineTuneRecipe:
         progress = Progress(self.total_steps, state.step, enabled=self.is_main)
         try:
             if state.step == 0 and state.base_test is None and self.test_set:
+                self.metrics.set_state("evaluating")  # observability
                 state.base_test = self._evaluate(self.test_set)
                 progress.message(f"base model on the test split: {_summary(state.base_test)}")
+            self.metrics.set_state("training")  # observability
             while not self._finished():
                 self._train_epoch(progress)
             if not state.validation or state.validation[-1]["step"] != state.step:
@@ -201,7 +212,9 @@ class FineTuneRecipe:
             log.info("restored the best model from step %s (%s = %.4f)", state.best_step,
                      spec.evaluation.metric, state.best_metric)
         if self.test_set:
+            self.metrics.set_state("evaluating")  # observability
             self.test_metrics = self._evaluate(self.test_set)
+            self.metrics.record_evaluation(self.test_metrics, "test")
 
     def _finished(self) -> bool:
         return self.state.stopped_early or self.state.step >= self.total_steps
@@ -227,6 +240,11 @@ class FineTuneRecipe:
             totals = distributed.all_reduce_sum(torch.tensor([loss, targets, stop]))
             mean_loss = float(totals[0] / totals[1])
             state.train_losses.append({"step": state.step, "loss": mean_loss})
+            self.metrics.record_step(  # observability: O(1) updates, nothing held across the step
+                step=state.step, total=self.total_steps,
+                epoch=state.epoch + state.batch_in_epoch / max(len(batches), 1),
+                loss=mean_loss, learning_rate=self.scheduler.get_last_lr()[0], samples=samples * world,
+                tokens=sum(self.lengths[j] for indices in group for j in indices) * world, seconds=elapsed)
             progress.update(state.step, state.epoch + state.batch_in_epoch / max(len(batches), 1), mean_loss,
                             samples * world / max(elapsed, 1e-9))
             if self.spec.evaluation.every_steps and state.step % self.spec.evaluation.every_steps == 0:
@@ -290,7 +308,10 @@ class FineTuneRecipe:
         if not self.validation_set:
             return
         ev, state = self.spec.evaluation, self.state
+        self.metrics.set_state("evaluating")  # observability
         metrics = prefixed(self._evaluate(self.validation_set), "eval")
+        self.metrics.record_evaluation(metrics, "eval")
+        self.metrics.set_state("training")
         state.validation.append({"step": state.step, "epoch": state.epoch, **metrics})
         value, loss = metrics[ev.metric], metrics["eval_loss"]
         sign = 1 if ev.metric in LOWER_IS_BETTER else -1
@@ -317,6 +338,7 @@ class FineTuneRecipe:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        started = time.monotonic()  # observability
         rng = distributed.gather_objects(checkpoint.rng_state())
         if self.is_main:
             state = {
@@ -335,6 +357,7 @@ class FineTuneRecipe:
             uri = checkpoint.save(self.storage, self.checkpoint_root, state, self.work_dir / "staging",
                                   self.spec.checkpoint.keep_last)
             log.info("checkpoint %s", uri)
+            self.metrics.record_checkpoint(self.state.step, time.monotonic() - started)  # observability
         else:
             uri = None
         self.last_checkpoint = distributed.broadcast_object(uri)
@@ -366,6 +389,7 @@ class FineTuneRecipe:
             "trainSamplesPerSecond": state.samples_seen / max(state.train_seconds, 1e-9),
             "trainSeconds": state.train_seconds,
         }
+        self.metrics.set_state("uploading")  # observability
         if self.is_main:
             job = self.job.model_dump(mode="json", by_alias=True, exclude_none=True)
             run = {
