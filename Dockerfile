@@ -1,25 +1,75 @@
-# Trainer image: `kubetune trainer` is the pod entrypoint (spec mounted at /etc/kubetune/spec.yaml).
-# TORCH_INDEX picks the torch build: the CPU wheel index by default, a CUDA one for GPU nodes.
-FROM python:3.11-slim
+# kubetune images, two targets from one file:
+#   docker build --target trainer  -t ghcr.io/kubetune/trainer:0.1.0 .    # GPU pods (CUDA-capable torch)
+#   docker build --target trainer  --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t ...:0.1.0-cpu .
+#   docker build --target operator -t ghcr.io/kubetune/operator:0.1.0 .   # torch-free, kopf
+# Each target installs into /opt/venv in a build stage; the final stage copies only that venv, so no
+# pip cache, build tools or source tree ship. Bases are pinned to an exact tag.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-
-ENV PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    HF_HUB_OFFLINE=1 \
-    KUBETUNE_WORK_DIR=/var/lib/kubetune
-
-WORKDIR /opt/kubetune
-# torch first and pinned: an open range would pull another build.
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+# ---------------------------------------------------------------- build stages
+FROM ${PYTHON_IMAGE} AS build-base
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY trainer ./trainer
 COPY operator ./operator
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[trainer]"  # the project itself: its pins live in pyproject.toml
 
-RUN useradd --create-home --uid 1000 kubetune && mkdir -p /var/lib/kubetune && chown kubetune /var/lib/kubetune
-USER 1000
+FROM build-base AS build-trainer
+# PyPI's Linux torch wheel is the CUDA build (it brings its CUDA runtime; nodes need only the driver).
+# CPU-only image: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://pypi.org/simple
+# torch first and pinned, from the chosen index: the project's open `torch>=` range must not pick another build.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
+ && pip install --no-cache-dir ".[trainer]"
+
+FROM build-base AS build-operator
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[operator]"
+
+# ---------------------------------------------------------------- shared runtime settings
+FROM ${PYTHON_IMAGE} AS runtime
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.source="https://github.com/kubetune/kubetune" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.vendor="kubetune" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
+# A real passwd entry: torch and getpass look the user up. -l: no huge lastlog for a high uid.
+RUN useradd --system --no-log-init --uid 65532 --user-group --home-dir /var/lib/kubetune --create-home kubetune
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/var/lib/kubetune
+WORKDIR /var/lib/kubetune
+
+# ---------------------------------------------------------------- trainer: the pod entrypoint
+FROM runtime AS trainer
+LABEL org.opencontainers.image.title="kubetune-trainer" \
+      org.opencontainers.image.description="kubetune trainer: fine-tunes one FineTuneJob (torchrun, S3 in and out)"
+COPY --from=build-trainer /opt/venv /opt/venv
+# Offline and quiet by default: models come from object storage, never a hub; no telemetry.
+ENV HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HF_DATASETS_OFFLINE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    DO_NOT_TRACK=1 \
+    HF_HOME=/var/lib/kubetune/.cache/huggingface \
+    KUBETUNE_WORK_DIR=/var/lib/kubetune
+USER 65532:65532
 EXPOSE 9400
 ENTRYPOINT ["kubetune", "trainer"]
+
+# ---------------------------------------------------------------- operator: kopf, no torch
+FROM runtime AS operator
+LABEL org.opencontainers.image.title="kubetune-operator" \
+      org.opencontainers.image.description="kubetune operator: runs FineTuneJobs as Kubernetes Jobs"
+COPY --from=build-operator /opt/venv /opt/venv
+ENV DO_NOT_TRACK=1
+USER 65532:65532
+EXPOSE 8080 9401
+ENTRYPOINT ["kubetune", "operator"]

@@ -7,11 +7,12 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup demo demo-llm test test-all lint crd clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml .ci/install-k8s-tools
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # first: anything else could pull a CUDA build
 	$(PY) -m pip install -q -e '.[trainer,operator,dev]'
+	.ci/install-k8s-tools $(VENV)   # real kubectl + helm into $(VENV)/bin
 	touch $@
 
 setup: $(VENV)/.installed

@@ -59,9 +59,3 @@ def test_uri_rules(uri: str, ok: bool) -> None:
     else:
         with pytest.raises(ValueError):
             check_uri(uri)
-
-
-def test_dockerfile_passes_hadolint() -> None:
-    hadolint = Path(sys.executable).parent / "hadolint"
-    done = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
