@@ -72,15 +72,19 @@ def _attempt(obj: dict[str, Any]) -> int:
     return int((obj["metadata"].get("labels") or {}).get(builders.ATTEMPT_LABEL, "0"))
 
 
-def reconcile(kube: Kube, settings: Settings, namespace: str, name: str, now: datetime | None = None) -> None:
-    """Serialised per job: the event handler and the refresh loop may both call it."""
+def reconcile(kube: Kube, settings: Settings, namespace: str, name: str, now: datetime | None = None) -> bool:
+    """One pass, serialised per job (the event handler and the refresh loop both call it).
+
+    Returns whether the job still needs refreshing: finished jobs without a TTL only change by an edit.
+    """
     with _locks[(namespace, name)], metrics.time_reconcile():
         ftj = kube.get_ftj(namespace, name)
         if ftj is None or ftj["metadata"].get("deletionTimestamp"):
             with _phases_lock:
                 _phases.pop((namespace, name), None)
-            return
-        Pass(kube, settings, ftj, now or datetime.now(UTC)).run()
+            return False
+        done = Pass(kube, settings, ftj, now or datetime.now(UTC)).run()
+        return not done or builders_ttl(ftj) is not None
 
 
 def job_counts() -> dict[tuple[str, str], int]:
@@ -102,21 +106,22 @@ class Pass:
         self.generation = self.meta.get("generation")
 
     # ---- the pass -----------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> bool:
+        """True when the job has finished."""
         if self.old.get("phase") in FINISHED:
             self._expire()  # a finished job never recreates children, even when they were deleted
-            return
+            return True
         problem = validation_problem(self.ftj)
         if problem:
             self._fail("InvalidInput", problem, None, validated=False)
         else:
             self._drive()
         self._write()
+        return self.new.get("phase") in FINISHED
 
     def _drive(self) -> None:
-        ftj, policy = self.ftj, builders.resolved_job(self.ftj).spec.run_policy
+        policy = builders.resolved_job(self.ftj).spec.run_policy
         self._condition("Validated", True, "Valid", "the spec passed `kubetune validate`")
-        created = [self.kube.create(builders.build_configmap(ftj)), self.kube.create(builders.build_service(ftj))]
         jobs = {_attempt(j): j for j in self.kube.list_jobs(self.namespace, self.name)}
         if not jobs:
             self.new.setdefault("startTime", now_iso(self.now))
@@ -124,8 +129,7 @@ class Pass:
             if job is None:
                 return
             jobs[0] = job
-            created.append(True)
-        if any(created) or not condition_true(self.old, "Created"):
+        if not condition_true(self.old, "Created"):
             self._condition("Created", True, "ChildrenCreated", f"ConfigMap, Service and Job {self.name}-0 created")
         attempt = max(jobs)
         current = jobs[attempt]
@@ -205,6 +209,9 @@ class Pass:
         job = builders.build_job(self.ftj, image=self.settings.trainer_image,
                                  service_account=self.settings.trainer_service_account,
                                  attempt=attempt, active_deadline_seconds=remaining)
+        # Every gang needs the spec and the rendezvous Service: make sure they are there (409 = they are).
+        self.kube.create(builders.build_configmap(self.ftj))
+        self.kube.create(builders.build_service(self.ftj))
         job["metadata"]["annotations"] = {SPEC_HASH: spec_hash(self.ftj)}
         if reason:
             job["metadata"]["annotations"].update({RESTART_REASON: reason, RESTART_COUNTED: str(counted).lower()})

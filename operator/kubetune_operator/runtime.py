@@ -20,7 +20,8 @@ class Runtime:
     def __init__(self) -> None:
         self.settings = settings.load()
         self.kube: Kube | None = None
-        self.known: set[tuple[str, str]] = set()
+        self.known: set[tuple[str, str]] = set()  # every FineTuneJob seen
+        self.active: set[tuple[str, str]] = set()  # those the refresh loop still visits
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -50,6 +51,7 @@ class Runtime:
         if event.get("type") == "DELETED":
             with self.lock:
                 self.known.discard(key)
+                self.active.discard(key)
             return
         with self.lock:
             new = key not in self.known
@@ -61,15 +63,21 @@ class Runtime:
     def _reconcile(self, key: tuple[str, str]) -> None:
         assert self.kube is not None, "start() first"
         try:
-            reconcile.reconcile(self.kube, self.settings, *key)
+            again = reconcile.reconcile(self.kube, self.settings, *key)
         except Exception:  # one job's trouble must not stall the others; the next pass retries
             log.exception("reconcile of %s/%s failed", *key)
+            again = True
+        with self.lock:
+            if again and key in self.known:
+                self.active.add(key)
+            else:
+                self.active.discard(key)
 
     def _refresh_loop(self) -> None:
         with ThreadPoolExecutor(REFRESH_WORKERS, thread_name_prefix="kubetune-pass") as pool:
             while not self.stop.wait(self.settings.refresh_seconds):
                 with self.lock:
-                    keys = sorted(self.known)
+                    keys = sorted(self.active)
                 list(pool.map(self._reconcile, keys))
                 metrics.set_job_counts(reconcile.job_counts())
 
