@@ -78,10 +78,12 @@ def _field_matches(selector: str, obj: dict[str, Any]) -> bool:
 
 class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     requests_seen: list[tuple[str, str]]
+    agents_seen: list[str]  # User-Agent of each request, in the same order (benchmark: whose request)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.requests_seen = []
+        self.agents_seen = []
         for (group, version, plural), info in RESOURCES.items():
             self.resources[kmock.resource(group, version, plural)] = kmock.ResourceInfo(verbs=VERBS, **info)
 
@@ -91,6 +93,7 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
 
     async def _handle(self, request: rendering.Request) -> Any:
         self.requests_seen.append((str(request.method).split(".")[-1].upper(), request.url.path))
+        self.agents_seen.append(request.headers.get("User-Agent", ""))
         if request.resource is not None and isinstance(request.data, dict):
             self._mend_write(request)
         response = await super()._handle(request)
@@ -112,7 +115,7 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                         resourceVersion=str(time.monotonic_ns()))
         elif action.endswith("UPDATE") and request.name:
             key = (request.resource, request.namespace, request.name)
-            current = self.objects.get(key, None)
+            current = self.objects[key] if key in self.objects else None  # noqa: SIM401  (not a Mapping)
             if current is not None and not current.deleted:
                 stored = current.raw
                 bump = request.subresource is None and "spec" in data and data["spec"] != stored.get("spec")
