@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
+import kubernetes
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from kubetune import contract
+from kubetune.crd import build_crd
 from kubetune.netutil import free_port
 from tests.fixtures_k8s import Cluster
 from tests.operator_harness import NS, Api, Operator, wait_for
@@ -55,10 +59,59 @@ def operator_env(trainer: TrainerEndpoint) -> dict[str, str]:
     }
 
 
+E2E_VARIABLE = "KUBETUNE_E2E_KUBECONFIG"
+
+
+class Backend:
+    """Where the scenarios run: the emulator (the test plays the controllers) or a real cluster."""
+
+    def __init__(self, kubeconfig: Path, cluster: Cluster | None) -> None:
+        self.kubeconfig, self.cluster = kubeconfig, cluster
+
+    @property
+    def emulated(self) -> bool:
+        return self.cluster is not None
+
+
+@pytest.fixture(scope="module", params=["emulator", "cluster"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The same scenario module against both; a real cluster only with KUBETUNE_E2E_KUBECONFIG set."""
+    if request.param == "emulator":
+        cluster: Cluster = request.getfixturevalue("k8s_cluster")
+        return Backend(cluster.kubeconfig, cluster)
+    path = os.environ.get(E2E_VARIABLE)
+    if not path:
+        pytest.skip(f"set {E2E_VARIABLE} to a kubeconfig (kind, k3d, a dev cluster) to run these against it")
+    install_crd(Path(path))
+    return Backend(Path(path), None)
+
+
+def install_crd(kubeconfig: Path) -> None:
+    """On a real cluster: the CRD and the test namespace, create-if-missing."""
+    client = Api(kubeconfig).client
+    for create, body in (
+        (kubernetes.client.ApiextensionsV1Api(client).create_custom_resource_definition, build_crd()),
+        (kubernetes.client.CoreV1Api(client).create_namespace, {"metadata": {"name": NS}}),
+    ):
+        try:
+            create(body)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+
+@pytest.fixture(autouse=True)
+def _controller_played_only_on_the_emulator(request: pytest.FixtureRequest) -> None:
+    """Tests marked plays_controller write Pod/Job statuses: never on a real cluster, its controllers do that."""
+    marked = request.node.get_closest_marker("plays_controller") and "backend" in request.fixturenames
+    if marked and not request.getfixturevalue("backend").emulated:
+        pytest.skip("plays the Job controller and kubelet: emulator only")
+
+
 @pytest.fixture(scope="module")
-def operator(k8s_cluster: Cluster, operator_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+def operator(backend: Backend, operator_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[Operator]:
-    process = Operator(k8s_cluster.kubeconfig, operator_env, tmp_path_factory.mktemp("op") / "operator.log").start()
+    process = Operator(backend.kubeconfig, operator_env, tmp_path_factory.mktemp("op") / "operator.log").start()
     health = f"http://127.0.0.1:{operator_env['KUBETUNE_HEALTH_PORT']}/healthz"
     assert _up(health, 60), process.tail()
     yield process
@@ -77,5 +130,5 @@ def _up(url: str, timeout: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def api(k8s_cluster: Cluster) -> Api:
-    return Api(k8s_cluster.kubeconfig)
+def api(backend: Backend) -> Api:
+    return Api(backend.kubeconfig)

@@ -11,7 +11,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.fixtures_k8s import Cluster
+import pytest
+
+from tests.fixtures_operator import Backend
 from tests.k8s_tools import binary
 from tests.operator_harness import NS, Api, Operator, wait_for
 
@@ -19,13 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "reviews-sentiment-s3.yaml"
 
 
-def kubectl(cluster: Cluster, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+def kubectl(cluster: Backend, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
     return subprocess.run([str(binary("kubectl")), "-n", NS, *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 
-def test_kubectl_apply_get_and_wait_for_succeeded(k8s_cluster: Cluster, operator: Operator, api: Api) -> None:
+@pytest.mark.plays_controller
+def test_kubectl_apply_get_and_wait_for_succeeded(backend: Backend, operator: Operator, api: Api) -> None:
+    k8s_cluster = backend
     applied = kubectl(k8s_cluster, "apply", "--validate=false", "-f", str(EXAMPLE))
     assert applied.returncode == 0, applied.stderr
     assert "finetunejob.kubetune.io/reviews-sentiment created" in applied.stdout
