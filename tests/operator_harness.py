@@ -205,6 +205,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 45.0, operato
             value = None
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}; last value {value!r}\n"
                          f"operator log:\n{operator.tail() if operator else ''}")

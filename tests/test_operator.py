@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,26 @@ BASE = {
 }
 
 
+SUBMITTED: list[str] = []
+
+
 def submit(api: Api, name: str, **overrides: Any) -> dict[str, Any]:
     doc = job_document(name, BASE, overrides)
     doc["metadata"]["namespace"] = NS
+    SUBMITTED.append(name)
     return api.apply(doc)
+
+
+@pytest.fixture(autouse=True)
+def _delete_jobs_afterwards(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each scenario cleans up, so the operator's refresh loop does not grow with the module."""
+    yield
+    if "api" in request.fixturenames:
+        api: Api = request.getfixturevalue("api")
+        while SUBMITTED:
+            name = SUBMITTED.pop()
+            if api.ftj(name) is not None:
+                api.delete_ftj(name)
 
 
 def phase(api: Api, name: str) -> str | None:

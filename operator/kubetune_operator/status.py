@@ -120,8 +120,9 @@ def attempt_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     if failed_job and failed_job.get("reason") == "DeadlineExceeded":
         return Outcome("failed", "DeadlineExceeded", failed_job.get("message") or "activeDeadlineSeconds passed")
     active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
-    pod_failed = any((p.get("status") or {}).get("phase") == "Failed" for p in pods)
-    if (failed_job or pod_failed) and not active:
+    # The Job's own Failed condition ends an attempt (not the first failed pod: the Job controller may still
+    # be stopping the others, and a new gang must not overlap the old one's checkpoint writes).
+    if failed_job and not active:
         for pod in pods:
             disruption = _pod_condition(pod, "DisruptionTarget")
             if disruption and disruption.get("status") == "True":
