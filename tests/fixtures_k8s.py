@@ -92,6 +92,9 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         return info["kind"] if info else None
 
     async def _handle(self, request: rendering.Request) -> Any:
+        # kmock matches each request against every request it has kept (quadratic: a GET took 0.4 s after
+        # 600 requests); keep only the recent ones, the current one last. requests_seen is our own log.
+        del self._requests[:-64]
         self.requests_seen.append((str(request.method).split(".")[-1].upper(), request.url.path))
         self.agents_seen.append(request.headers.get("User-Agent", ""))
         if request.resource is not None and isinstance(request.data, dict):
