@@ -195,6 +195,11 @@ def test_unschedulable_pending_with_the_schedulers_message(api: Api, operator: O
     assert any(e["reason"] == "Unschedulable" and e["message"] == text for e in api.events("unschedulable"))
 
 
+def _operator_metrics(operator: Operator) -> str:
+    port = operator.env["KUBETUNE_OPERATOR_METRICS_PORT"]
+    return str(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+
+
 @pytest.mark.plays_controller
 def test_gang_restart_after_one_worker_fails(api: Api, operator: Operator) -> None:
     submit(api, "gang", resources={"nodes": 2}, runPolicy={"backoffLimit": 1})
@@ -211,6 +216,7 @@ def test_gang_restart_after_one_worker_fails(api: Api, operator: Operator) -> No
     status = api.status("gang")
     assert status["budgetUsed"] == 1 and condition(api, "gang", "Restarting")["status"] == "True"  # type: ignore
     assert any(e["reason"] == "GangRestart" for e in api.events("gang"))
+    assert 'job="gang"' in _operator_metrics(operator) and contract.METRIC_OP_RESTARTS in _operator_metrics(operator)
     again = sorted(api.start_pods("gang-1"))
     wait_for("Running again", lambda: phase(api, "gang") == "Running", operator=operator)
     assert condition(api, "gang", "Restarting")["status"] == "False"  # type: ignore[index]
@@ -364,15 +370,20 @@ def test_malformed_jobs_fail_naming_the_field_while_a_valid_one_runs(api: Api, o
     wait_for("the valid one Succeeded", lambda: phase(api, "good-beside-bad") == "Succeeded", operator=operator)
 
 
-def test_operator_metrics_and_health(operator_env: dict[str, str], operator: Operator, backend: Backend) -> None:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{operator_env['KUBETUNE_OPERATOR_METRICS_PORT']}/metrics",
-                                  timeout=5).read().decode()
-    assert f'{contract.METRIC_OP_JOBS}{{namespace="ml",phase="Pending"}}' in text
+def test_operator_metrics_and_health(operator_env: dict[str, str], operator: Operator, api: Api) -> None:
+    submit(api, "metrics-bad", method={"type": "qlora"})
+    submit(api, "metrics-ok")
+    wait_for("Failed", lambda: phase(api, "metrics-bad") == "Failed", operator=operator)
+    url = f"http://127.0.0.1:{operator_env['KUBETUNE_OPERATOR_METRICS_PORT']}/metrics"
+
+    def scraped() -> str:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        failed = f'{contract.METRIC_OP_JOBS}{{namespace="ml",phase="Failed"}}' in text
+        return text if failed and f'{contract.METRIC_OP_JOBS}{{namespace="ml",phase="Pending"}}' in text else ""
+
+    text = wait_for("job counts by phase", scraped, operator=operator)
     assert f"{contract.METRIC_OP_CHILDREN}{{kind=\"Job\"}}" in text
     assert f"{contract.METRIC_OP_RECONCILE_SECONDS}_count" in text
-    if backend.emulated:  # the restart scenarios ran before
-        assert f'{contract.METRIC_OP_JOBS}{{namespace="ml",phase="Failed"}}' in text
-        assert f"{contract.METRIC_OP_RESTARTS}{{" in text
     health = urllib.request.urlopen(f"http://127.0.0.1:{operator_env['KUBETUNE_HEALTH_PORT']}/healthz", timeout=5)
     assert health.status == 200
 
