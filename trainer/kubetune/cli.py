@@ -42,8 +42,11 @@ def _trainer(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    print("kubetune operator: the operator is not part of this release yet", file=sys.stderr)
-    return contract.EXIT_FAILURE
+    try:
+        from kubetune_operator.main import run
+    except ImportError as exc:  # the operator extra is not installed
+        raise UserError(f"kubetune operator needs `pip install kubetune[operator]` ({exc})") from None
+    return run()
 
 
 def build_parser() -> argparse.ArgumentParser:

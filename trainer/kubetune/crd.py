@@ -10,9 +10,10 @@ from typing import Any
 import yaml
 
 from kubetune import contract
-from kubetune.spec import FineTuneJobSpec
+from kubetune.spec import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, FineTuneJobSpec, RunPolicySpec
 
 # Cross-field rules the API server enforces itself (CEL), mirroring the pydantic validators.
+# has() guards keep each rule meaningful on objects the API server has not defaulted (and in tests).
 CEL_RULES = [
     {
         "rule": "self.model.task != 'sequence-classification' || "
@@ -29,46 +30,119 @@ CEL_RULES = [
         "message": "method.partial: method.type=partial needs partial.trainLastLayers or partial.trainModules",
     },
     {
+        "rule": "!has(self.method) || !has(self.method.partial) || has(self.method.partial.trainLastLayers) != "
+        "(has(self.method.partial.trainModules) && size(self.method.partial.trainModules) > 0)",
+        "message": "method.partial: set exactly one of trainLastLayers or trainModules",
+    },
+    {
         "rule": "!has(self.data.split) || (has(self.data.split.train) && has(self.data.split.validation) && "
         "has(self.data.split.test) && self.data.split.train + self.data.split.validation + "
         "self.data.split.test > 0.999999 && self.data.split.train + self.data.split.validation + "
         "self.data.split.test < 1.000001)",
         "message": "data.split: fractions must sum to 1.0",
     },
+    {
+        "rule": "!has(self.evaluation) || !has(self.evaluation.metric) || self.evaluation.metric in "
+        "(self.model.task == 'causal-lm' ? " + repr(list(CAUSAL_LM_METRICS)) + " : "
+        + repr(list(CLASSIFICATION_METRICS)) + ")",
+        "message": "evaluation.metric: must be one of " + ", ".join(CLASSIFICATION_METRICS)
+        + " (sequence-classification) or " + ", ".join(CAUSAL_LM_METRICS) + " (causal-lm)",
+    },
 ]
+
+# Child names (<name>-<attempt>-<index> pod hostnames, the Service) must stay DNS-1035 labels of 63 or fewer.
+MAX_NAME_LENGTH = 52
+NAME_RULE = {
+    "rule": f"self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= "
+    f"{MAX_NAME_LENGTH}",
+    "message": f"metadata.name: must start with a letter, hold only lowercase letters, digits and '-', and be "
+    f"at most {MAX_NAME_LENGTH} characters (the operator derives pod and Service names from it)",
+}
+
+
+def immutable_rule() -> dict[str, str]:
+    """Once the job has started (status.startTime set), spec may change only in runPolicy.suspend."""
+    def same(path: str) -> str:
+        return f"(has(self.{path}) == has(oldSelf.{path}) && (!has(self.{path}) || self.{path} == oldSelf.{path}))"
+
+    fields = [f.alias or n for n, f in FineTuneJobSpec.model_fields.items() if n != "run_policy"]
+    policy = [f.alias or n for n, f in RunPolicySpec.model_fields.items() if n != "suspend"]
+    checks = [same(f"spec.{f}") for f in fields] + [
+        f"((!has(self.spec.runPolicy) && !has(oldSelf.spec.runPolicy)) || (has(self.spec.runPolicy) && "
+        f"has(oldSelf.spec.runPolicy) && {' && '.join(same(f'spec.runPolicy.{p}') for p in policy)}))"
+    ]
+    return {
+        "rule": "!has(oldSelf.status) || !has(oldSelf.status.startTime) || (" + " && ".join(checks) + ")",
+        "message": "spec is immutable once the job has started, except runPolicy.suspend: "
+        "delete and recreate the FineTuneJob to change it",
+    }
+
+
+def _condition_schema() -> dict[str, Any]:
+    text = {"type": "string"}
+    return {
+        "type": "object",
+        "description": "A metav1.Condition: lastTransitionTime moves only when status flips.",
+        "required": ["type", "status"],
+        "properties": {
+            "type": {**text, "description": "Created, Validated, Running, Succeeded, Failed, Suspended, "
+                     "Restarting, Stalled."},
+            "status": {**text, "enum": ["True", "False", "Unknown"], "description": "True, False or Unknown."},
+            "reason": {**text, "description": "One CamelCase word for machines."},
+            "message": {**text, "description": "What happened, for people."},
+            "lastTransitionTime": {**text, "format": "date-time", "description": "When status last flipped."},
+            "observedGeneration": {"type": "integer", "format": "int64",
+                                   "description": "metadata.generation this condition was set for."},
+        },
+    }
+
+
+def _number(description: str) -> dict[str, Any]:
+    return {"type": "number", "description": description}
+
 
 STATUS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "Observed state, written by the operator.",
-    "x-kubernetes-preserve-unknown-fields": True,
     "properties": {
-        "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended"]},
-        "conditions": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+        "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended"],
+                  "description": "Pending, Running, Succeeded, Failed or Suspended."},
+        "conditions": {"type": "array", "items": _condition_schema(), "description": "Conditions by type.",
+                       "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
         "progress": {
             "type": "object",
+            "description": "Training progress read from the rank-0 trainer's metrics endpoint.",
             "properties": {
-                "step": {"type": "integer"},
-                "totalSteps": {"type": "integer"},
-                "epoch": {"type": "number"},
-                "percent": {"type": "number"},
-                "etaSeconds": {"type": "number"},
+                "step": {"type": "integer", "description": "Optimizer updates done."},
+                "totalSteps": {"type": "integer", "description": "Optimizer updates planned."},
+                "epoch": _number("Epochs done (fractional)."),
+                "percent": _number("step / totalSteps in percent."),
+                "etaSeconds": _number("Estimated seconds to the end of training."),
             },
         },
-        "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
-        "startTime": {"type": "string", "format": "date-time"},
-        "completionTime": {"type": "string", "format": "date-time"},
-        "restarts": {"type": "integer"},
-        "lastCheckpoint": {"type": "string"},
-        "outputUri": {"type": "string"},
+        "metrics": {"type": "object", "additionalProperties": {"type": "number"},
+                    "description": "Latest metrics: trainLoss, evalLoss, the chosen eval metric, test metrics."},
+        "startTime": {"type": "string", "format": "date-time", "description": "When the first pods were created."},
+        "completionTime": {"type": "string", "format": "date-time", "description": "When the job finished."},
+        "restarts": {"type": "integer", "description": "Gang restarts so far (every cause)."},
+        "attempt": {"type": "integer", "description": "Index of the current gang attempt (its Job is <name>-<n>)."},
+        "budgetUsed": {"type": "integer", "description": "Restarts counted against runPolicy.backoffLimit."},
+        "gpuSeconds": _number("GPU-seconds held across all attempts: what the job cost."),
+        "lastCheckpoint": {"type": "string", "description": "URI of the newest complete checkpoint."},
+        "outputUri": {"type": "string", "description": "Where the fine-tuned model was written."},
         "failure": {
             "type": "object",
+            "description": "Why the job failed.",
             "properties": {
-                "reason": {"type": "string"},
-                "message": {"type": "string"},
-                "exitCode": {"type": "integer"},
+                "reason": {"type": "string", "description": "InvalidInput, OOMKilled, ImagePullBackOff, "
+                           "ErrImagePull, Unschedulable, DeadlineExceeded, BackoffLimitExceeded, Preempted, "
+                           "TrainerError."},
+                "message": {"type": "string", "description": "What to fix, naming the field or file."},
+                "exitCode": {"type": "integer", "description": "The trainer's exit code, when it had one."},
             },
         },
-        "observedGeneration": {"type": "integer", "format": "int64"},
+        "observedGeneration": {"type": "integer", "format": "int64",
+                               "description": "metadata.generation the status was derived from."},
     },
 }
 
@@ -121,14 +195,18 @@ def spec_schema() -> dict[str, Any]:
     structural = _structural(schema, defs)
     structural["description"] = "What to fine-tune, on which data, how, and where the result goes."
     structural["x-kubernetes-validations"] = CEL_RULES
+    # Label names are unique: the API server checks a set list itself.
+    structural["properties"]["model"]["properties"]["labels"]["x-kubernetes-list-type"] = "set"
     return structural
 
 
 def build_crd() -> dict[str, Any]:
     columns = [
-        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent", "description": "percent"},
-        {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
+        {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent",
+         "description": "Training progress in percent."},
+        {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss",
+         "description": "Latest train loss."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {
@@ -157,10 +235,11 @@ def build_crd() -> dict[str, Any]:
                             "type": "object",
                             "description": "FineTuneJob fine-tunes a pre-trained model and stores the result.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": [NAME_RULE, immutable_rule()],
                             "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1."},
+                                "kind": {"type": "string", "description": "FineTuneJob."},
+                                "metadata": {"type": "object", "description": "Standard object metadata."},
                                 "spec": spec_schema(),
                                 "status": STATUS_SCHEMA,
                             },

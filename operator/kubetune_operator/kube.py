@@ -1,0 +1,119 @@
+"""The few Kubernetes API calls the operator makes, through the official `kubernetes` client.
+
+Everything is plain dicts in and out; 409 on create means "already there", 404 on read means "absent".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from datetime import datetime
+from typing import Any
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from kubetune import contract
+from kubetune_operator import metrics
+from kubetune_operator.status import now_iso
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def load_client(pool_size: int = 16) -> kubernetes.client.ApiClient:
+    """In a pod: the service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return kubernetes.client.ApiClient(configuration)
+
+
+class Kube:
+    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.client = client
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.batch = kubernetes.client.BatchV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as exc:
+            metrics.api_error(str(exc.status))
+            raise
+        except OSError as exc:  # urllib3 wraps connection problems in OSError subclasses
+            metrics.api_error(type(exc).__name__)
+            raise
+
+    def _sanitized(self, obj: Any) -> dict[str, Any]:
+        value: dict[str, Any] = self.client.sanitize_for_serialization(obj)
+        return value
+
+    # ---- FineTuneJobs ---------------------------------------------------------------------------
+    def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self._call(self.custom.get_namespaced_custom_object, contract.API_GROUP,
+                                               contract.API_VERSION, namespace, contract.PLURAL, name)
+            return found
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self._call(self.custom.patch_namespaced_custom_object_status, contract.API_GROUP, contract.API_VERSION,
+                   namespace, contract.PLURAL, name, {"status": status}, _content_type=MERGE_PATCH)
+
+    def delete_ftj(self, namespace: str, name: str) -> None:
+        try:
+            self._call(self.custom.delete_namespaced_custom_object, contract.API_GROUP, contract.API_VERSION,
+                       namespace, contract.PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # ---- children -------------------------------------------------------------------------------
+    def create(self, obj: dict[str, Any]) -> bool:
+        """Create-if-missing: True when created, False when it was already there (409)."""
+        namespace, kind = obj["metadata"]["namespace"], obj["kind"]
+        create = {"ConfigMap": self.core.create_namespaced_config_map, "Service": self.core.create_namespaced_service,
+                  "Job": self.batch.create_namespaced_job}[kind]
+        try:
+            self._call(create, namespace, obj)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        metrics.child_created(kind)
+        return True
+
+    def list_jobs(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        found = self._call(self.batch.list_namespaced_job, namespace,
+                           label_selector=f"{contract.LABEL_JOB_NAME}={name}")
+        return [self._sanitized(j) for j in found.items]
+
+    def list_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        found = self._call(self.core.list_namespaced_pod, namespace,
+                           label_selector=f"{contract.LABEL_JOB_NAME}={name},{contract.LABEL_COMPONENT}=trainer")
+        return [self._sanitized(p) for p in found.items]
+
+    def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self._call(self.batch.patch_namespaced_job, name, namespace, patch, _content_type=MERGE_PATCH)
+
+    def event(self, ftj: dict[str, Any], type_: str, reason: str, message: str, now: datetime) -> None:
+        """A core/v1 Event on the FineTuneJob (what `kubectl describe ftj` shows)."""
+        meta = ftj["metadata"]
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}", "kind": contract.KIND,
+                               "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "firstTimestamp": now_iso(now), "lastTimestamp": now_iso(now), "count": 1,
+            "source": {"component": contract.MANAGED_BY}, "reportingComponent": contract.MANAGED_BY,
+        }
+        with contextlib.suppress(ApiException):  # an event lost is not worth failing the pass that wrote status
+            self._call(self.core.create_namespaced_event, meta["namespace"], body)

@@ -1,0 +1,375 @@
+"""One reconcile pass of one FineTuneJob: read state, create what is missing, derive status, write it once.
+
+Gang restarts: the trainer's torchrun rendezvous is static (a fixed master at index 0), so a replaced pod
+cannot rejoin the others. Each attempt is therefore its own Indexed Job `<name>-<attempt>` with
+backoffLimit 0 (one failed pod fails the whole gang); when it fails with a retryable cause, this module
+creates the next attempt, whose trainers resume from the newest checkpoint. Each Job records why it was
+started (annotations), so restarts and the spent budget are derived from the cluster, not remembered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.crd import MAX_NAME_LENGTH
+from kubetune.errors import UserError
+from kubetune.jobfile import describe
+from kubetune_operator import builders, metrics, progress
+from kubetune_operator.kube import Kube
+from kubetune_operator.settings import Settings
+from kubetune_operator.status import (
+    FINISHED,
+    Outcome,
+    attempt_outcome,
+    condition_true,
+    now_iso,
+    parse_time,
+    pod_gpu_seconds,
+    rank0,
+    set_condition,
+)
+
+log = logging.getLogger("kubetune.operator")
+RESTART_REASON = "kubetune.io/restart-reason"
+RESTART_COUNTED = "kubetune.io/restart-counted"
+SPEC_HASH = "kubetune.io/spec-hash"
+_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+_phases: dict[tuple[str, str], tuple[str, str]] = {}  # (namespace, name) -> (namespace, phase), for metrics
+_phases_lock = threading.Lock()
+
+
+def validation_problem(ftj: dict[str, Any]) -> str | None:
+    """What `kubetune validate` would say, one line per problem naming the field; None when valid."""
+    name = ftj["metadata"]["name"]
+    problems = []
+    if len(name) > MAX_NAME_LENGTH or not name[:1].isalpha():
+        problems.append(f"metadata.name: must start with a letter and be at most {MAX_NAME_LENGTH} characters")
+    try:
+        builders.resolved_job(ftj)
+    except ValidationError as exc:
+        problems += [describe(e) for e in exc.errors()]
+    except UserError as exc:
+        problems.append(str(exc))
+    return "\n".join(problems) or None
+
+
+def spec_hash(ftj: dict[str, Any]) -> str:
+    """Identity of what the pods run: spec minus runPolicy.suspend (the one field that may change)."""
+    spec = json.loads(json.dumps(ftj.get("spec") or {}))
+    (spec.get("runPolicy") or {}).pop("suspend", None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _attempt(obj: dict[str, Any]) -> int:
+    return int((obj["metadata"].get("labels") or {}).get(builders.ATTEMPT_LABEL, "0"))
+
+
+def reconcile(kube: Kube, settings: Settings, namespace: str, name: str, now: datetime | None = None) -> bool:
+    """One pass, serialised per job (the event handler and the refresh loop both call it).
+
+    Returns whether the job still needs refreshing: finished jobs without a TTL only change by an edit.
+    """
+    with _locks[(namespace, name)], metrics.time_reconcile():
+        ftj = kube.get_ftj(namespace, name)
+        if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+            with _phases_lock:
+                _phases.pop((namespace, name), None)
+            return False
+        done = Pass(kube, settings, ftj, now or datetime.now(UTC)).run()
+        return not done or builders_ttl(ftj) is not None
+
+
+def job_counts() -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    with _phases_lock:
+        for key in _phases.values():
+            counts[key] += 1
+    return dict(counts)
+
+
+class Pass:
+    def __init__(self, kube: Kube, settings: Settings, ftj: dict[str, Any], now: datetime) -> None:
+        self.kube, self.settings, self.ftj, self.now = kube, settings, ftj, now
+        self.meta = ftj["metadata"]
+        self.namespace, self.name = self.meta["namespace"], self.meta["name"]
+        self.old: dict[str, Any] = ftj.get("status") or {}
+        self.new: dict[str, Any] = json.loads(json.dumps(self.old))
+        self.events: list[tuple[str, str, str]] = []
+        self.generation = self.meta.get("generation")
+
+    # ---- the pass -----------------------------------------------------------------------------------
+    def run(self) -> bool:
+        """True when the job has finished."""
+        if self.old.get("phase") in FINISHED:
+            self._expire()  # a finished job never recreates children, even when they were deleted
+            return True
+        problem = validation_problem(self.ftj)
+        if problem:
+            self._fail("InvalidInput", problem, None, validated=False)
+        else:
+            self._drive()
+        self._write()
+        return self.new.get("phase") in FINISHED
+
+    def _drive(self) -> None:
+        policy = builders.resolved_job(self.ftj).spec.run_policy
+        self._condition("Validated", True, "Valid", "the spec passed `kubetune validate`")
+        jobs = {_attempt(j): j for j in self.kube.list_jobs(self.namespace, self.name)}
+        if not jobs:
+            self.new.setdefault("startTime", now_iso(self.now))
+            job = self._job(0, reason=None, counted=False)
+            if job is None:
+                return
+            jobs[0] = job
+        if not condition_true(self.old, "Created"):
+            self._condition("Created", True, "ChildrenCreated", f"ConfigMap, Service and Job {self.name}-0 created")
+        attempt = max(jobs)
+        current = jobs[attempt]
+        pods = self.kube.list_pods(self.namespace, self.name)
+        by_attempt: defaultdict[int, list[dict[str, Any]]] = defaultdict(list)
+        for pod in pods:
+            by_attempt[_attempt(pod)].append(pod)
+        self._account(jobs, by_attempt)
+        self._spec_changed(current)
+        if bool((current["spec"] or {}).get("suspend")) != policy.suspend and not (
+                policy.queue_name and not policy.suspend):  # Kueue, not us, unsuspends a queued Job
+            self.kube.patch_job(self.namespace, current["metadata"]["name"], {"spec": {"suspend": policy.suspend}})
+            current["spec"]["suspend"] = policy.suspend
+        outcome = attempt_outcome(current, by_attempt[attempt])
+        self._apply(outcome, attempt, current, by_attempt[attempt], policy.suspend)
+
+    def _apply(self, outcome: Outcome, attempt: int, job: dict[str, Any], pods: list[dict[str, Any]],
+               suspended: bool) -> None:
+        if suspended and outcome.state not in ("succeeded", "failed"):
+            self._phase("Suspended")
+            self._condition("Suspended", True, "Suspended", "runPolicy.suspend is true: pods stopped, "
+                            "they resume from the newest checkpoint")
+            self._condition("Running", False, "Suspended", "suspended")
+            return
+        if condition_true(self.new, "Suspended"):
+            self._condition("Suspended", False, "Resumed", "runPolicy.suspend is false")
+        if outcome.state == "running":
+            self._phase("Running")
+            self._condition("Running", True, "PodsRunning", outcome.message)
+            if condition_true(self.new, "Restarting"):
+                self._condition("Restarting", False, "GangRunning", f"attempt {attempt} is running")
+            self._progress(pods)
+        elif outcome.state in ("pending", "suspended"):
+            self._phase("Pending")
+            reason = "Queued" if outcome.state == "suspended" else outcome.reason
+            message = "waiting for Kueue to admit the Job" if outcome.state == "suspended" else outcome.message
+            self._condition("Running", False, reason, message)
+        elif outcome.state == "succeeded":
+            self._succeed(outcome)
+        elif outcome.retry == "never":
+            self._fail(outcome.reason, outcome.message, outcome.exit_code, result=outcome.result)
+        else:
+            self._restart(outcome, attempt)
+
+    # ---- transitions --------------------------------------------------------------------------------
+    def _restart(self, outcome: Outcome, attempt: int) -> None:
+        policy = builders.resolved_job(self.ftj).spec.run_policy
+        counted = outcome.retry == "counted"
+        if counted and self.new.get("budgetUsed", 0) >= policy.backoff_limit:
+            message = f"{policy.backoff_limit} counted restart(s) spent; last failure: {outcome.message}"
+            self._fail("BackoffLimitExceeded", message, outcome.exit_code, result=outcome.result)
+            return
+        if self._job(attempt + 1, reason=outcome.reason, counted=counted) is None:
+            return
+        self.new["restarts"] = self.new.get("restarts", 0) + 1
+        self.new["budgetUsed"] = self.new.get("budgetUsed", 0) + int(counted)
+        self.new["attempt"] = attempt + 1
+        text = f"attempt {attempt} ended ({outcome.reason}: {outcome.message}); attempt {attempt + 1} resumes " \
+               f"from the newest checkpoint" + ("" if counted else " (not counted against backoffLimit)")
+        self._phase("Pending")
+        self._condition("Restarting", True, outcome.reason, text)
+        self._condition("Running", False, "Restarting", text)
+        self.events.append(("Warning", "GangRestart", text))
+        metrics.gang_restart(self.namespace, self.name, outcome.reason)
+
+    def _job(self, attempt: int, reason: str | None, counted: bool) -> dict[str, Any] | None:
+        """Create the Job of one attempt with what is left of the deadline; None when nothing is left."""
+        spec = builders.resolved_job(self.ftj).spec
+        deadline = spec.run_policy.active_deadline_seconds
+        remaining = None
+        if deadline is not None:
+            started = parse_time(self.new.get("startTime")) or self.now
+            remaining = deadline - int((self.now - started).total_seconds())
+            if remaining <= 0:
+                self._fail("DeadlineExceeded", f"runPolicy.activeDeadlineSeconds={deadline} passed", None)
+                return None
+        job = builders.build_job(self.ftj, image=self.settings.trainer_image,
+                                 service_account=self.settings.trainer_service_account,
+                                 attempt=attempt, active_deadline_seconds=remaining)
+        # Every gang needs the spec and the rendezvous Service: make sure they are there (409 = they are).
+        self.kube.create(builders.build_configmap(self.ftj))
+        self.kube.create(builders.build_service(self.ftj))
+        job["metadata"]["annotations"] = {SPEC_HASH: spec_hash(self.ftj)}
+        if reason:
+            job["metadata"]["annotations"].update({RESTART_REASON: reason, RESTART_COUNTED: str(counted).lower()})
+        self.kube.create(job)
+        return job
+
+    def _succeed(self, outcome: Outcome) -> None:
+        result = outcome.result or {}
+        self._phase("Succeeded")
+        self.new["completionTime"] = now_iso(self.now)
+        self.new["outputUri"] = result.get("outputUri") or builders.resolved_job(self.ftj).spec.output.uri
+        if result.get("lastCheckpoint"):
+            self.new["lastCheckpoint"] = result["lastCheckpoint"]
+        tests = {f"test{k[:1].upper()}{k[1:]}": v for k, v in (result.get("test") or {}).items()
+                 if isinstance(v, int | float)}
+        if tests:
+            self.new["metrics"] = {**(self.new.get("metrics") or {}), **tests}
+        if result.get("step") is not None and result.get("totalSteps"):
+            self.new["progress"] = {**(self.new.get("progress") or {}), "step": result["step"],
+                                    "totalSteps": result["totalSteps"], "percent": 100.0, "etaSeconds": 0.0}
+        self._condition("Running", False, "Completed", "training finished")
+        self._condition("Succeeded", True, "Succeeded", f"model written to {self.new['outputUri']}")
+        self._end_conditions()
+
+    def _fail(self, reason: str, message: str, exit_code: int | None, validated: bool = True,
+              result: dict[str, Any] | None = None) -> None:
+        self._phase("Failed")
+        self.new["completionTime"] = now_iso(self.now)
+        self.new["failure"] = {"reason": reason, "message": message[:4000]}
+        if exit_code is not None:
+            self.new["failure"]["exitCode"] = exit_code
+        if result and result.get("lastCheckpoint"):
+            self.new["lastCheckpoint"] = result["lastCheckpoint"]
+        if not validated:
+            self._condition("Validated", False, "InvalidInput", message)
+        self._condition("Running", False, reason, message)
+        self._condition("Failed", True, reason, message)
+        self._end_conditions()
+
+    def _end_conditions(self) -> None:
+        for type_ in ("Restarting", "Stalled"):
+            if condition_true(self.new, type_):
+                self._condition(type_, False, "Finished", "the job finished")
+
+    def _expire(self) -> None:
+        ttl = builders_ttl(self.ftj)
+        finished = parse_time(self.old.get("completionTime"))
+        if ttl is not None and finished and (self.now - finished).total_seconds() >= ttl:
+            log.info("deleting %s/%s: ttlSecondsAfterFinished=%s passed", self.namespace, self.name, ttl)
+            self.kube.delete_ftj(self.namespace, self.name)
+        else:
+            self._remember_phase()
+
+    # ---- observations -------------------------------------------------------------------------------
+    def _account(self, jobs: dict[int, dict[str, Any]], pods: dict[int, list[dict[str, Any]]]) -> None:
+        """Restarts, budget and GPU-seconds from the Jobs themselves (restart-safe)."""
+        gpus = builders.resolved_job(self.ftj).spec.resources.gpus_per_node
+        later = [j for a, j in jobs.items() if a > 0]
+        self.new["attempt"] = max(jobs)
+        self.new["restarts"] = len(later)
+        self.new["budgetUsed"] = sum((j["metadata"].get("annotations") or {}).get(RESTART_COUNTED) == "true"
+                                     for j in later)
+        per_attempt = dict(self.old.get("attemptGpuSeconds") or {})
+        for attempt in jobs:  # max(): pods of an old attempt may be gone, their seconds are not
+            seconds = pod_gpu_seconds(pods.get(attempt, []), gpus, self.now)
+            per_attempt[str(attempt)] = round(max(float(per_attempt.get(str(attempt), 0.0)), seconds), 1)
+        self.new["attemptGpuSeconds"] = per_attempt
+        self.new["gpuSeconds"] = round(sum(per_attempt.values()), 1)
+
+    def _spec_changed(self, job: dict[str, Any]) -> None:
+        recorded = (job["metadata"].get("annotations") or {}).get(SPEC_HASH)
+        if recorded and recorded != spec_hash(self.ftj):
+            self._condition("SpecChanged", True, "NotApplied", "spec changed after the job started; the change is "
+                            "not applied (only runPolicy.suspend is): delete and recreate the FineTuneJob")
+        elif condition_true(self.new, "SpecChanged"):
+            self._condition("SpecChanged", False, "Unchanged", "spec matches what the pods run")
+
+    def _progress(self, pods: list[dict[str, Any]]) -> None:
+        zero = rank0(pods)
+        ip = ((zero or {}).get("status") or {}).get("podIP")
+        if not ip:
+            return
+        from kubetune import contract
+
+        text = progress.scrape(self.settings.trainer_metrics_url.format(pod_ip=ip, port=contract.DEFAULT_METRICS_PORT))
+        if text is None:
+            return
+        found, values = progress.parse(text, self.name, self.namespace)
+        old_step = (self.old.get("progress") or {}).get("step")
+        if found:
+            self.new["progress"] = found
+        if values:
+            self.new["metrics"] = {**(self.new.get("metrics") or {}), **values}
+        step = found.get("step")
+        if step is not None and (step != old_step or not self.new.get("lastStepTime")):
+            self.new["lastStepTime"] = now_iso(self.now)
+            if condition_true(self.new, "Stalled"):
+                self._condition("Stalled", False, "Progressing", f"step {step}")
+        last = parse_time(self.new.get("lastStepTime"))
+        if step is not None and last and (self.now - last).total_seconds() >= self.settings.stall_seconds:
+            self._condition("Stalled", True, "NoProgress", f"step {step} has not moved for "
+                            f"{int((self.now - last).total_seconds())}s: a hung collective holds the GPUs")
+
+    # ---- writing --------------------------------------------------------------------------------------
+    def _phase(self, phase: str) -> None:
+        if self.new.get("phase") != phase:
+            self.new["phase"] = phase
+
+    def _condition(self, type_: str, value: bool, reason: str, message: str) -> None:
+        self.new["conditions"] = set_condition(self.new.get("conditions") or [], type_, value, reason, message,
+                                               self.now, self.generation)
+
+    def _remember_phase(self) -> None:
+        with _phases_lock:
+            _phases[(self.namespace, self.name)] = (self.namespace, self.new.get("phase") or "Pending")
+
+    def _write(self) -> None:
+        self.new.setdefault("phase", "Pending")
+        if self.generation is not None:
+            self.new["observedGeneration"] = self.generation
+        self._remember_phase()
+        if self.new == self.old:
+            return
+        self.kube.patch_ftj_status(self.namespace, self.name, self._patch())
+        for event in self._transition_events():
+            self.kube.event(self.ftj, *event, now=self.now)
+
+    def _patch(self) -> dict[str, Any]:
+        """A merge patch: keys that disappeared become null."""
+        patch: dict[str, Any] = dict(self.new)
+        for key in self.old:
+            patch.setdefault(key, None)
+        return patch
+
+    def _transition_events(self) -> list[tuple[str, str, str]]:
+        events = []
+        if self.old.get("phase") != self.new.get("phase"):
+            warn = self.new["phase"] == "Failed"
+            text = f"phase {self.old.get('phase') or '-'} -> {self.new['phase']}"
+            if warn:
+                text += f": {self.new['failure']['reason']}: {self.new['failure']['message']}"
+            events.append(("Warning" if warn else "Normal", self.new["phase"], text))
+        before = {c["type"]: c for c in self.old.get("conditions") or []}
+        for condition in self.new.get("conditions") or []:
+            old = before.get(condition["type"])
+            flipped = old is None or old["status"] != condition["status"]
+            # Created/Validated/Succeeded/Failed flip with the phase (its event says it); a restart has its own.
+            if condition["type"] in ("Suspended", "Stalled", "SpecChanged") and flipped and (
+                    old is not None or condition["status"] == "True"):
+                kind = "Warning" if condition["type"] != "Suspended" and condition["status"] == "True" else "Normal"
+                events.append((kind, condition["reason"], f"{condition['type']}={condition['status']}: "
+                               f"{condition['message']}"))
+            elif condition["type"] == "Running" and old and old.get("reason") != condition["reason"] and \
+                    self.old.get("phase") == self.new.get("phase"):
+                events.append(("Normal", condition["reason"], condition["message"]))  # e.g. Pending -> Unschedulable
+        return events + self.events
+
+
+def builders_ttl(ftj: dict[str, Any]) -> int | None:
+    value = ((ftj.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    return int(value) if isinstance(value, int) else None

@@ -1,0 +1,173 @@
+"""Pure status logic: one set_condition, the outcome of a gang attempt from its Job and Pods, the phase.
+
+No API calls here; reconcile.py feeds observed objects in and writes what comes out, once per pass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune import contract
+
+FINISHED = ("Succeeded", "Failed")
+COMPLETION_INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+PULL_ERRORS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
+
+
+def now_iso(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
+def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str,
+                  now: datetime, generation: int | None = None) -> list[dict[str, Any]]:
+    """Return conditions with `type_` set; lastTransitionTime moves only when the status flips."""
+    value = "True" if status else "False"
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    moved = old is None or old.get("status") != value
+    condition = {
+        "type": type_, "status": value, "reason": reason, "message": message,
+        "lastTransitionTime": now_iso(now) if moved else old["lastTransitionTime"],  # type: ignore[index]
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return [c for c in conditions if c.get("type") != type_] + [condition]
+
+
+def condition_true(status: dict[str, Any], type_: str) -> bool:
+    return any(c.get("type") == type_ and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one gang attempt came to. retry: 'free' (disruption), 'counted' (spends backoffLimit), 'never'."""
+
+    state: str  # pending | running | succeeded | failed | suspended
+    reason: str = ""
+    message: str = ""
+    exit_code: int | None = None
+    retry: str = "never"
+    result: dict[str, Any] | None = None  # the trainer's termination message (JSON) when it left one
+
+
+def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_ and condition.get("status") == "True":
+            return dict(condition)
+    return None
+
+
+def _states(pod: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return [s["state"][kind] for s in statuses if (s.get("state") or {}).get(kind)]
+
+
+def _terminated(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return _states(pod, "terminated")
+
+
+def _waiting(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return _states(pod, "waiting")
+
+
+def _pod_condition(pod: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_:
+            return dict(condition)
+    return None
+
+
+def termination_result(terminated: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer writes JSON; FallbackToLogsOnError may give log lines instead (then no result)."""
+    try:
+        result = json.loads(terminated.get("message") or "")
+    except ValueError:
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def _message(terminated: dict[str, Any]) -> str:
+    result = termination_result(terminated)
+    if result and result.get("message"):
+        return str(result["message"])
+    return (terminated.get("message") or terminated.get("reason") or "").strip()[-1000:]
+
+
+def rank0(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for pod in pods:
+        if (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX_KEY) == "0":
+            return pod
+    return None
+
+
+def attempt_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
+    """Classify one attempt from its Job and Pods, most telling cause first."""
+    terminated = [(pod, t) for pod in pods for t in _terminated(pod)]
+    failed_job = _job_condition(job, "Failed")
+    if _job_condition(job, "Complete"):
+        zero = rank0(pods)
+        result = next((termination_result(t) for t in _terminated(zero)), None) if zero else None
+        return Outcome("succeeded", "Succeeded", "training finished", 0, result=result)
+    for _, t in terminated:
+        if t.get("exitCode") == contract.EXIT_BAD_INPUT:
+            return Outcome("failed", "InvalidInput", _message(t), contract.EXIT_BAD_INPUT, result=termination_result(t))
+    if failed_job and failed_job.get("reason") == "DeadlineExceeded":
+        return Outcome("failed", "DeadlineExceeded", failed_job.get("message") or "activeDeadlineSeconds passed")
+    active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+    # The Job's own Failed condition ends an attempt (not the first failed pod: the Job controller may still
+    # be stopping the others, and a new gang must not overlap the old one's checkpoint writes).
+    if failed_job and not active:
+        for pod in pods:
+            disruption = _pod_condition(pod, "DisruptionTarget")
+            if disruption and disruption.get("status") == "True":
+                return Outcome("failed", "Preempted", disruption.get("message") or disruption.get("reason") or
+                               "pod disrupted", retry="free")
+        for _, t in terminated:
+            if t.get("exitCode") == contract.EXIT_RETRY:
+                return Outcome("failed", "Preempted", _message(t), contract.EXIT_RETRY, retry="free",
+                               result=termination_result(t))
+        for pod, t in terminated:
+            if t.get("reason") == "OOMKilled":  # the same batch on the same memory would only OOM again
+                return Outcome("failed", "OOMKilled", f"pod {pod['metadata']['name']} ran out of memory: raise "
+                               "resources.memory or lower batchSize", t.get("exitCode"))
+        crash = next(((p, t) for p, t in terminated if t.get("exitCode") not in (0, None)), None)
+        if crash:
+            return Outcome("failed", "TrainerError", _message(crash[1]), crash[1].get("exitCode"), retry="counted",
+                           result=termination_result(crash[1]))
+        return Outcome("failed", "TrainerError", (failed_job or {}).get("message") or "a pod was lost",
+                       retry="counted")
+    for pod in pods:
+        for waiting in _waiting(pod):
+            if waiting.get("reason") in PULL_ERRORS:
+                return Outcome("failed", "ErrImagePull" if waiting["reason"] == "InvalidImageName" else
+                               waiting["reason"], waiting.get("message") or waiting["reason"])
+    if (job.get("spec") or {}).get("suspend"):
+        return Outcome("suspended", "Suspended", "the Job is suspended")
+    if pods and all((p.get("status") or {}).get("phase") == "Running" for p in pods if p in active) and \
+            any((p.get("status") or {}).get("phase") == "Running" for p in pods):
+        return Outcome("running", "Running", f"{len(active)} pod(s) running")
+    for pod in pods:
+        scheduled = _pod_condition(pod, "PodScheduled")
+        if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+            return Outcome("pending", "Unschedulable", scheduled.get("message") or "no node fits the pod")
+    return Outcome("pending", "Pending", "waiting for pods")
+
+
+def pod_gpu_seconds(pods: list[dict[str, Any]], gpus_per_node: int, now: datetime) -> float:
+    """GPU-seconds held by these pods: container start to finish (or now), times GPUs per pod."""
+    total = 0.0
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            state = status.get("state") or {}
+            running, terminated = state.get("running"), state.get("terminated")
+            started = parse_time((running or terminated or {}).get("startedAt"))
+            ended = parse_time(terminated.get("finishedAt")) if terminated else now
+            if started and ended:
+                total += max(0.0, (ended - started).total_seconds()) * gpus_per_node
+    return total

@@ -1,0 +1,54 @@
+"""A real client drives the emulated API: kubectl apply an example, get ftj, wait for Succeeded.
+
+kubectl needs list responses with `kind` and honoured field selectors (kubectl wait lists with
+metadata.name=...): tests/fixtures_k8s.py mends both; the test itself is not weakened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_operator import Backend
+from tests.k8s_tools import binary
+from tests.operator_harness import NS, Api, Operator, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "reviews-sentiment-s3.yaml"
+
+
+def kubectl(cluster: Backend, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    return subprocess.run([str(binary("kubectl")), "-n", NS, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.plays_controller
+def test_kubectl_apply_get_and_wait_for_succeeded(backend: Backend, operator: Operator, api: Api) -> None:
+    k8s_cluster = backend
+    applied = kubectl(k8s_cluster, "apply", "--validate=false", "-f", str(EXAMPLE))
+    assert applied.returncode == 0, applied.stderr
+    assert "finetunejob.kubetune.io/reviews-sentiment created" in applied.stdout
+    job = wait_for("the Job", lambda: api.job("reviews-sentiment-0"), operator=operator)
+    listed = kubectl(k8s_cluster, "get", "ftj")
+    assert listed.returncode == 0 and "reviews-sentiment" in listed.stdout, listed.stderr
+    one = kubectl(k8s_cluster, "get", "ftj", "reviews-sentiment", "-o", "json")
+    assert json.loads(one.stdout)["spec"]["model"]["task"] == "sequence-classification", one.stderr
+    waiter = subprocess.Popen([str(binary("kubectl")), "-n", NS, "wait", "--for=condition=Succeeded",
+                               "ftj/reviews-sentiment", "--timeout=120s"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "KUBECONFIG": str(k8s_cluster.kubeconfig)})
+    [pod] = api.start_pods(job["metadata"]["name"])
+    wait_for("Running", lambda: api.status("reviews-sentiment").get("phase") == "Running", operator=operator)
+    assert waiter.poll() is None  # still waiting: not Succeeded yet
+    api.terminate(pod, 0, json.dumps({"outcome": "Succeeded", "exitCode": 0}), reason="Completed")
+    api.finish_job("reviews-sentiment-0", "Complete")
+    out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err
+    assert "condition met" in out
+    phase = kubectl(k8s_cluster, "get", "ftj", "reviews-sentiment", "-o", "jsonpath={.status.phase}")
+    assert phase.stdout == "Succeeded", phase.stderr
