@@ -35,6 +35,7 @@ test-all: setup lint
 
 crd: setup
 	$(VENV)/bin/kubetune crd > crds/finetunejob.yaml
+	cp crds/finetunejob.yaml charts/kubetune/crds/finetunejob.yaml   # the chart ships the same bytes
 
 clean:
 	rm -rf $(VENV) .kubetune .pytest_cache .mypy_cache .ruff_cache
