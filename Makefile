@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-llm test test-all lint crd clean
+.PHONY: setup demo demo-llm test test-all lint crd docs clean
 
 $(VENV)/.installed: pyproject.toml .ci/install-k8s-tools
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ test-all: setup lint
 crd: setup
 	$(VENV)/bin/kubetune crd > crds/finetunejob.yaml
 	cp crds/finetunejob.yaml charts/kubetune/crds/finetunejob.yaml   # the chart ships the same bytes
+
+docs: setup
+	$(PY) -m kubetune.specdoc > docs/spec-reference.md   # the field-by-field reference, from the spec model
 
 clean:
 	rm -rf $(VENV) .kubetune .pytest_cache .mypy_cache .ruff_cache
