@@ -39,16 +39,20 @@ def test_cluster_example_passes_kubetune_validate(path: Path, capsys: pytest.Cap
     assert f"valid FineTuneJob {documents(path)[0]['metadata']['name']!r}" in capsys.readouterr().out
 
 
-@pytest.fixture
-def demo_tree(tmp_path: Path, minilm_path: Path, tiny_gpt2: Path) -> Path:
+def prepare_demo_tree(root: Path, minilm: Path, tiny_gpt2: Path) -> Path:
     """The layout `make demo` prepares (.kubetune/demo beside examples/), from the real models and samples."""
-    demo = tmp_path / ".kubetune" / "demo"
+    demo = root / ".kubetune" / "demo"
     write_samples(demo / "data")
     (demo / "models").mkdir(parents=True)
-    (demo / "models" / "all-MiniLM-L6-v2").symlink_to(minilm_path)
+    (demo / "models" / "all-MiniLM-L6-v2").symlink_to(minilm)
     (demo / "models" / "tiny-gpt2").symlink_to(tiny_gpt2)
-    (tmp_path / "examples").mkdir()
-    return tmp_path / "examples"
+    (root / "examples").mkdir()
+    return root / "examples"
+
+
+@pytest.fixture
+def demo_tree(tmp_path: Path, minilm_path: Path, tiny_gpt2: Path) -> Path:
+    return prepare_demo_tree(tmp_path, minilm_path, tiny_gpt2)
 
 
 @pytest.mark.parametrize("path", LOCAL_JOBS, ids=lambda p: p.name)
