@@ -49,7 +49,7 @@ def nested(flat: dict[str, Any]) -> dict[str, Any]:
 def helm_with_values(tmp: Path, command: str, values: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
     values_file = tmp / f"values-{abs(hash(json.dumps(values, sort_keys=True)))}.json"
     values_file.write_text(json.dumps(nested(values)))  # JSON is YAML
-    extra = ["t", str(CHART)] if command == "template" else [str(CHART)]
+    extra = ["t", str(CHART)] if command in ("template", "install") else [str(CHART)]
     return helm(command, *extra, "--namespace", "kubetune-system", "-f", str(values_file), *args)
 
 
@@ -273,7 +273,7 @@ def test_rbac_grants_no_wildcards_and_no_secrets(tmp_path: Path) -> None:
 
 
 def test_notes_tell_how_to_submit_and_watch_a_job(tmp_path: Path) -> None:
-    done = helm_with_values(tmp_path, "install", {}, "t", "--dry-run=client")
+    done = helm_with_values(tmp_path, "install", {}, "--dry-run=client")
     assert done.returncode == 0, done.stderr
     notes = done.stdout.split("NOTES:", 1)[1]
     for command in ("kubectl -n kubetune-system rollout status deployment/t-kubetune-operator",

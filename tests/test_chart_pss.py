@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.pss import restricted_violations
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def compliant() -> dict[str, Any]:
@@ -81,3 +85,16 @@ def test_apparmor_annotation() -> None:
     assert restricted_violations(compliant(), bad)
     assert restricted_violations(compliant(), {"container.apparmor.security.beta.kubernetes.io/main":
                                                "runtime/default"}) == []
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")
+                                           if "kind: FineTuneJob" in p.read_text()))
+def test_trainer_pods_the_operator_builds_for_each_example_are_restricted(example: str) -> None:
+    from kubetune_operator import builders  # the operator's pure builders: the pods a cluster would run
+
+    ftj = yaml.safe_load((EXAMPLES / example).read_text())
+    ftj["metadata"].update(namespace="ml", uid="00000000-0000-4000-8000-000000000000")
+    job = builders.build_job(ftj, image="ghcr.io/kubetune/trainer:0.1.0", service_account="kubetune-trainer")
+    template = job["spec"]["template"]
+    assert restricted_violations(template["spec"], template["metadata"].get("annotations")) == []
+    assert template["spec"]["automountServiceAccountToken"] is False
