@@ -282,3 +282,14 @@ def test_notes_tell_how_to_submit_and_watch_a_job(tmp_path: Path) -> None:
         assert command in notes
     example = re.search(r"examples/([\w-]+\.yaml)", notes)
     assert example and (ROOT / "examples" / example.group(1)).is_file()
+
+
+def test_monitoring_files_are_wrapped_unchanged(tmp_path: Path) -> None:
+    objects = render(tmp_path, {"metrics.prometheusRule.enabled": True, "grafana.dashboard.enabled": True},
+                     MONITORING_APIS)
+    rules = yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
+    assert find(objects, "PrometheusRule")[0]["spec"]["groups"] == rules["groups"]
+    (dashboard,) = find(objects, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    assert json.loads(dashboard["data"]["kubetune.json"]) == shipped
