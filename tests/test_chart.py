@@ -202,14 +202,11 @@ def test_every_value_has_a_doc_comment() -> None:
         while above >= 0 and lines[above].strip().startswith("#") and not lines[above].strip().startswith("# --"):
             above -= 1  # a `# --` comment may continue over several lines
         is_parent = line.rstrip().endswith(":") and number + 1 < len(lines) and \
-            len(lines[number + 1]) - len(lines[number + 1].lstrip()) > indent
+            len(lines[number + 1]) - len(lines[number + 1].lstrip()) > indent  # a grouping key: its keys count
         if above >= 0 and lines[above].strip().startswith("# --"):
             documented_indents.append(indent)
         elif not documented_indents and not is_parent:
             undocumented.append(match.group(2))
-        elif is_parent and not documented_indents:
-            # A grouping key: fine as long as every key under it is documented (checked as we go).
-            pass
     assert undocumented == []
 
 
