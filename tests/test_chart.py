@@ -46,16 +46,18 @@ def nested(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def helm_with_values(tmp: Path, command: str, values: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+def helm_with_values(tmp: Path, command: str, values: dict[str, Any], *args: str,
+                     release: str = "t") -> subprocess.CompletedProcess[str]:
     values_file = tmp / f"values-{abs(hash(json.dumps(values, sort_keys=True)))}.json"
     values_file.write_text(json.dumps(nested(values)))  # JSON is YAML
-    extra = ["t", str(CHART)] if command in ("template", "install") else [str(CHART)]
+    extra = [release, str(CHART)] if command in ("template", "install") else [str(CHART)]
     return helm(command, *extra, "--namespace", "kubetune-system", "-f", str(values_file), *args)
 
 
-def render(tmp: Path, values: dict[str, Any], api_versions: list[str] | None = None) -> list[dict[str, Any]]:
+def render(tmp: Path, values: dict[str, Any], api_versions: list[str] | None = None,
+           release: str = "t") -> list[dict[str, Any]]:
     api_args = [arg for api in api_versions or [] for arg in ("--api-versions", api)]
-    done = helm_with_values(tmp, "template", values, "--kube-version", KUBE_VERSION, *api_args)
+    done = helm_with_values(tmp, "template", values, "--kube-version", KUBE_VERSION, *api_args, release=release)
     assert done.returncode == 0, done.stderr
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
