@@ -6,19 +6,19 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
 {{- define "kubetune.namespacedRules" -}}
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, delete]  # watch (kopf), read back, delete after ttlSecondsAfterFinished
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
   verbs: [patch]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, delete]
+  verbs: [list, create, patch]  # one Job per gang attempt; patch: suspend/resume
 - apiGroups: [""]
   resources: [configmaps, services]
-  verbs: [get, create]
+  verbs: [create]  # create-if-missing: 409 means it is there; the owner reference cleans up
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
@@ -29,19 +29,18 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
 {{- end }}
 {{- end -}}
 
-{{/* Cluster-scoped reads of the framework (kopf): which CRDs and namespaces exist. */}}
+{{/* Cluster-scoped reads of the framework (kopf): which CRDs exist; in namespaced mode, which namespaces. */}}
 {{- define "kubetune.clusterRules" -}}
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
-{{- if eq .Values.rbac.scope "cluster" }}
+{{- if eq .Values.rbac.scope "namespaced" }}
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [list, watch]
-{{- if .Values.operator.peering.enabled }}
+{{- else if .Values.operator.peering.enabled }}
 - apiGroups: [kopf.dev]
   resources: [clusterkopfpeerings]
   verbs: [get, list, watch, patch]
-{{- end }}
 {{- end }}
 {{- end -}}
