@@ -50,8 +50,11 @@ ALL_RESOURCES = {**RESOURCES, **HELM_RESOURCES}
 
 
 class HelmReadyEmulator(MendedEmulator):
+    calls: list[tuple[str, str, str]]  # (method, path?query, bearer token): who asked for what
+
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self.calls = []
         for (group, version, plural), info in ALL_RESOURCES.items():
             # Discovery names each resource's singular (kubectl resolves `get deployment/x` through it).
             info = {**info, "singular": info.get("singular", info["kind"].lower())}
@@ -80,6 +83,8 @@ class HelmReadyEmulator(MendedEmulator):
 
     async def _handle(self, request: Any) -> Any:
         method = str(request.method).split(".")[-1].upper()
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.calls.append((method, str(request.url.path_qs), token))
         if request.resource is not None and request.name and request.subresource is None:
             key = (request.resource, request.namespace, request.name)
             present = key in self.objects and not self.objects[key].deleted
@@ -120,6 +125,15 @@ class HelmCluster(Cluster):
         for namespace in ("default", "ml", RELEASE_NAMESPACE):
             self.emulator.objects["v1/namespaces", None, namespace] = {
                 "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "uid": str(uuid.uuid4())}}
+
+
+    def kubeconfig_for(self, token: str) -> Path:
+        """A kubeconfig whose requests carry `token`, as a ServiceAccount's would: the calls tell them apart."""
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        config["users"][0]["user"]["token"] = token
+        path = self.workdir / f"kubeconfig-{token}"
+        path.write_text(yaml.safe_dump(config))
+        return path
 
 
 @pytest.fixture

@@ -97,3 +97,55 @@ def test_namespaced_mode_keeps_job_rules_inside_the_watched_namespaces(tmp_path:
     assert not granted(objects, Access("watch", "kubetune.io", "finetunejobs", None, None))  # cluster-wide
     assert granted(render(tmp_path, {}), Access("watch", "kubetune.io", "finetunejobs", None, None))
     assert not granted(objects, Access("get", "", "secrets", "ml", "s3-credentials"))
+
+
+def test_installed_rbac_is_exactly_what_the_operator_uses(tmp_path: Path) -> None:
+    """The chart installed by helm, the real operator started with the Deployment's env and a token of its own;
+    the test plays the Job controller through a job's life (run, succeed, TTL-delete) and a suspension."""
+    harness = pytest.importorskip("tests.operator_harness", reason="the operator harness is not merged yet")
+    from kubetune.jobfile import job_document
+    from kubetune.netutil import free_port
+    from tests.test_chart_install import CHART, RELEASE_NAMESPACE, HelmCluster, read, run
+
+    cluster = HelmCluster(tmp_path)
+    cluster.start()
+    try:
+        run(cluster, ["helm", "install", "kubetune", str(CHART), "-n", RELEASE_NAMESPACE,
+                      "--disable-openapi-validation"])
+        installed = [read(cluster, "clusterrole", "kubetune-operator")]
+        container = read(cluster, "deployment", "kubetune-operator")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value", "") for e in container["env"]}
+        env.update(KUBETUNE_REFRESH_SECONDS="1", KUBETUNE_HEALTH_PORT=str(free_port()),
+                   KUBETUNE_OPERATOR_METRICS_PORT=str(free_port()))
+        operator = harness.Operator(cluster.kubeconfig_for("operator"), env, tmp_path / "operator.log").start()
+        api = harness.Api(cluster.kubeconfig)
+
+        def submit(name: str, **spec: Any) -> None:
+            doc = job_document(name, {"model": {"uri": "s3://models/m/", "task": "causal-lm"},
+                                      "data": {"train": "s3://data/d.jsonl"}, "output": {"uri": "s3://out/x/"}}, spec)
+            doc["metadata"]["namespace"] = harness.NS
+            api.apply(doc)
+
+        def wait(what: str, check: Any) -> Any:
+            return harness.wait_for(what, check, timeout=60, operator=operator)
+
+        submit("done", runPolicy={"ttlSecondsAfterFinished": 1})
+        wait("the Job", lambda: api.job("done-0"))
+        [pod] = api.start_pods("done-0")
+        api.terminate(pod, 0, '{"outcome": "Succeeded", "exitCode": 0}', reason="Completed")
+        api.finish_job("done-0", "Complete")
+        wait("TTL deletion", lambda: api.ftj("done") is None)
+        submit("held")
+        wait("the Job", lambda: api.job("held-0"))
+        api.patch_ftj("held", {"spec": {"runPolicy": {"suspend": True}}})
+        wait("Job suspended", lambda: api.job("held-0")["spec"]["suspend"] is True)
+        assert operator.stop() == 0, operator.tail()
+    finally:
+        cluster.stop()
+
+    assert cluster.emulator is not None
+    wanted = {a for m, url, token in cluster.emulator.calls if token == "operator" and (a := access(m, url))}
+    assert wanted, "no requests from the operator were recorded"
+    assert [a for a in wanted if not granted(installed, a)] == [], "requests the chart's RBAC would deny"
+    used = {(a.group, a.resource, a.verb) for a in wanted}
+    assert grants(installed) - used == set(), "grants no request used"
