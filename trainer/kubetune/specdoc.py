@@ -90,8 +90,10 @@ def reference_markdown() -> str:
     _tables("spec", schema, defs, out)
     out += ["## Cross-field rules", "", "Checked by `kubetune validate` and, as CEL rules, by the API server:", ""]
     out += [f"- {rule['message']}" for rule in CEL_RULES]
-    out += [f"- evaluation.metric: one of {', '.join(CLASSIFICATION_METRICS)} (sequence-classification) "
-            f"or {', '.join(CAUSAL_LM_METRICS)} (causal-lm)", ""]
+    if not any(rule["message"].startswith("evaluation.metric") for rule in CEL_RULES):  # pydantic-only so far
+        out.append(f"- evaluation.metric: one of {', '.join(CLASSIFICATION_METRICS)} (sequence-classification) "
+                   f"or {', '.join(CAUSAL_LM_METRICS)} (causal-lm)")
+    out.append("")
     out += ["## `status` (written by the operator)", "", "| field | type |", "|---|---|"]
     for name, node in STATUS_SCHEMA["properties"].items():
         out.append(f"| `{name}` | {_type(node, {})} |")
