@@ -89,6 +89,10 @@ def validation_problems(objects: list[dict[str, Any]]) -> list[str]:
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
             problems += monitoring_problems(obj)
             continue
+        if obj["apiVersion"] == "kopf.dev/v1":  # kopf's peering objects: only metadata
+            if obj["kind"] not in ("KopfPeering", "ClusterKopfPeering") or obj["metadata"]["name"] != "default":
+                problems.append(f"{obj['kind']}: not kopf's default peering object")
+            continue
         try:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -157,6 +161,9 @@ def test_every_switch_combination_renders_objects_the_official_schemas_accept(tm
         assert len(find(objects, "Role")) == (2 if values["rbac.scope"] == "namespaced" else 0)
         deployment = find(objects, "Deployment")[0]
         assert deployment["spec"]["replicas"] == (2 if values["operator.peering.enabled"] else 1)
+        peering = [o for o in objects if o["apiVersion"] == "kopf.dev/v1"]
+        assert len(peering) == (0 if not values["operator.peering.enabled"] else
+                                2 if values["rbac.scope"] == "namespaced" else 1)
 
 
 @pytest.mark.parametrize("switch", ["metrics.serviceMonitor.enabled", "metrics.podMonitor.enabled",
