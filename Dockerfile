@@ -39,8 +39,8 @@ LABEL org.opencontainers.image.source="https://github.com/kubetune/kubetune" \
       org.opencontainers.image.vendor="kubetune" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}"
-# A real passwd entry: torch and getpass look the user up. -l: no huge lastlog for a high uid.
-RUN useradd --system --no-log-init --uid 65532 --user-group --home-dir /var/lib/kubetune --create-home kubetune
+# A real passwd entry (torch and getpass look the user up); uid 1000 is what the operator sets on trainer pods.
+RUN useradd --no-log-init --uid 1000 --user-group --home-dir /var/lib/kubetune --create-home kubetune
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -60,7 +60,7 @@ ENV HF_HUB_OFFLINE=1 \
     DO_NOT_TRACK=1 \
     HF_HOME=/var/lib/kubetune/.cache/huggingface \
     KUBETUNE_WORK_DIR=/var/lib/kubetune
-USER 65532:65532
+USER 1000:1000
 EXPOSE 9400
 ENTRYPOINT ["kubetune", "trainer"]
 
@@ -70,6 +70,6 @@ LABEL org.opencontainers.image.title="kubetune-operator" \
       org.opencontainers.image.description="kubetune operator: runs FineTuneJobs as Kubernetes Jobs"
 COPY --from=build-operator /opt/venv /opt/venv
 ENV DO_NOT_TRACK=1
-USER 65532:65532
+USER 1000:1000
 EXPOSE 8080 9401
 ENTRYPOINT ["kubetune", "operator"]

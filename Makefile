@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-llm test test-all lint crd monitoring test-tools clean
+.PHONY: setup demo demo-llm test test-all lint crd docs monitoring test-tools clean
 
 $(VENV)/.installed: pyproject.toml .ci/install-k8s-tools
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test-all: setup lint test-tools
 
 crd: setup
 	$(VENV)/bin/kubetune crd > crds/finetunejob.yaml
+	cp crds/finetunejob.yaml charts/kubetune/crds/finetunejob.yaml   # the chart ships the same bytes
+
+docs: setup
+	$(PY) -m kubetune.specdoc > docs/spec-reference.md   # the field-by-field reference, from the spec model
 
 monitoring: setup
 	$(PY) -m kubetune.monitoring charts/kubetune/files

@@ -1,0 +1,46 @@
+{{/*
+What the operator does in a namespace where FineTuneJobs run. Kept equal to the API requests the
+operator tests record (tests/test_chart_rbac.py fails on a missing or an unused grant). No Secrets:
+trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not the operator.
+*/}}
+{{- define "kubetune.namespacedRules" -}}
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs]
+  verbs: [get, list, watch, delete]  # watch (kopf), read back, delete after ttlSecondsAfterFinished
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/status]
+  verbs: [patch]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [list, create, patch]  # one Job per gang attempt; patch: suspend/resume
+- apiGroups: [""]
+  resources: [configmaps, services]
+  verbs: [create]  # create-if-missing: 409 means it is there; the owner reference cleans up
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- if and .Values.operator.peering.enabled (eq .Values.rbac.scope "namespaced") }}
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [get, list, watch, patch]
+{{- end }}
+{{- end -}}
+
+{{/* Cluster-scoped reads of the framework (kopf): which CRDs exist; in namespaced mode, which namespaces. */}}
+{{- define "kubetune.clusterRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- if eq .Values.rbac.scope "namespaced" }}
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- else if .Values.operator.peering.enabled }}
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [get, list, watch, patch]
+{{- end }}
+{{- end -}}
