@@ -17,7 +17,18 @@ def _validate(args: argparse.Namespace) -> int:
 
     job = load_job(args.file)
     check_local_inputs(job.spec, args.file)
-    print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}")
+    if args.deep:
+        from kubetune.deepcheck import deep_check, parse_quantity, render
+        from kubetune.runner import resolve_paths
+
+        memory = parse_quantity(args.device_memory) if args.device_memory else None
+        if args.device_memory and memory is None:
+            raise UserError(f"--device-memory: {args.device_memory!r} is not a quantity like 80Gi")
+        report = deep_check(resolve_paths(job, args.file), memory)
+        if report.problems:
+            raise UserError("\n".join(report.problems))
+        print(render(report))
+    print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}" + (" (deep checks passed)" if args.deep else ""))
     return contract.EXIT_OK
 
 
@@ -104,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a manifest; exit 2 with one line per problem")
     validate.add_argument("file")
+    validate.add_argument("--deep", action="store_true",
+                          help="also reach storage with the job's credentials, read the first rows of the data "
+                               "and the model's config, and estimate steps and memory")
+    validate.add_argument("--device-memory", help="memory of one training device (e.g. 80Gi) to check the "
+                                                  "estimate against; CPU jobs use resources.memory")
     validate.set_defaults(handler=_validate)
 
     commands.add_parser("crd", help="print the FineTuneJob CRD").set_defaults(handler=_crd)
