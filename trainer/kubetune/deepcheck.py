@@ -53,8 +53,8 @@ def deep_check(job: FineTuneJob, device_memory: int | None = None) -> DeepReport
     storage = Storage(spec.storage)
     with tempfile.TemporaryDirectory(prefix="kubetune-deep-") as scratch:
         work = Path(scratch)
-        for name, uri in (("spec.output.uri", spec.output.uri), ("spec.checkpoint.uri", spec.checkpoint_uri())):
-            report.check(lambda n=name, u=uri: _check_writable(storage, n, u))
+        report.check(lambda: _check_writable(storage, "spec.output.uri", spec.output.uri))
+        report.check(lambda: _check_writable(storage, "spec.checkpoint.uri", spec.checkpoint_uri()))
         rows = report.check(lambda: _check_data(job, storage, work)) or {}
         model = report.check(lambda: _check_model(job, storage, work / "model"))
         if model is not None:

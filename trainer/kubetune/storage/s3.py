@@ -283,9 +283,10 @@ class S3Backend:
     def read_bytes(self, uri: str, key: str, limit: int | None = None) -> bytes:
         """The first `limit` bytes (all when None) of one object of uri's bucket."""
         bucket, _ = self._bucket(uri)
-        extra = {"Range": f"bytes=0-{limit - 1}"} if limit else {}
         with self._errors(uri, "read"):
-            body: bytes = self.client.get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+            response = (self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limit - 1}") if limit
+                        else self.client.get_object(Bucket=bucket, Key=key))
+            body: bytes = response["Body"].read()
         return body
 
     def ensure_bucket(self, bucket: str) -> None:
