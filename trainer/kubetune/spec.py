@@ -217,6 +217,23 @@ class RunPolicySpec(_Spec):
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name).")
 
 
+class KServeSpec(_Spec):
+    service_account_name: str | None = Field(
+        default=None, description="ServiceAccount whose Secret KServe uses to read output.uri (S3 credentials)."
+    )
+    gpus: int = Field(default=0, ge=0, le=16, description="GPUs of the predictor pod.")
+    cpu: str = Field(default="1", description="CPU request of the predictor pod.")
+    memory: str = Field(default="4Gi", description="Memory request (and limit) of the predictor pod.")
+    min_replicas: int | None = Field(default=None, ge=0, description="Predictor minReplicas (0 scales to zero).")
+
+
+class DeploySpec(_Spec):
+    kserve: KServeSpec | None = Field(
+        default=None,
+        description="Serve merged/ with a KServe InferenceService (Hugging Face runtime) once the job succeeded.",
+    )
+
+
 class FineTuneJobSpec(_Spec):
     model: ModelSpec = Field(description="The pre-trained model and task.")
     method: MethodSpec = Field(default_factory=MethodSpec, description="Which weights train.")
@@ -229,6 +246,7 @@ class FineTuneJobSpec(_Spec):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods and what they get.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, queueing.")
     image: str | None = Field(default=None, description="Trainer image; default is the operator's.")
+    deploy: DeploySpec | None = Field(default=None, description="What to do with the model once it is written.")
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> FineTuneJobSpec:
@@ -238,6 +256,12 @@ class FineTuneJobSpec(_Spec):
                 f"evaluation.metric: {self.evaluation.metric!r} is not one of {', '.join(allowed)} "
                 f"for task {self.model.task}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _deploy_needs_merged(self) -> FineTuneJobSpec:
+        if self.deploy and self.deploy.kserve and self.method.type == "lora" and not self.output.merge_adapter:
+            raise ValueError("deploy.kserve: serving needs merged/: set output.mergeAdapter to true")
         return self
 
     def checkpoint_uri(self) -> str:
