@@ -151,7 +151,11 @@ class DataSpec(_Spec):
 
 
 class HyperparametersSpec(_Spec):
-    learning_rate: float = Field(default=2.0e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    learning_rate: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="Peak learning rate (AdamW). Default by method and task: lora 1e-3 (classification) / "
+        "2e-4 (causal LM), partial 1e-4 / 5e-5, full 2e-5 / 1e-5.",
+    )
     batch_size: int = Field(default=16, ge=1, le=65536, description="Examples per device per micro-step.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096, description="Micro-steps per update.")
     epochs: int = Field(default=3, ge=1, le=10000, description="Passes over the training data.")
@@ -163,6 +167,17 @@ class HyperparametersSpec(_Spec):
         default="auto", description="auto picks bf16 where the hardware runs it well, else fp16 (GPU) or fp32."
     )
     seed: int = Field(default=42, description="Seed for weights, data order and dropout.")
+
+
+# Published practice: BERT fine-tuning 2e-5..5e-5 (Devlin et al.), LLM full fine-tuning ~1e-5, LoRA about
+# ten times higher (QLoRA: 2e-4 for LLMs; LoRA paper: 4e-4..5e-4 for RoBERTa over many epochs). Small
+# encoders with a fresh head over a few epochs need the top of that range: on the shipped reviews,
+# MiniLM + LoRA stays at chance after 2 epochs at 5e-4 and reaches 0.81 test accuracy in 3 at 1e-3.
+DEFAULT_LEARNING_RATES = {
+    ("lora", "sequence-classification"): 1e-3, ("lora", "causal-lm"): 2e-4,
+    ("partial", "sequence-classification"): 1e-4, ("partial", "causal-lm"): 5e-5,
+    ("full", "sequence-classification"): 2e-5, ("full", "causal-lm"): 1e-5,
+}
 
 
 class EvaluationSpec(_Spec):
@@ -259,10 +274,21 @@ class FineTuneJobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
+    def _default_learning_rate(self) -> FineTuneJobSpec:
+        if self.hyperparameters.learning_rate is None:
+            key = (self.method.type, self.model.task)
+            self.hyperparameters.learning_rate = DEFAULT_LEARNING_RATES[key]
+        return self
+
+    @model_validator(mode="after")
     def _deploy_needs_merged(self) -> FineTuneJobSpec:
         if self.deploy and self.deploy.kserve and self.method.type == "lora" and not self.output.merge_adapter:
             raise ValueError("deploy.kserve: serving needs merged/: set output.mergeAdapter to true")
         return self
+
+    def learning_rate(self) -> float:
+        """The peak learning rate in force: the spec's, else the method's default (filled in at validation)."""
+        return self.hyperparameters.learning_rate or DEFAULT_LEARNING_RATES[(self.method.type, self.model.task)]
 
     def checkpoint_uri(self) -> str:
         return self.checkpoint.uri or self.output.uri.rstrip("/") + "/checkpoints/"
