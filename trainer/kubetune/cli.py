@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 
 from kubetune import contract
@@ -18,7 +19,18 @@ def _validate(args: argparse.Namespace) -> int:
 
     job = load_job(args.file)
     check_local_inputs(job.spec, args.file)
-    print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}")
+    if args.deep:
+        from kubetune.deepcheck import deep_check, parse_quantity, render
+        from kubetune.runner import resolve_paths
+
+        memory = parse_quantity(args.device_memory) if args.device_memory else None
+        if args.device_memory and memory is None:
+            raise UserError(f"--device-memory: {args.device_memory!r} is not a quantity like 80Gi")
+        report = deep_check(resolve_paths(job, args.file), memory)
+        if report.problems:
+            raise UserError("\n".join(report.problems))
+        print(render(report))
+    print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}" + (" (deep checks passed)" if args.deep else ""))
     return contract.EXIT_OK
 
 
@@ -41,6 +53,53 @@ def _trainer(args: argparse.Namespace) -> int:
     return trainer_main(args.spec)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from kubetune import predict
+
+    storage = predict.storage_for(args.endpoint, args.region)
+    with tempfile.TemporaryDirectory(prefix="kubetune-predict-") as cache:
+        finished = predict.open_output(args.output_uri, storage, Path(cache))
+        texts = predict.read_inputs(args.texts, args.input, finished.spec.data.text_field, sys.stdin)
+        rows = predict.predict(finished, texts, args.max_new_tokens)
+        if args.texts and not args.output:  # a person typed them: one readable line each
+            for row in rows:
+                if "label" in row:
+                    others = ", ".join(f"{k} {v:.3f}" for k, v in row["probabilities"].items())
+                    print(f"{row['label']}\t({others})\t{row['text']}")
+                else:
+                    print(row["completion"])
+            return contract.EXIT_OK
+        count = predict.write_jsonl(rows, args.output)
+    if args.output:
+        print(f"{count} predictions written to {args.output}", file=sys.stderr)
+    return contract.EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from kubetune import predict
+    from kubetune.train.outputs import metric_rows
+
+    storage = predict.storage_for(args.endpoint, args.region)
+    with tempfile.TemporaryDirectory(prefix="kubetune-evaluate-") as cache:
+        finished = predict.open_output(args.output_uri, storage, Path(cache))
+        metrics = predict.evaluate_file(finished, args.data, storage, Path(cache))
+    if args.json:
+        print(json.dumps(metrics))
+        return contract.EXIT_OK
+    for name, _, value in metric_rows(None, metrics):
+        print(f"{name}\t{value}")
+    if "confusion_matrix" in metrics:
+        print(f"confusion matrix (rows = true, columns = predicted, {finished.spec.model.labels}): "
+              f"{metrics['confusion_matrix']}")
+    print(f"examples\t{metrics['examples']}")
+    return contract.EXIT_OK
+
+
 def _operator(args: argparse.Namespace) -> int:
     try:
         from kubetune_operator.main import run
@@ -61,9 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a manifest; exit 2 with one line per problem")
     validate.add_argument("file")
+    validate.add_argument("--deep", action="store_true",
+                          help="also reach storage with the job's credentials, read the first rows of the data "
+                               "and the model's config, and estimate steps and memory")
+    validate.add_argument("--device-memory", help="memory of one training device (e.g. 80Gi) to check the "
+                                                  "estimate against; CPU jobs use resources.memory")
     validate.set_defaults(handler=_validate)
 
     commands.add_parser("crd", help="print the FineTuneJob CRD").set_defaults(handler=_crd)
+
+    predict = commands.add_parser("predict", help="predict with a finished model (verified against its manifest)")
+    predict.add_argument("output_uri", help="the job's output.uri: a local folder or s3://bucket/prefix")
+    predict.add_argument("texts", nargs="*", help="texts to classify or prompts to complete")
+    predict.add_argument("--input", help="jsonl file of inputs (textField / text / prompt per line)")
+    predict.add_argument("--output", help="write jsonl predictions here (default: standard output)")
+    predict.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
+    predict.set_defaults(handler=_predict)
+
+    evaluate = commands.add_parser("evaluate", help="score a labelled file with the test split's metrics")
+    evaluate.add_argument("output_uri", help="the job's output.uri: a local folder or s3://bucket/prefix")
+    evaluate.add_argument("--data", required=True, help="labelled data file or folder (local or s3://)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.set_defaults(handler=_evaluate)
+    for sub in (predict, evaluate):
+        sub.add_argument("--endpoint", help="S3 endpoint URL for s3:// uris (omit for AWS)")
+        sub.add_argument("--region", default="us-east-1", help="S3 region")
     commands.add_parser("operator", help="run the kopf operator").set_defaults(handler=_operator)
 
     trainer = commands.add_parser("trainer", help="trainer pod entrypoint")

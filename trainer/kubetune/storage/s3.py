@@ -273,6 +273,24 @@ class S3Backend:
         with self._errors(uri, "list"):
             return sorted((o["Key"], o["Size"]) for o in self._list(bucket, as_prefix(key)))
 
+    def objects_at(self, uri: str) -> list[tuple[str, int]]:
+        """(key, size) of the object uri names, else of every object below it: for reading samples."""
+        bucket, key = self._bucket(uri)
+        with self._errors(uri, "list"):
+            size = self._object_size(bucket, key)
+            if size is not None:
+                return [(key, size)]
+            return sorted((o["Key"], o["Size"]) for o in self._list(bucket, as_prefix(key)))
+
+    def read_bytes(self, uri: str, key: str, limit: int | None = None) -> bytes:
+        """The first `limit` bytes (all when None) of one object of uri's bucket."""
+        bucket, _ = self._bucket(uri)
+        with self._errors(uri, "read"):
+            response = (self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limit - 1}") if limit
+                        else self.client.get_object(Bucket=bucket, Key=key))
+            body: bytes = response["Body"].read()
+        return body
+
     def ensure_bucket(self, bucket: str) -> None:
         """Create bucket unless it exists (idempotent)."""
         uri = f"s3://{bucket}/"
