@@ -42,6 +42,10 @@ SAMPLES: dict[str, tuple[dict[str, Any], bool]] = {
     "metric-wrong-task": ({"evaluation": {"metric": "eval_perplexity"}}, False),
     "metric-wrong-task-lm": ({"model": {"task": "causal-lm", "labels": None},
                               "evaluation": {"metric": "eval_accuracy"}}, False),
+    "serve-lora-merged": ({"deploy": {"kserve": {}}}, True),
+    "serve-full-unmerged": ({"method": {"type": "full"}, "output": {"mergeAdapter": False},
+                             "deploy": {"kserve": {}}}, True),
+    "serve-lora-unmerged": ({"output": {"mergeAdapter": False}, "deploy": {"kserve": {}}}, False),
 }
 
 
