@@ -44,7 +44,8 @@ def _crd(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from kubetune.runner import run_manifest
 
-    return run_manifest(args.file, nproc_per_node=args.nproc_per_node, embedded_s3=args.embedded_s3)
+    return run_manifest(args.file, nproc_per_node=args.nproc_per_node, embedded_s3=args.embedded_s3,
+                        dry_run=args.dry_run)
 
 
 def _trainer(args: argparse.Namespace) -> int:
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="FineTuneJob YAML")
     run.add_argument("--nproc-per-node", type=int, default=1, help="local training processes (torchrun)")
     run.add_argument("--embedded-s3", action="store_true", help="serve every uri from a local SeaweedFS S3")
+    run.add_argument("--dry-run", action="store_true", help="train briefly on a sample and estimate the full job "
+                     "(time, memory, loss trend); publishes a report, not a model")
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser("validate", help="check a manifest; exit 2 with one line per problem")

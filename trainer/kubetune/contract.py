@@ -64,6 +64,7 @@ MODEL_CARD = "README.md"
 CURVES_FILE = "training-curves.png"  # loss and evaluation curves, beside metrics.json
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
+DRY_RUN_DIR = "dry-run"  # a dry run's report, never a model
 
 # Kubernetes recommended labels on every child object (with LABEL_JOB_NAME above).
 LABEL_APP_NAME = "app.kubernetes.io/name"

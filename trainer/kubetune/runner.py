@@ -16,7 +16,7 @@ from rich.table import Table
 from kubetune import contract
 from kubetune.jobfile import load_job
 from kubetune.preflight import check_local_inputs, resolve_local
-from kubetune.spec import FineTuneJob
+from kubetune.spec import DryRunSpec, FineTuneJob
 from kubetune.storage import Storage
 from kubetune.train.outputs import check_output, metric_rows
 
@@ -75,17 +75,19 @@ def _state_dir(path: Path) -> Iterator[None]:
             os.environ[contract.ENV_STATE_DIR] = saved
 
 
-def run_manifest(file: str, nproc_per_node: int = 1, embedded_s3: bool = False) -> int:
+def run_manifest(file: str, nproc_per_node: int = 1, embedded_s3: bool = False, dry_run: bool = False) -> int:
     with _state_dir(state_dir_for(file)):
-        return _run_manifest(file, nproc_per_node, embedded_s3)
+        return _run_manifest(file, nproc_per_node, embedded_s3, dry_run)
 
 
-def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool) -> int:
+def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool, dry_run: bool) -> int:
     from kubetune.train.entry import failure_line, run, work_dir_for
 
     loaded = load_job(file)
     check_local_inputs(loaded.spec, file)  # messages name the manifest's own paths and where they resolve
     job = resolve_paths(loaded, file)
+    if dry_run and job.spec.dry_run is None:  # --dry-run: the spec's own dryRun settings win when it has them
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={"dry_run": DryRunSpec()})})
     console = Console(stderr=False)
     work_dir = work_dir_for(job.metadata.name)
     if embedded_s3:
@@ -100,9 +102,9 @@ def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool) -> int:
                 objects = list_objects(s3_job.spec.storage, s3_job.spec.output.uri)
                 for key, size in objects:
                     console.print(f"  {key}  ({size:,} bytes)")
-                # The server's volume files are no place to leave a model: copy it out, verified.
-                copy = save_local_copy(s3_job, copy_spec)
-                console.print(f"verified copy of the output in {copy}", soft_wrap=True)  # a path must stay copyable
+                if not result.get("dryRun"):  # The server's volume files are no place to leave a model.
+                    copy = save_local_copy(s3_job, copy_spec)
+                    console.print(f"verified copy of the output in {copy}", soft_wrap=True)  # stays copyable
     else:
         check_output(Storage(job.spec.storage), job.spec)  # refuse before training, not after it
         result = run(str(write_resolved(job, work_dir)), nproc_per_node)
@@ -111,6 +113,12 @@ def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool) -> int:
         print(failure_line(result), file=sys.stderr)
         return code
     if result.get("alreadyFinished"):  # the trainer said so in one line; the output is as it was
+        return code
+    if result.get("dryRun"):
+        from kubetune.train.dryrun import describe
+
+        console.print(describe(result["dryRun"]), soft_wrap=True)
+        console.print(f"report: {result['outputUri']}", soft_wrap=True)
         return code
     console.print(summary_table(result))
     if isinstance(result.get("test"), dict) and "confusion_matrix" in result["test"]:

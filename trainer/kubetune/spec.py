@@ -232,6 +232,11 @@ class RunPolicySpec(_Spec):
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name).")
 
 
+class DryRunSpec(_Spec):
+    fraction: float = Field(default=0.05, gt=0.0, le=1.0, description="Share of the examples to train on.")
+    max_steps: int = Field(default=20, ge=1, le=10000, description="Updates to measure.")
+
+
 class KServeSpec(_Spec):
     service_account_name: str | None = Field(
         default=None, description="ServiceAccount whose Secret KServe uses to read output.uri (S3 credentials)."
@@ -262,6 +267,10 @@ class FineTuneJobSpec(_Spec):
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, queueing.")
     image: str | None = Field(default=None, description="Trainer image; default is the operator's.")
     deploy: DeploySpec | None = Field(default=None, description="What to do with the model once it is written.")
+    dry_run: DryRunSpec | None = Field(
+        default=None, description="Train briefly on a sample and report throughput, full-job time, memory and "
+        "loss trend instead of producing a model (kubetune run --dry-run sets it).",
+    )
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> FineTuneJobSpec:

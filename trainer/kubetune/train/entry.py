@@ -171,8 +171,9 @@ def combine_results(folder: Path) -> dict[str, Any]:
 def termination_message(result: dict[str, Any]) -> str:
     keys = ("outcome", "reason", "message", "exitCode", "step", "totalSteps", "lastCheckpoint", "outputUri")
     short = {k: result.get(k) for k in keys if result.get(k) is not None}
-    if isinstance(result.get("test"), dict):
-        short["test"] = {k: v for k, v in result["test"].items() if isinstance(v, int | float)}
+    for key in ("test", "dryRun"):  # numbers only: the 4 KiB limit
+        if isinstance(result.get(key), dict):
+            short[key] = {k: v for k, v in result[key].items() if isinstance(v, int | float | bool)}
     text = json.dumps(short)
     while len(text.encode()) > TERMINATION_LOG_LIMIT and short.get("message"):
         message = str(short["message"])

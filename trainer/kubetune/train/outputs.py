@@ -135,7 +135,7 @@ def write_reports(staging: Path, metrics: dict[str, Any], run: dict[str, Any], j
 
 # What kubetune writes at the top of an output prefix (a half-done publish leaves only these).
 OUR_NAMES = {contract.ADAPTER_DIR, contract.MERGED_DIR, contract.METRICS_FILE, contract.RUN_FILE, contract.CURVES_FILE,
-             contract.MODEL_CARD, contract.MANIFEST_NAME, f".{contract.MANIFEST_NAME}.tmp"}
+             contract.MODEL_CARD, contract.MANIFEST_NAME, contract.DRY_RUN_DIR, f".{contract.MANIFEST_NAME}.tmp"}
 
 
 def _below(child: str, parent: str) -> str | None:

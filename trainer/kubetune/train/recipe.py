@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import shutil
@@ -22,7 +23,7 @@ from kubetune.data import encode_causal_lm, encode_classification, prepare_data
 from kubetune.errors import PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
 from kubetune.storage import Storage, is_s3, join_uri
-from kubetune.train import checkpoint, distributed, identity, interrupts, outputs
+from kubetune.train import checkpoint, distributed, dryrun, identity, interrupts, outputs
 from kubetune.train.batching import collate, epoch_batches
 from kubetune.train.evaluate import evaluate, prefixed, summed_loss, target_count
 from kubetune.train.inputs import fetch_inputs
@@ -70,6 +71,7 @@ class FineTuneRecipe:
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.test_metrics: dict[str, Any] | None = None
+        self.step_times: list[tuple[float, int]] = []
         self.published: dict[str, Any] | None = None  # the metrics of an identical finished run: nothing to do
 
     # ---- setup -------------------------------------------------------------------------------
@@ -93,13 +95,15 @@ class FineTuneRecipe:
         self.identity = identity.training_identity(self.job, inputs.model_sha256, self.data.report["files"],
                                                    distributed.world_size())
         self.checkpoint_root = join_uri(spec.checkpoint_uri(), identity.digest(self.identity))
-        if self._finished_before():
+        if not spec.dry_run and self._finished_before():
             return
         encode = encode_classification if spec.model.task == "sequence-classification" else encode_causal_lm
         max_length = max_sequence_length(spec.data.max_seq_length, inputs.model, self.tokenizer)
         self.train_set = encode(self.data.train, self.tokenizer, max_length)
         self.validation_set = encode(self.data.validation, self.tokenizer, max_length)
         self.test_set = encode(self.data.test, self.tokenizer, max_length)
+        if spec.dry_run:
+            self._shrink_for_dry_run(spec.dry_run)
 
         torch.manual_seed(hp.seed)  # the new head's init must not depend on what ran before
         self.model, self.counts = build_model(spec, inputs.model, self.tokenizer.pad_token_id)
@@ -117,6 +121,8 @@ class FineTuneRecipe:
                             f"batchSize {hp.batch_size} on {world} processes")
         self.steps_per_epoch = math.ceil(batches / hp.gradient_accumulation_steps)
         self.total_steps = hp.max_steps or self.steps_per_epoch * hp.epochs
+        if spec.dry_run:
+            self.total_steps = min(self.total_steps, spec.dry_run.max_steps)
         self.global_batch = hp.batch_size * hp.gradient_accumulation_steps * world
 
         decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
@@ -128,7 +134,8 @@ class FineTuneRecipe:
         warmup = int(hp.warmup_ratio * self.total_steps)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.scaler = self.precision.grad_scaler()
-        self._resume()
+        if not spec.dry_run:  # a dry run measures a fresh start and leaves the job's checkpoints alone
+            self._resume()
         self.metrics.set_total_steps(self.total_steps, self.state.step)  # observability
         log.info(
             "model %s | %s | trainable %s of %s parameters (%.2f%%) | precision %s | device %s | world %d | "
@@ -137,6 +144,25 @@ class FineTuneRecipe:
             self.counts.percent, self.precision.name, self.device, world, self.global_batch, hp.batch_size,
             hp.gradient_accumulation_steps, world, self.total_steps,
         )
+
+    def _shrink_for_dry_run(self, dry: Any) -> None:
+        """Keep what the full job would do (for the estimate), then train and validate on a sample."""
+        hp, world = self.spec.hyperparameters, distributed.world_size()
+        lengths = [len(e["input_ids"]) for e in self.train_set]
+        accum = hp.gradient_accumulation_steps
+        full_batches = len(epoch_batches(lengths, hp.batch_size, hp.seed, 0, world, distributed.rank()))
+        full_steps = hp.max_steps or math.ceil(full_batches / accum) * hp.epochs
+        # A step costs about its padded tokens: count the full job's on this rank, batch by batch.
+        batches = [b for epoch in range(math.ceil(full_steps * accum / max(full_batches, 1)))
+                   for b in epoch_batches(lengths, hp.batch_size, hp.seed, epoch, world, distributed.rank())]
+        every = self.spec.evaluation.every_steps
+        self.dry_full = {"steps": full_steps, "validation": len(self.validation_set), "test": len(self.test_set),
+                         "evaluations": full_steps // every + 1 if every else hp.epochs,
+                         "paddedTokens": sum(_padded(b, lengths) for b in batches[: full_steps * accum])}
+        minimum = hp.batch_size * hp.gradient_accumulation_steps * world
+        self.train_set = dryrun.sample(self.train_set, dry.fraction, minimum, hp.seed)
+        self.validation_set = dryrun.sample(self.validation_set, dry.fraction, hp.batch_size, hp.seed)
+        self.test_set = []  # no test results: a dry run is not a model to judge
 
     def _finished_before(self) -> bool:
         """A rerun of a finished job with the same inputs and spec: its verified output stands, nothing is rewritten."""
@@ -235,6 +261,7 @@ class FineTuneRecipe:
             state.samples_seen += samples * world
             elapsed = time.monotonic() - started
             state.train_seconds += elapsed
+            self.step_times.append((elapsed, sum(_padded(b, self.lengths) for b in group)))  # for a dry run
             # One all-reduce per step: the global mean loss and whether any rank was asked to stop.
             stop = float(interrupts.requested() is not None)
             totals = distributed.all_reduce_sum(torch.tensor([loss, targets, stop]))
@@ -338,6 +365,8 @@ class FineTuneRecipe:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        if self.spec.dry_run:
+            return  # a dry run's weights are worth nothing later, and its data is only a sample
         started = time.monotonic()  # observability
         rng = distributed.gather_objects(checkpoint.rng_state())
         if self.is_main:
@@ -370,6 +399,8 @@ class FineTuneRecipe:
         if self.published is not None:
             return {"outputUri": spec.output.uri, "lastCheckpoint": self.last_checkpoint, "alreadyFinished": True,
                     **self.published}
+        if spec.dry_run:
+            return self._write_dry_run_report()
         metrics = {
             "task": spec.model.task,
             "metric": spec.evaluation.metric,
@@ -416,12 +447,41 @@ class FineTuneRecipe:
         distributed.barrier()
         return {"outputUri": spec.output.uri, "lastCheckpoint": self.last_checkpoint, **metrics}
 
+    def _write_dry_run_report(self) -> dict[str, Any]:
+        started = time.monotonic()
+        validation = self._evaluate(self.validation_set) if self.validation_set else None
+        full = self.dry_full
+        result = dryrun.report(
+            step_seconds=[t for t, _ in self.step_times], step_tokens=[n for _, n in self.step_times],
+            losses=[row["loss"] for row in self.state.train_losses], full_steps=full["steps"],
+            full_tokens=full["paddedTokens"], samples_per_second=self.state.samples_seen / self.state.train_seconds,
+            eval_seconds=time.monotonic() - started,
+            eval_examples=len(self.validation_set),
+            full_eval_examples=full["validation"] * full["evaluations"] + 2 * full["test"],
+            peak_bytes=dryrun.peak_memory_bytes(self.device), validation=validation)
+        uri = join_uri(self.spec.output.uri, dryrun.DRY_RUN_DIR)
+        if self.is_main:
+            staging = self.work_dir / "dry-run"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            (staging / dryrun.REPORT_FILE).write_text(json.dumps(result, indent=2, default=str))
+            self.storage.publish(staging, uri, extra={"kind": "dry-run"})
+            shutil.rmtree(staging, ignore_errors=True)
+            log.info("%s", dryrun.describe(result))
+        distributed.barrier()
+        return {"outputUri": uri, "dryRun": result, "steps": self.state.step, "totalSteps": self.total_steps}
+
     def cleanup(self) -> None:
         distributed.shutdown()
 
 
 def _summary(metrics: dict[str, Any]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _padded(batch: list[int], lengths: list[int]) -> int:
+    """Tokens a batch computes on, padding included (batches pad to their longest example)."""
+    return len(batch) * max(lengths[i] for i in batch)
 
 
 def _or_inf(value: float | None) -> float:
