@@ -16,6 +16,7 @@ from kubetune.storage.manifest import sha256_file
 from kubetune.storage.seaweed import SeaweedServer
 from tests.fixtures_models import classification_job
 from tests.fixtures_s3 import s3_client
+from tests.trainer_runs import identity_root
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,7 @@ def test_run_with_every_uri_on_s3(tmp_path: Path, s3_server: SeaweedServer, s3_b
     run = json.loads((fetched / "run.json").read_text())
     assert run["data"]["files"][0]["sha256"] == sha256_file(reviews_subset)
     assert run["data"]["objects"][0]["objects"][0]["etag"]  # the prefix lists each object's ETag
-    checkpoints = s3_storage.list_prefixes(f"s3://{s3_bucket}/ckpt/s3-run/")
+    checkpoints = s3_storage.list_prefixes(identity_root(s3_storage, f"s3://{s3_bucket}/ckpt/s3-run/"))
     assert checkpoints == ["checkpoint-00000003", "checkpoint-00000006"]
 
 
