@@ -337,21 +337,6 @@ MALFORMED: list[tuple[dict[str, Any], str]] = [
 
 
 @pytest.mark.plays_controller
-def test_invalid_jobs_fail_naming_the_field_without_children(api: Api, operator: Operator) -> None:
-    """The fast stand-in for the 25-job test below (marked slow: about 2.5 minutes on a busy 2-core machine)."""
-    for index, (override, _) in enumerate(MALFORMED[:3]):
-        submit(api, f"invalid-{index}", **override)
-    for index, (_, field) in enumerate(MALFORMED[:3]):
-        name = f"invalid-{index}"
-        wait_for(f"{name} Failed", lambda n=name: phase(api, n) == "Failed", operator=operator)  # type: ignore[misc]
-        failure = api.status(name)["failure"]
-        assert failure["reason"] == "InvalidInput" and field in failure["message"], (field, failure)
-        assert not api.jobs(name) and api.configmap(f"{name}-spec") is None
-        assert any(e["type"] == "Warning" and field in e["message"] for e in api.events(name))
-
-
-@pytest.mark.slow
-@pytest.mark.plays_controller
 def test_malformed_jobs_fail_naming_the_field_while_a_valid_one_runs(api: Api, operator: Operator) -> None:
     assert len(MALFORMED) == 25
     for index, (override, _) in enumerate(MALFORMED):
