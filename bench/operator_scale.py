@@ -108,7 +108,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
     cluster = Cluster(work).start()
     metrics_port = free_port()
-    env = {"KUBETUNE_REFRESH_SECONDS": str(args.refresh), "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
+    # Without the pre-flight stage, so the figures stay comparable with the recorded ones (issue 9's targets).
+    env = {"KUBETUNE_PREFLIGHT": "false",
+           "KUBETUNE_REFRESH_SECONDS": str(args.refresh), "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
            "KUBETUNE_HEALTH_PORT": str(free_port()), "KUBETUNE_TRAINER_METRICS_URL": "http://127.0.0.1:9/{pod_ip}"}
     operator = Operator(cluster.kubeconfig, env, work / "operator.log").start()
     api = Api(cluster.kubeconfig)

@@ -50,6 +50,8 @@ def trainer() -> TrainerEndpoint:
 def operator_env(trainer: TrainerEndpoint) -> dict[str, str]:
     return {
         "KUBETUNE_REFRESH_SECONDS": "1",
+        # These scenarios follow the training Job's lifecycle; tests/test_operator_preflight.py runs with it on.
+        "KUBETUNE_PREFLIGHT": "false",
         "KUBETUNE_STALL_SECONDS": "4",
         "KUBETUNE_NAMESPACES": "",  # kmock cannot parse /api/v1/namespaces, which kopf lists for namespaced watching
         "KUBETUNE_OPERATOR_METRICS_PORT": str(free_port()),

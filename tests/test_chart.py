@@ -27,7 +27,7 @@ PEERING_APIS = ["kopf.dev/v1/KopfPeering", "kopf.dev/v1/ClusterKopfPeering"]
 # The operator settings agreed in the design (operator/kubetune_operator/settings.py reads them).
 OPERATOR_ENV = {"KUBETUNE_TRAINER_IMAGE", "KUBETUNE_NAMESPACES", "KUBETUNE_OPERATOR_METRICS_PORT",
                 "KUBETUNE_HEALTH_PORT", "KUBETUNE_REFRESH_SECONDS", "KUBETUNE_STALL_SECONDS", "KUBETUNE_PEERING",
-                "KUBETUNE_TRAINER_SERVICE_ACCOUNT"}
+                "KUBETUNE_TRAINER_SERVICE_ACCOUNT", "KUBETUNE_PREFLIGHT"}
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:

@@ -101,7 +101,8 @@ def test_namespaced_mode_keeps_job_rules_inside_the_watched_namespaces(tmp_path:
 
 def test_installed_rbac_is_exactly_what_the_operator_uses(tmp_path: Path) -> None:
     """The chart installed by helm, the real operator started with the Deployment's env and a token of its own;
-    the test plays the Job controller through a job's life (run, succeed, TTL-delete) and a suspension."""
+    the test plays the Job controller through a job's life (pre-flight, run, succeed, TTL-delete) and a
+    suspension."""
     harness = pytest.importorskip("tests.operator_harness", reason="the operator harness is not merged yet")
     from kubetune.jobfile import job_document
     from kubetune.netutil import free_port
@@ -129,13 +130,22 @@ def test_installed_rbac_is_exactly_what_the_operator_uses(tmp_path: Path) -> Non
         def wait(what: str, check: Any) -> Any:
             return harness.wait_for(what, check, timeout=60, operator=operator)
 
+        def pass_preflight(name: str) -> None:
+            """The chart turns the pre-flight Job on: play it through to success first."""
+            wait("the pre-flight Job", lambda: api.job(f"{name}-preflight"))
+            [checker] = api.start_pods(f"{name}-preflight")
+            api.terminate(checker, 0, reason="Completed")
+            api.finish_job(f"{name}-preflight", "Complete")
+
         submit("done", runPolicy={"ttlSecondsAfterFinished": 1})
+        pass_preflight("done")
         wait("the Job", lambda: api.job("done-0"))
         [pod] = api.start_pods("done-0")
         api.terminate(pod, 0, '{"outcome": "Succeeded", "exitCode": 0}', reason="Completed")
         api.finish_job("done-0", "Complete")
         wait("TTL deletion", lambda: api.ftj("done") is None)
         submit("held")
+        pass_preflight("held")
         wait("the Job", lambda: api.job("held-0"))
         api.patch_ftj("held", {"spec": {"runPolicy": {"suspend": True}}})
         wait("Job suspended", lambda: api.job("held-0")["spec"]["suspend"] is True)

@@ -147,7 +147,7 @@ def test_failure_policy_suspend_deadline_and_queue() -> None:
 def test_configmap_holds_the_resolved_spec() -> None:
     document = yaml.safe_load(children("cpu")[0]["data"][builders.SPEC_KEY])
     assert document["metadata"] == {"name": "reviews-cpu", "namespace": "ml"}
-    assert document["spec"]["hyperparameters"]["learningRate"] == 2.0e-4  # defaults filled in
+    assert document["spec"]["hyperparameters"]["learningRate"] == 1e-3  # defaults filled in (lora, classification)
     from kubetune.jobfile import parse_job
 
     assert parse_job(document).spec.resources.gpus_per_node == 0

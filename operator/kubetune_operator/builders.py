@@ -18,6 +18,22 @@ ATTEMPT_LABEL = "kubetune.io/attempt"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 GRACE_MARGIN_SECONDS = 15  # beyond the trainer's own budget: torchrun forwarding SIGTERM and process exit
 RUN_AS_USER = 1000  # the trainer image's user (Dockerfile: useradd --uid 1000)
+PREFLIGHT_DEADLINE_SECONDS = 600  # reading a few MiB and a config: minutes at most, even on a slow link
+# What `kubetune validate --deep` needs: transformers and a meta-device model, no GPU, no weights.
+PREFLIGHT_RESOURCES = {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+CONTAINER_SECURITY = {  # the restricted Pod Security Standard, container level
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_USER,
+    "runAsGroup": RUN_AS_USER,
+    "fsGroup": RUN_AS_USER,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 
 
 def spec_configmap_name(name: str) -> str:
@@ -26,6 +42,10 @@ def spec_configmap_name(name: str) -> str:
 
 def service_name(name: str) -> str:
     return name
+
+
+def preflight_job_name(name: str) -> str:
+    return f"{name}-preflight"
 
 
 def attempt_job_name(name: str, attempt: int) -> str:
@@ -125,12 +145,7 @@ def _env(name: str, nodes: int, nproc: int, attempt: int, namespace: str, secret
         {"name": contract.ENV_NAMESPACE, "value": namespace},
         {"name": contract.ENV_GRACE_SECONDS, "value": str(contract.DEFAULT_GRACE_SECONDS)},
     ]
-    if secret:  # credentials only by reference: never in args, the ConfigMap or the status
-        env += [
-            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-            for key in (contract.SECRET_ACCESS_KEY_ID, contract.SECRET_SECRET_ACCESS_KEY)
-        ]
-    return env
+    return env + _credentials(secret)
 
 
 def _container(job: FineTuneJob, image: str, attempt: int, namespace: str) -> dict[str, Any]:
@@ -150,12 +165,7 @@ def _container(job: FineTuneJob, image: str, attempt: int, namespace: str) -> di
             {"name": "rendezvous", "containerPort": contract.DEFAULT_MASTER_PORT, "protocol": "TCP"},
         ],
         "resources": {"requests": requests, "limits": limits},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": [
             {"name": "spec", "mountPath": contract.SPEC_MOUNT_PATH, "subPath": SPEC_KEY, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -186,13 +196,7 @@ def build_job(ftj: dict[str, Any], *, image: str, service_account: str, attempt:
         "serviceAccountName": service_account,
         "automountServiceAccountToken": False,  # trainers never talk to the API
         "terminationGracePeriodSeconds": contract.DEFAULT_GRACE_SECONDS + GRACE_MARGIN_SECONDS,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": dict(POD_SECURITY),
         "containers": [_container(job, image, attempt, namespace)],
         "volumes": [
             {"name": "spec", "configMap": {"name": spec_configmap_name(name)}},
@@ -227,3 +231,51 @@ def build_job(ftj: dict[str, Any], *, image: str, service_account: str, attempt:
     if active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
+def _credentials(secret: str | None) -> list[dict[str, Any]]:
+    """S3 credentials only by reference: never in args, the ConfigMap or the status."""
+    if not secret:
+        return []
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for key in (contract.SECRET_ACCESS_KEY_ID, contract.SECRET_SECRET_ACCESS_KEY)]
+
+
+def build_preflight_job(ftj: dict[str, Any], *, image: str, service_account: str) -> dict[str, Any]:
+    """A small CPU-only Job running `kubetune validate --deep` with the job's own credentials.
+
+    It reaches storage, reads the first rows and the model's config, and estimates memory, so a broken job
+    fails in seconds without holding a GPU; its log lines (FallbackToLogsOnError) name the field or file.
+    """
+    job = resolved_job(ftj)
+    name = job.metadata.name
+    container = {
+        "name": "preflight",
+        "image": job.spec.image or image,
+        "command": ["kubetune", "validate", "--deep", contract.SPEC_MOUNT_PATH],
+        "env": [{"name": contract.ENV_JOB_NAME, "value": name}, *_credentials(job.spec.storage.secret_ref)],
+        "resources": PREFLIGHT_RESOURCES,
+        "securityContext": dict(CONTAINER_SECURITY),
+        "volumeMounts": [
+            {"name": "spec", "mountPath": contract.SPEC_MOUNT_PATH, "subPath": SPEC_KEY, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "terminationMessagePath": contract.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec = {
+        "restartPolicy": "Never",
+        "serviceAccountName": service_account,
+        "automountServiceAccountToken": False,
+        "securityContext": dict(POD_SECURITY),
+        "containers": [container],
+        "volumes": [{"name": "spec", "configMap": {"name": spec_configmap_name(name)}},
+                    {"name": "tmp", "emptyDir": {}}],
+    }
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _metadata(ftj, preflight_job_name(name), "preflight"),
+        "spec": {"completions": 1, "parallelism": 1, "backoffLimit": 0,
+                 "activeDeadlineSeconds": PREFLIGHT_DEADLINE_SECONDS,
+                 "template": {"metadata": {"labels": labels(ftj, "preflight")}, "spec": pod_spec}},
+    }

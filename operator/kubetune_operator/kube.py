@@ -95,9 +95,9 @@ class Kube:
                            label_selector=f"{contract.LABEL_JOB_NAME}={name}")
         return [self._sanitized(j) for j in found.items]
 
-    def list_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+    def list_pods(self, namespace: str, name: str, component: str = "trainer") -> list[dict[str, Any]]:
         found = self._call(self.core.list_namespaced_pod, namespace,
-                           label_selector=f"{contract.LABEL_JOB_NAME}={name},{contract.LABEL_COMPONENT}=trainer")
+                           label_selector=f"{contract.LABEL_JOB_NAME}={name},{contract.LABEL_COMPONENT}={component}")
         return [self._sanitized(p) for p in found.items]
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune import contract
 from kubetune.crd import MAX_NAME_LENGTH
 from kubetune.errors import UserError
 from kubetune.jobfile import describe
@@ -66,6 +67,10 @@ def spec_hash(ftj: dict[str, Any]) -> str:
     spec = json.loads(json.dumps(ftj.get("spec") or {}))
     (spec.get("runPolicy") or {}).pop("suspend", None)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _component(obj: dict[str, Any]) -> str:
+    return str((obj["metadata"].get("labels") or {}).get(contract.LABEL_COMPONENT, "trainer"))
 
 
 def _attempt(obj: dict[str, Any]) -> int:
@@ -121,10 +126,15 @@ class Pass:
 
     def _drive(self) -> None:
         policy = builders.resolved_job(self.ftj).spec.run_policy
-        self._condition("Validated", True, "Valid", "the spec passed `kubetune validate`")
-        jobs = {_attempt(j): j for j in self.kube.list_jobs(self.namespace, self.name)}
+        children = self.kube.list_jobs(self.namespace, self.name)
+        jobs = {_attempt(j): j for j in children if _component(j) == "trainer"}
         if not jobs:
             self.new.setdefault("startTime", now_iso(self.now))
+            preflight = next((j for j in children if _component(j) == "preflight"), None)
+            if self.settings.preflight and not self._preflight_passed(preflight):
+                return  # GPU pods only after the pre-flight passed
+            if not self.settings.preflight:
+                self._condition("Validated", True, "Valid", "the spec passed `kubetune validate`")
             job = self._job(0, reason=None, counted=False)
             if job is None:
                 return
@@ -145,6 +155,30 @@ class Pass:
             current["spec"]["suspend"] = policy.suspend
         outcome = attempt_outcome(current, by_attempt[attempt])
         self._apply(outcome, attempt, current, by_attempt[attempt], policy.suspend)
+
+    def _preflight_passed(self, job: dict[str, Any] | None) -> bool:
+        """Create the pre-flight Job, then follow it: True once it succeeded; a failure fails the job."""
+        if job is None:
+            self.kube.create(builders.build_configmap(self.ftj))
+            self.kube.create(builders.build_preflight_job(self.ftj, image=self.settings.trainer_image,
+                                                          service_account=self.settings.trainer_service_account))
+            self._phase("Pending")
+            self._condition("Running", False, "Preflight", "pre-flight checks running (kubetune validate --deep)")
+            return False
+        outcome = attempt_outcome(job, self.kube.list_pods(self.namespace, self.name, "preflight"))
+        if outcome.state == "succeeded":
+            self._condition("Validated", True, "PreflightPassed", "storage, data and model checked "
+                            "(kubetune validate --deep)")
+            return True
+        if outcome.state == "failed":
+            reason = "InvalidInput" if outcome.exit_code == 2 else "PreflightFailed"
+            self._fail(reason, outcome.message, outcome.exit_code, validated=False)
+            return False
+        self._phase("Pending")
+        self._condition("Running", False, "Preflight" if outcome.state == "running" else outcome.reason,
+                        "pre-flight checks running (kubetune validate --deep)" if outcome.state == "running"
+                        else outcome.message)
+        return False
 
     def _apply(self, outcome: Outcome, attempt: int, job: dict[str, Any], pods: list[dict[str, Any]],
                suspended: bool) -> None:

@@ -42,6 +42,8 @@ class Settings:
     # ServiceAccount of trainer pods (no token is mounted; the account only names them).
     trainer_service_account: str = field(default_factory=lambda: os.environ.get(
         "KUBETUNE_TRAINER_SERVICE_ACCOUNT", "kubetune-trainer"))
+    # Run `kubetune validate --deep` as a small CPU Job before any GPU pod (off: start training at once).
+    preflight: bool = field(default_factory=lambda: _flag("KUBETUNE_PREFLIGHT", True))
     # Where rank 0's metrics are scraped; test-only override, `{pod_ip}` and `{port}` are filled in.
     trainer_metrics_url: str = field(default_factory=lambda: os.environ.get(
         "KUBETUNE_TRAINER_METRICS_URL", "http://{pod_ip}:{port}/metrics"))

@@ -1,0 +1,83 @@
+"""The operator's first step on a cluster: a CPU-only pre-flight Job (`kubetune validate --deep`) before GPUs.
+
+Same real operator process and emulated API as tests/test_operator.py, with KUBETUNE_PREFLIGHT on; the
+test plays the Job controller and kubelet for the pre-flight pod.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from kubetune import contract
+from kubetune.jobfile import job_document
+from tests.operator_harness import NS, Api, Operator, wait_for
+from tests.pss import restricted_violations
+
+pytestmark = pytest.mark.plays_controller
+BASE = {
+    "model": {"uri": "s3://models/minilm/", "task": "sequence-classification", "labels": ["negative", "positive"]},
+    "data": {"train": "s3://data/reviews/train.jsonl"},
+    "output": {"uri": "s3://models-out/reviews/"},
+    "storage": {"endpoint": "http://minio.storage:9000", "secretRef": "s3-credentials"},
+    "resources": {"nodes": 2, "gpusPerNode": 8, "cpu": "8", "memory": "64Gi"},
+}
+
+
+@pytest.fixture(scope="module")
+def operator_env(operator_env: dict[str, str]) -> dict[str, str]:
+    return {**operator_env, "KUBETUNE_PREFLIGHT": "true"}
+
+
+def submit(api: Api, name: str) -> None:
+    doc = job_document(name, BASE)
+    doc["metadata"]["namespace"] = NS
+    api.apply(doc)
+
+
+def condition(api: Api, name: str, type_: str) -> dict[str, Any]:
+    return next((c for c in api.status(name).get("conditions") or [] if c["type"] == type_), {})
+
+
+def preflight_pod(api: Api, operator: Operator, name: str) -> str:
+    job = wait_for(f"Job {name}-preflight", lambda: api.job(f"{name}-preflight"), operator=operator)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["kubetune", "validate", "--deep", contract.SPEC_MOUNT_PATH]
+    assert "nvidia.com/gpu" not in str(container["resources"])  # never holds a GPU
+    assert pod["automountServiceAccountToken"] is False and restricted_violations(pod) == []
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e} == {"s3-credentials"}
+    assert api.job(f"{name}-0") is None, "the GPU Job must wait for the pre-flight"
+    wait_for("phase Pending", lambda: api.status(name).get("phase") == "Pending", operator=operator)
+    [started] = api.start_pods(f"{name}-preflight")
+    return started
+
+
+def test_a_failing_preflight_never_gets_a_gpu_job(api: Api, operator: Operator) -> None:
+    submit(api, "pf-bad")
+    pod = preflight_pod(api, operator, "pf-bad")
+    problem = "error: spec.data.train: s3://data/reviews/train.jsonl: bucket 'data' does not exist"
+    api.terminate(pod, contract.EXIT_BAD_INPUT, message=problem)  # FallbackToLogsOnError: the log lines
+    api.finish_job("pf-bad-preflight", "Failed", "BackoffLimitExceeded")
+    wait_for("phase Failed", lambda: api.status("pf-bad").get("phase") == "Failed", operator=operator)
+    failure = api.status("pf-bad")["failure"]
+    assert failure["reason"] == "InvalidInput" and "spec.data.train" in failure["message"]
+    assert condition(api, "pf-bad", "Validated")["status"] == "False"
+    time.sleep(3)  # a few refresh passes: still no GPU Job
+    assert api.job("pf-bad-0") is None
+    api.delete_ftj("pf-bad")
+
+
+def test_a_passing_preflight_proceeds_to_the_gpu_job(api: Api, operator: Operator) -> None:
+    submit(api, "pf-good")
+    pod = preflight_pod(api, operator, "pf-good")
+    api.terminate(pod, 0)
+    api.finish_job("pf-good-preflight", "Complete")
+    job = wait_for("Job pf-good-0", lambda: api.job("pf-good-0"), operator=operator)
+    assert job["spec"]["completions"] == 2
+    validated = wait_for("Validated=True", lambda: condition(api, "pf-good", "Validated").get("status") == "True"
+                         and condition(api, "pf-good", "Validated"), operator=operator)
+    assert validated["reason"] == "PreflightPassed"
+    api.delete_ftj("pf-good")
