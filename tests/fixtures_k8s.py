@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import threading
 import time
 import uuid
@@ -182,6 +183,7 @@ class Cluster:
         self.url = ""
 
     def _serve(self) -> None:
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per request drowns test output
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._main())
 
