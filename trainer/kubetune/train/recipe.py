@@ -72,6 +72,8 @@ class FineTuneRecipe:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.test_metrics: dict[str, Any] | None = None
         self.step_times: list[tuple[float, int]] = []
+        # Unserved until setup() starts the endpoint; lets the loop's pieces run on their own (tests, tools).
+        self.metrics = telemetry.TrainerMetrics(job.metadata.name, job.metadata.namespace or "local")
         self.published: dict[str, Any] | None = None  # the metrics of an identical finished run: nothing to do
 
     # ---- setup -------------------------------------------------------------------------------
