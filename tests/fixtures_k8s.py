@@ -21,6 +21,7 @@ from typing import Any
 import kmock
 import pytest
 import yaml
+from aiohttp import web
 from kmock._internal import rendering  # the request type the emulator's hooks receive
 
 from kubetune.crd import build_crd
@@ -88,6 +89,10 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         for (group, version, plural), info in RESOURCES.items():
             self.resources[kmock.resource(group, version, plural)] = kmock.ResourceInfo(verbs=VERBS, **info)
 
+    def _served(self, resource: Any) -> bool:
+        return any((r.group, r.version, r.plural) == (resource.group, resource.version, resource.plural)
+                   for r in self.resources)
+
     def _kind(self, resource: Any) -> str | None:
         info = RESOURCES.get((resource.group, resource.version, resource.plural))
         return info["kind"] if info else None
@@ -98,6 +103,12 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         del self._requests[:-64]
         self.requests_seen.append((str(request.method).split(".")[-1].upper(), request.url.path))
         self.agents_seen.append(request.headers.get("User-Agent", ""))
+        if request.resource is not None and request.resource.plural and not self._served(request.resource):
+            # A real API server answers 404 for a resource it does not serve (e.g. KServe not installed);
+            # kmock would store anything.
+            return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                                      "reason": "NotFound", "message": "the server could not find the requested "
+                                      "resource"}, status=404)
         if request.resource is not None and isinstance(request.data, dict):
             self._mend_write(request)
         response = await super()._handle(request)

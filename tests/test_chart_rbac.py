@@ -137,7 +137,7 @@ def test_installed_rbac_is_exactly_what_the_operator_uses(tmp_path: Path) -> Non
             api.terminate(checker, 0, reason="Completed")
             api.finish_job(f"{name}-preflight", "Complete")
 
-        submit("done", runPolicy={"ttlSecondsAfterFinished": 1})
+        submit("done", runPolicy={"ttlSecondsAfterFinished": 1}, deploy={"kserve": {}})
         pass_preflight("done")
         wait("the Job", lambda: api.job("done-0"))
         [pod] = api.start_pods("done-0")

@@ -31,8 +31,8 @@ def operator_env(operator_env: dict[str, str]) -> dict[str, str]:
     return {**operator_env, "KUBETUNE_PREFLIGHT": "true"}
 
 
-def submit(api: Api, name: str) -> None:
-    doc = job_document(name, BASE)
+def submit(api: Api, name: str, **spec: Any) -> None:
+    doc = job_document(name, BASE, spec)
     doc["metadata"]["namespace"] = NS
     api.apply(doc)
 
@@ -71,7 +71,7 @@ def test_a_failing_preflight_never_gets_a_gpu_job(api: Api, operator: Operator) 
 
 
 def test_a_passing_preflight_proceeds_to_the_gpu_job(api: Api, operator: Operator) -> None:
-    submit(api, "pf-good")
+    submit(api, "pf-good", deploy={"kserve": {"gpus": 1}})
     pod = preflight_pod(api, operator, "pf-good")
     api.terminate(pod, 0)
     api.finish_job("pf-good-preflight", "Complete")
@@ -80,4 +80,38 @@ def test_a_passing_preflight_proceeds_to_the_gpu_job(api: Api, operator: Operato
     validated = wait_for("Validated=True", lambda: condition(api, "pf-good", "Validated").get("status") == "True"
                          and condition(api, "pf-good", "Validated"), operator=operator)
     assert validated["reason"] == "PreflightPassed"
+    # Trained: spec.deploy.kserve asks for an InferenceService; this API has no KServe, which a condition says.
+    for pod in api.start_pods("pf-good-0"):
+        api.terminate(pod, 0, '{"outcome": "Succeeded", "exitCode": 0}', reason="Completed")
+    api.finish_job("pf-good-0", "Complete")
+    deployed = wait_for("Deployed condition", lambda: condition(api, "pf-good", "Deployed"), operator=operator)
+    assert api.status("pf-good")["phase"] == "Succeeded"
+    assert deployed["status"] == "False" and deployed["reason"] == "KServeNotInstalled"
     api.delete_ftj("pf-good")
+
+
+def test_a_succeeded_job_is_served_where_kserve_is_installed(api: Api, operator: Operator, backend: Any) -> None:
+    import kmock
+
+    from kubetune_operator import serving
+
+    # KServe "installed": the emulator now serves its resource (a real cluster would after `kubectl apply` of KServe).
+    resource = kmock.resource(serving.KSERVE_GROUP, serving.KSERVE_VERSION, serving.INFERENCE_SERVICES)
+    backend.cluster.emulator.resources[resource] = kmock.ResourceInfo(
+        kind=serving.INFERENCE_SERVICE, namespaced=True, verbs={"get", "list", "create", "delete"})
+    submit(api, "served", deploy={"kserve": {}})
+    api.terminate(preflight_pod(api, operator, "served"), 0)
+    api.finish_job("served-preflight", "Complete")
+    wait_for("Job served-0", lambda: api.job("served-0"), operator=operator)
+    for pod in api.start_pods("served-0"):
+        api.terminate(pod, 0, '{"outcome": "Succeeded", "exitCode": 0}', reason="Completed")
+    api.finish_job("served-0", "Complete")
+    deployed = wait_for("Deployed=True", lambda: condition(api, "served", "Deployed").get("status") == "True"
+                        and condition(api, "served", "Deployed"), operator=operator)
+    assert deployed["reason"] == "InferenceServiceCreated"
+    assert api.status("served")["inferenceService"] == "served"
+    isvc = api.custom.get_namespaced_custom_object(serving.KSERVE_GROUP, serving.KSERVE_VERSION, NS,
+                                                   serving.INFERENCE_SERVICES, "served")
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == "s3://models-out/reviews/merged"
+    assert isvc["metadata"]["ownerReferences"][0]["uid"] == api.ftj("served")["metadata"]["uid"]
+    api.delete_ftj("served")

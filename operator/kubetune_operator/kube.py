@@ -90,6 +90,23 @@ class Kube:
         metrics.child_created(kind)
         return True
 
+    def create_inference_service(self, obj: dict[str, Any]) -> bool | None:
+        """Create-if-missing a KServe InferenceService: True created, False already there, None when the
+        cluster has no KServe (404 on its resource)."""
+        from kubetune_operator import serving
+
+        try:
+            self._call(self.custom.create_namespaced_custom_object, serving.KSERVE_GROUP, serving.KSERVE_VERSION,
+                       obj["metadata"]["namespace"], serving.INFERENCE_SERVICES, obj)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            if exc.status == 404:
+                return None
+            raise
+        metrics.child_created(serving.INFERENCE_SERVICE)
+        return True
+
     def list_jobs(self, namespace: str, name: str) -> list[dict[str, Any]]:
         found = self._call(self.batch.list_namespaced_job, namespace,
                            label_selector=f"{contract.LABEL_JOB_NAME}={name}")

@@ -23,7 +23,7 @@ from kubetune import contract
 from kubetune.crd import MAX_NAME_LENGTH
 from kubetune.errors import UserError
 from kubetune.jobfile import describe
-from kubetune_operator import builders, metrics, progress
+from kubetune_operator import builders, metrics, progress, serving
 from kubetune_operator.kube import Kube
 from kubetune_operator.settings import Settings
 from kubetune_operator.status import (
@@ -269,6 +269,23 @@ class Pass:
         self._condition("Running", False, "Completed", "training finished")
         self._condition("Succeeded", True, "Succeeded", f"model written to {self.new['outputUri']}")
         self._end_conditions()
+        self._deploy()
+
+    def _deploy(self) -> None:
+        """spec.deploy.kserve: serve merged/ once the job has Succeeded (owned by it, deleted with it)."""
+        service = serving.inference_service(self.ftj, builders.resolved_job(self.ftj))
+        if service is None:
+            return
+        created = self.kube.create_inference_service(service)
+        if created is None:
+            self._condition("Deployed", False, "KServeNotInstalled", "spec.deploy.kserve is set but this cluster "
+                            "has no KServe (serving.kserve.io/v1beta1 InferenceService): install KServe, or "
+                            f"serve {self.new['outputUri']} yourself")
+            return
+        name = service["metadata"]["name"]
+        self.new["inferenceService"] = name
+        self._condition("Deployed", True, "InferenceServiceCreated", f"InferenceService {name} serves "
+                        f"{service['spec']['predictor']['model']['storageUri']}; its URL is in its own status")
 
     def _fail(self, reason: str, message: str, exit_code: int | None, validated: bool = True,
               result: dict[str, Any] | None = None) -> None:

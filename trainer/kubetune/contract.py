@@ -75,7 +75,7 @@ APP_NAME = "kubetune"
 MANAGED_BY = "kubetune-operator"
 
 # Status conditions (metav1.Condition types) and failure reasons a person can act on.
-CONDITIONS = ("Created", "Validated", "Running", "Succeeded", "Failed", "Suspended", "Restarting", "Stalled",
+CONDITIONS = ("Created", "Validated", "Running", "Succeeded", "Failed", "Suspended", "Restarting", "Stalled", "Deployed",
               "SpecChanged")  # SpecChanged: an edit after start that the operator did not apply
 FAILURE_REASONS = ("InvalidInput", "OOMKilled", "ImagePullBackOff", "ErrImagePull", "Unschedulable",
                    "DeadlineExceeded", "BackoffLimitExceeded", "Preempted", "TrainerError")

@@ -22,6 +22,9 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+- apiGroups: [serving.kserve.io]
+  resources: [inferenceservices]
+  verbs: [create]  # spec.deploy.kserve, once a job has Succeeded
 {{- if and .Values.operator.peering.enabled (eq .Values.rbac.scope "namespaced") }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
