@@ -96,6 +96,11 @@ def test_every_command_in_the_docs_runs_or_is_marked(doc: str, command: str, mak
         assert words[2].startswith("examples/"), f"{doc}: show a shipped example, not {words[2]}"
         shutil.copy(ROOT / words[2], examples)
         assert cli(["validate", str(tmp_path / words[2])]) == contract.EXIT_OK, capsys.readouterr().err
+    elif program == "kubetune" and words[1] in ("predict", "evaluate"):
+        # Their behaviour on real outputs is tests/test_predict.py's; here the shown command must parse.
+        from kubetune.cli import build_parser
+
+        assert build_parser().parse_args(words[1:]).handler is not None
     elif program == "kubetune" and words[1] == "crd":
         assert cli(["crd"]) == contract.EXIT_OK
         assert capsys.readouterr().out == (ROOT / "crds" / "finetunejob.yaml").read_text()

@@ -75,9 +75,9 @@ APP_NAME = "kubetune"
 MANAGED_BY = "kubetune-operator"
 
 # Status conditions (metav1.Condition types) and failure reasons a person can act on.
-CONDITIONS = ("Created", "Validated", "Running", "Succeeded", "Failed", "Suspended", "Restarting", "Stalled", "Deployed",
-              "SpecChanged")  # SpecChanged: an edit after start that the operator did not apply
-FAILURE_REASONS = ("InvalidInput", "OOMKilled", "ImagePullBackOff", "ErrImagePull", "Unschedulable",
+CONDITIONS = ("Created", "Validated", "Running", "Succeeded", "Failed", "Suspended", "Restarting", "Stalled",
+              "Deployed", "SpecChanged")  # SpecChanged: an edit after start that the operator did not apply
+FAILURE_REASONS = ("InvalidInput", "PreflightFailed", "OOMKilled", "ImagePullBackOff", "ErrImagePull", "Unschedulable",
                    "DeadlineExceeded", "BackoffLimitExceeded", "Preempted", "TrainerError")
 
 # Trainer metrics on :9400/metrics (rank 0 has the job-level series; per-rank ones carry a `rank` label).
