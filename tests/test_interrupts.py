@@ -23,9 +23,10 @@ from tests.trainer_runs import (
     SPLIT,
     Trainer,
     checkpoint_root,
-    complete_checkpoints,
     gpt2_job,
+    identity_root,
     poll,
+    run_checkpoints,
     split_instructions,
     wait,
 )
@@ -69,7 +70,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_one_line(nproc: int, tmp_path: Pat
                                                        data: dict[str, Path]) -> None:
     trainer, process, doc = start(tmp_path, tiny_gpt2, data, nproc)
     storage, root = Storage(), checkpoint_root(doc)
-    poll(lambda: bool(complete_checkpoints(storage, root)), process)
+    poll(lambda: bool(run_checkpoints(storage, root)), process)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the terminal signals the whole foreground group
     code = wait(process, 60)
     out = trainer.log.read_text()
@@ -79,14 +80,14 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_one_line(nproc: int, tmp_path: Pat
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     step = int(STOP_LINE.search(out).group(1))  # type: ignore[union-attr]
     assert 0 < step < SPLIT["train"] // BATCH * EPOCHS
-    assert complete_checkpoints(storage, root)[-1] == step
+    assert run_checkpoints(storage, root)[-1] == step
     result = trainer.result()
     assert (result["outcome"], result["exitCode"], result["step"]) == ("Interrupted", EXIT_INTERRUPTED, step)
 
     if nproc == 1:  # "run the same command to resume" is true
         code, out = Trainer(trainer.job, tmp_path / "state", nproc=nproc).run()
         assert code == EXIT_OK, out
-        assert f"resumed from {join_uri(root, checkpoint_name(step))} at step {step}" in out
+        assert f"resumed from {join_uri(identity_root(storage, root), checkpoint_name(step))} at step {step}" in out
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -95,7 +96,7 @@ def test_sigterm_to_the_process_group_exits_75_and_leaves_no_process(nproc: int,
     """`kill -TERM -<pgid>` (timeout(1), docker stop through a shell): every process of the group gets it."""
     trainer, process, doc = start(tmp_path, tiny_gpt2, data, nproc)
     storage, root = Storage(), checkpoint_root(doc)
-    poll(lambda: bool(complete_checkpoints(storage, root)), process)
+    poll(lambda: bool(run_checkpoints(storage, root)), process)
     os.killpg(process.pid, signal.SIGTERM)
     code = wait(process, 60)
     out = trainer.log.read_text()
@@ -104,7 +105,7 @@ def test_sigterm_to_the_process_group_exits_75_and_leaves_no_process(nproc: int,
     assert "Traceback" not in out, out
     result = trainer.result()
     assert (result["outcome"], result["exitCode"]) == ("Preempted", EXIT_RETRY)
-    assert complete_checkpoints(storage, root)[-1] == result["step"]
+    assert run_checkpoints(storage, root)[-1] == result["step"]
     time.sleep(1)  # nothing left behind may rewrite the result afterwards
     assert trainer.result() == result
 
@@ -125,7 +126,7 @@ def test_grace_seconds_bound_the_shutdown_when_a_rank_is_stuck(tmp_path: Path, t
     grace = 6
     trainer, process, doc = start(tmp_path, tiny_gpt2, data, 2, KUBETUNE_GRACE_SECONDS=str(grace))
     storage, root = Storage(), checkpoint_root(doc)
-    poll(lambda: bool(complete_checkpoints(storage, root)), process)
+    poll(lambda: bool(run_checkpoints(storage, root)), process)
     workers = [pid for pid in survivors(str(trainer.state_dir))
                if "-m kubetune.train.worker" in _cmdline(pid) and "torchrun" not in _cmdline(pid)]
     assert len(workers) == 2
