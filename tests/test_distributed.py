@@ -43,6 +43,7 @@ from tests.trainer_runs import (
     identity_root,
     losses,
     poll,
+    processes_mentioning,
     read_output,
     run_checkpoints,
     split_instructions,
@@ -179,15 +180,6 @@ def test_bad_input_on_every_rank_exits_2_without_a_traceback(tmp_path: Path, tin
     assert {r["exitCode"] for r in trainer.rank_results("bad").values()} == {EXIT_BAD_INPUT}
 
 
-def processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                pids.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

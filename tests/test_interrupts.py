@@ -26,6 +26,7 @@ from tests.trainer_runs import (
     gpt2_job,
     identity_root,
     poll,
+    processes_mentioning,
     run_checkpoints,
     split_instructions,
     wait,
@@ -53,16 +54,6 @@ def start(tmp_path: Path, model: Path, data: dict[str, Path], nproc: int, **env:
     return trainer, process, doc
 
 
-def survivors(text: str) -> list[int]:
-    """Processes whose command line mentions text (the run's state dir is in every worker's)."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                pids.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -75,7 +66,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_one_line(nproc: int, tmp_path: Pat
     code = wait(process, 60)
     out = trainer.log.read_text()
     assert code == EXIT_INTERRUPTED, out
-    assert survivors(str(trainer.state_dir)) == [], "a training process outlived kubetune run"
+    assert processes_mentioning(str(trainer.state_dir)) == [], "a training process outlived kubetune run"
     assert len(STOP_LINE.findall(out)) == 1, out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     step = int(STOP_LINE.search(out).group(1))  # type: ignore[union-attr]
@@ -101,7 +92,7 @@ def test_sigterm_to_the_process_group_exits_75_and_leaves_no_process(nproc: int,
     code = wait(process, 60)
     out = trainer.log.read_text()
     assert code == EXIT_RETRY, out
-    assert survivors(str(trainer.state_dir)) == [], "a training process outlived kubetune run"
+    assert processes_mentioning(str(trainer.state_dir)) == [], "a training process outlived kubetune run"
     assert "Traceback" not in out, out
     result = trainer.result()
     assert (result["outcome"], result["exitCode"]) == ("Preempted", EXIT_RETRY)
@@ -127,7 +118,7 @@ def test_grace_seconds_bound_the_shutdown_when_a_rank_is_stuck(tmp_path: Path, t
     trainer, process, doc = start(tmp_path, tiny_gpt2, data, 2, KUBETUNE_GRACE_SECONDS=str(grace))
     storage, root = Storage(), checkpoint_root(doc)
     poll(lambda: bool(run_checkpoints(storage, root)), process)
-    workers = [pid for pid in survivors(str(trainer.state_dir))
+    workers = [pid for pid in processes_mentioning(str(trainer.state_dir))
                if "-m kubetune.train.worker" in _cmdline(pid) and "torchrun" not in _cmdline(pid)]
     assert len(workers) == 2
     rank1 = next(pid for pid in workers if "RANK=1\0" in _environ(pid))
@@ -139,7 +130,7 @@ def test_grace_seconds_bound_the_shutdown_when_a_rank_is_stuck(tmp_path: Path, t
     out = trainer.log.read_text()
     assert code == EXIT_RETRY, out
     assert took < grace + 3, f"the shutdown took {took:.1f} s with a {grace} s grace period"
-    assert survivors(str(trainer.state_dir)) == [], "the frozen rank outlived kubetune run"
+    assert processes_mentioning(str(trainer.state_dir)) == [], "the frozen rank outlived kubetune run"
     assert f"no checkpoint within 80% of the {grace} s grace period" in out
 
 

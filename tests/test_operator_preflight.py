@@ -15,15 +15,10 @@ from kubetune import contract
 from kubetune.jobfile import job_document
 from tests.operator_harness import NS, Api, Operator, wait_for
 from tests.pss import restricted_violations
+from tests.test_operator import BASE as OPERATOR_BASE
 
 pytestmark = pytest.mark.plays_controller
-BASE = {
-    "model": {"uri": "s3://models/minilm/", "task": "sequence-classification", "labels": ["negative", "positive"]},
-    "data": {"train": "s3://data/reviews/train.jsonl"},
-    "output": {"uri": "s3://models-out/reviews/"},
-    "storage": {"endpoint": "http://minio.storage:9000", "secretRef": "s3-credentials"},
-    "resources": {"nodes": 2, "gpusPerNode": 8, "cpu": "8", "memory": "64Gi"},
-}
+BASE = {**OPERATOR_BASE, "resources": {"nodes": 2, "gpusPerNode": 8, "cpu": "8", "memory": "64Gi"}}
 
 
 @pytest.fixture(scope="module")

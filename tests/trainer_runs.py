@@ -172,3 +172,15 @@ def step_of(checkpoint_uri: str) -> int:
 
 def losses(metrics: dict[str, Any]) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in metrics["trainLoss"]]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line mentions text (a run's state dir is in every worker's)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
