@@ -37,11 +37,12 @@ def peak_memory_bytes(device: Any) -> int:
 def report(*, step_seconds: list[float], step_tokens: list[int], losses: list[float], full_steps: int,
            full_tokens: int, samples_per_second: float, eval_seconds: float, eval_examples: int,
            full_eval_examples: int, peak_bytes: int, validation: dict[str, Any] | None) -> dict[str, Any]:
-    """Extrapolate by padded tokens (a step costs about its batch's padded tokens); the first step, which
-    warms caches up, is left out when there are enough others."""
+    """Extrapolate by padded tokens (a step costs about its batch's padded tokens) at the median rate of the
+    measured steps; the first step, which warms caches up, is left out when there are enough others."""
     measured = list(zip(step_seconds, step_tokens, strict=True))
     steady = measured[1:] if len(measured) > 2 else measured
-    seconds_per_token = sum(s for s, _ in steady) / max(sum(n for _, n in steady), 1)
+    # The median step rate: one slow step (a page fault storm, another process) must not set the estimate.
+    seconds_per_token = statistics.median(s / max(n, 1) for s, n in steady)
     train_seconds = full_tokens * seconds_per_token
     eval_rate = eval_examples / max(eval_seconds, 1e-9)
     eval_total = full_eval_examples / eval_rate if eval_examples else 0.0
