@@ -6,6 +6,7 @@ test plays the Job controller and kubelet for the pre-flight pod.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -110,3 +111,20 @@ def test_a_succeeded_job_is_served_where_kserve_is_installed(api: Api, operator:
     assert isvc["spec"]["predictor"]["model"]["storageUri"] == "s3://models-out/reviews/merged"
     assert isvc["metadata"]["ownerReferences"][0]["uid"] == api.ftj("served")["metadata"]["uid"]
     api.delete_ftj("served")
+
+
+def test_a_dry_runs_report_reaches_the_status(api: Api, operator: Operator) -> None:
+    submit(api, "dry", dryRun={"fraction": 0.05, "maxSteps": 20})
+    api.terminate(preflight_pod(api, operator, "dry"), 0)
+    api.finish_job("dry-preflight", "Complete")
+    wait_for("Job dry-0", lambda: api.job("dry-0"), operator=operator)
+    report = {"dryRun": True, "steps": 20, "estimatedTotalSeconds": 5400.0, "peakMemoryBytes": 2**33,
+              "lossDecreasing": True}
+    for pod in api.start_pods("dry-0"):
+        api.terminate(pod, 0, json.dumps({"outcome": "Succeeded", "exitCode": 0, "dryRun": report}),
+                      reason="Completed")
+    api.finish_job("dry-0", "Complete")
+    status = wait_for("status.dryRun", lambda: api.status("dry").get("dryRun") and api.status("dry"),
+                      operator=operator)
+    assert status["phase"] == "Succeeded" and status["dryRun"] == report
+    api.delete_ftj("dry")

@@ -259,6 +259,8 @@ class Pass:
         self.new["outputUri"] = result.get("outputUri") or builders.resolved_job(self.ftj).spec.output.uri
         if result.get("lastCheckpoint"):
             self.new["lastCheckpoint"] = result["lastCheckpoint"]
+        if isinstance(result.get("dryRun"), dict):  # a dry run's report, not a model
+            self.new["dryRun"] = result["dryRun"]
         tests = {f"test{k[:1].upper()}{k[1:]}": v for k, v in (result.get("test") or {}).items()
                  if isinstance(v, int | float)}
         if tests:

@@ -133,6 +133,14 @@ STATUS_SCHEMA: dict[str, Any] = {
         "attempt": {"type": "integer", "description": "Index of the current gang attempt (its Job is <name>-<n>)."},
         "budgetUsed": {"type": "integer", "description": "Restarts counted against runPolicy.backoffLimit."},
         "gpuSeconds": _number("GPU-seconds held across all attempts: what the job cost."),
+        "attemptGpuSeconds": {"type": "object", "additionalProperties": {"type": "number"},
+                              "description": "GPU-seconds per attempt (kept when an old attempt's pods are gone)."},
+        "lastStepTime": {"type": "string", "format": "date-time",
+                         "description": "When progress.step last moved (drives the Stalled condition)."},
+        "inferenceService": {"type": "string", "description": "The KServe InferenceService serving merged/."},
+        "dryRun": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                   "description": "A dry run's report: throughput, estimated full-job seconds, peak memory, "
+                   "loss trend."},
         "lastCheckpoint": {"type": "string", "description": "URI of the newest complete checkpoint."},
         "outputUri": {"type": "string", "description": "Where the fine-tuned model was written."},
         "failure": {
