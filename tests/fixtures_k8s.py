@@ -182,6 +182,7 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
 
 class Cluster:
     """The emulator served over HTTP from a background thread, with a kubeconfig pointing at it."""
+    emulator_type: type[MendedEmulator] = MendedEmulator  # a subclass may mend more (Helm)
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -200,7 +201,7 @@ class Cluster:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        async with MendedEmulator() as emulator, kmock.Server(emulator) as server:
+        async with self.emulator_type() as emulator, kmock.Server(emulator) as server:
             self.emulator = emulator
             self.url = f"http://{server.host}:{server.port}"
             self._ready.set()

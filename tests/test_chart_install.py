@@ -7,7 +7,6 @@ API server does. Helm runs with --disable-openapi-validation (the emulator serve
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -110,13 +109,7 @@ class HelmReadyEmulator(MendedEmulator):
 
 
 class HelmCluster(Cluster):
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        async with HelmReadyEmulator() as emulator, kmock.Server(emulator) as server:
-            self.emulator = emulator
-            self.url = f"http://{server.host}:{server.port}"
-            self._ready.set()
-            await self._stop.wait()
+    emulator_type = HelmReadyEmulator
 
     async def _register(self) -> None:
         """Namespaces only: Helm installs the CRD itself. (The emulator cannot create cluster-scoped objects
