@@ -35,6 +35,15 @@ def scrape(url: str, timeout: float = 5) -> str:
         return str(response.read().decode())
 
 
+def served(expected: str, timeout: float = 5) -> str:
+    """Scrape until `expected` is in the text: flush() hands the snapshot to the server process, which
+    serves it once it has read the pipe."""
+    deadline = time.monotonic() + timeout
+    while expected not in (text := scrape(telemetry.endpoint())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return text
+
+
 def series(text: str) -> dict[str, float]:
     """'name{labels}' -> value for every sample line."""
     lines = [line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")]
@@ -57,7 +66,7 @@ def test_rank_zero_serves_every_contract_series_labelled_and_promtool_is_quiet()
     telemetry.add_downloaded(1000)
     telemetry.add_uploaded(10)
     telemetry.flush()
-    text = scrape(telemetry.endpoint())
+    text = served(contract.METRIC_EVAL)
     values = series(text)
     names = {key.split("{")[0] for key in values}
     for name in (v for k, v in vars(contract).items() if k.startswith("METRIC_") and "_OP_" not in k):
@@ -84,7 +93,7 @@ def test_other_ranks_serve_only_their_own_series_on_the_next_port() -> None:
                         seconds=0.2)
     telemetry.flush()
     assert telemetry.endpoint() == f"http://127.0.0.1:{base}/metrics"
-    names = {key.split("{")[0] for key in series(scrape(telemetry.endpoint()))}
+    names = {key.split("{")[0] for key in series(served(contract.METRIC_MEMORY_PEAK))}
     assert names == {f"{contract.METRIC_STEP_SECONDS}_{s}" for s in ("bucket", "count", "sum", "created")} | {
         contract.METRIC_MEMORY, contract.METRIC_MEMORY_PEAK}
     assert all('rank="3"' in key for key in series(scrape(telemetry.endpoint())))
@@ -95,12 +104,12 @@ def test_non_finite_losses_are_exported_as_such() -> None:
     metrics.record_step(step=1, total=2, epoch=0.5, loss=float("nan"), learning_rate=1e-3, samples=1, tokens=1,
                         seconds=0.1)
     telemetry.flush()
-    assert 'kubetune_train_loss{job="nan",namespace="local"} NaN' in scrape(telemetry.endpoint())
+    assert 'kubetune_train_loss{job="nan",namespace="local"} NaN' in served('namespace="local"} NaN')
     metrics.record_step(step=2, total=2, epoch=1.0, loss=float("-inf"), learning_rate=1e-3, samples=1, tokens=1,
                         seconds=0.1)
     metrics.record_evaluation({"eval_loss": float("inf")}, "eval")
     telemetry.flush()
-    text = scrape(telemetry.endpoint())
+    text = served('namespace="local"} -Inf')
     assert 'kubetune_train_loss{job="nan",namespace="local"} -Inf' in text
     assert 'kubetune_eval_loss{job="nan",namespace="local"} +Inf' in text
 
