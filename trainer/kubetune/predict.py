@@ -48,6 +48,9 @@ def open_output(uri: str, storage: Storage, cache: Path) -> FinishedModel:
         raise UserError(f"{uri}: has no {contract.MERGED_DIR}/ (output.mergeAdapter was false); "
                         f"load {contract.ADAPTER_DIR}/ on its base model instead")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a weight-loading bar on every prediction command is noise
 
     auto = AutoModelForSequenceClassification if spec.model.task == "sequence-classification" else AutoModelForCausalLM
     model = auto.from_pretrained(merged, dtype="float32")  # the trainer's master weights are fp32
