@@ -114,29 +114,23 @@ class Api:
         found = self.batch.list_namespaced_job(NS, label_selector=f"{contract.LABEL_JOB_NAME}={name}")
         return sorted((self._dict(j) for j in found.items), key=lambda j: j["metadata"]["name"])
 
-    def job(self, name: str) -> dict[str, Any] | None:
+    def _read(self, read: Callable[..., Any], name: str) -> dict[str, Any] | None:
+        """One object by name, None when it does not exist (404)."""
         try:
-            return self._dict(self.batch.read_namespaced_job(name, NS))
+            return self._dict(read(name, NS))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+
+    def job(self, name: str) -> dict[str, Any] | None:
+        return self._read(self.batch.read_namespaced_job, name)
 
     def configmap(self, name: str) -> dict[str, Any] | None:
-        try:
-            return self._dict(self.core.read_namespaced_config_map(name, NS))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._read(self.core.read_namespaced_config_map, name)
 
     def service(self, name: str) -> dict[str, Any] | None:
-        try:
-            return self._dict(self.core.read_namespaced_service(name, NS))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._read(self.core.read_namespaced_service, name)
 
     def pods(self, job: str) -> list[dict[str, Any]]:
         found = self.core.list_namespaced_pod(NS, label_selector=f"job-name={job}")
