@@ -146,7 +146,7 @@ def test_examples_validate_against_the_crd_schema(path: Path) -> None:
 
 
 @pytest.mark.parametrize(("override", "field"), [
-    ({"method": {"type": "qlora"}}, "method.type"),
+    ({"method": {"type": "dora"}}, "method.type"),
     ({"hyperparameters": {"batchSize": 0}}, "hyperparameters.batchSize"),
     ({"resources": {"gpusPerNode": -1}}, "resources.gpusPerNode"),
     ({"data": {"split": {"train": 0}}}, "data.split.train"),

@@ -312,7 +312,7 @@ MALFORMED: list[tuple[dict[str, Any], str]] = [
     ({"model": {"labels": ["only-one"]}}, "spec.model.labels"),
     ({"model": {"uri": ""}}, "spec.model.uri"),
     ({"model": {"uri": "gs://bucket/x"}}, "spec.model.uri"),
-    ({"method": {"type": "qlora"}}, "spec.method.type"),
+    ({"method": {"type": "dora"}}, "spec.method.type"),
     ({"method": {"type": "partial"}}, "spec.method.partial"),
     ({"method": {"lora": {"r": 0}}}, "spec.method.lora.r"),
     ({"method": {"lora": {"dropout": 1.5}}}, "spec.method.lora.dropout"),
@@ -356,7 +356,7 @@ def test_malformed_jobs_fail_naming_the_field_while_a_valid_one_runs(api: Api, o
 
 
 def test_operator_metrics_and_health(operator_env: dict[str, str], operator: Operator, api: Api) -> None:
-    submit(api, "metrics-bad", method={"type": "qlora"})
+    submit(api, "metrics-bad", method={"type": "dora"})
     submit(api, "metrics-ok")
     wait_for("Failed", lambda: phase(api, "metrics-bad") == "Failed", operator=operator)
     url = f"http://127.0.0.1:{operator_env['KUBETUNE_OPERATOR_METRICS_PORT']}/metrics"

@@ -101,10 +101,12 @@ class PartialSpec(_Spec):
 
 
 class MethodSpec(_Spec):
-    type: Literal["full", "partial", "lora"] = Field(
-        default="lora", description="full: all weights; partial: last layers or chosen modules; lora: PEFT LoRA."
+    type: Literal["full", "partial", "lora", "qlora"] = Field(
+        default="lora",
+        description="full: all weights; partial: last layers or chosen modules; lora: PEFT LoRA; "
+        "qlora: LoRA on 4-bit base weights (bitsandbytes, CUDA only).",
     )
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (method.type=lora).")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (method.type=lora or qlora).")
     partial: PartialSpec | None = Field(default=None, description="Which weights train (method.type=partial).")
 
     @model_validator(mode="after")
@@ -147,6 +149,11 @@ class DataSpec(_Spec):
     split: SplitSpec = Field(default_factory=SplitSpec, description="Seeded split used when files are absent.")
     cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="Row cleaning before the split.")
     max_seq_length: int = Field(default=256, ge=8, le=32768, description="Tokens per example (truncated).")
+    packing: bool | None = Field(
+        default=None,
+        description="Causal LM: concatenate examples into full rows, attention kept within each example; "
+        "null = on for causal-lm.",
+    )
 
 
 
@@ -167,6 +174,15 @@ class HyperparametersSpec(_Spec):
         default="auto", description="auto picks bf16 where the hardware runs it well, else fp16 (GPU) or fp32."
     )
     seed: int = Field(default=42, description="Seed for weights, data order and dropout.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="ddp replicates the model on every process; fsdp shards weights, gradients and optimizer "
+        "state; auto picks fsdp when the memory estimate says a replica will not fit.",
+    )
+    offload_optimizer: bool = Field(default=False, description="fsdp: keep optimizer state in host memory.")
+    gradient_checkpointing: bool | None = Field(
+        default=None, description="Recompute activations in backward; null = on when the estimate says they will not fit."
+    )
 
 
 # Published practice: BERT fine-tuning 2e-5..5e-5 (Devlin et al.), LLM full fine-tuning ~1e-5, LoRA about
@@ -177,6 +193,7 @@ DEFAULT_LEARNING_RATES = {
     ("lora", "sequence-classification"): 1e-3, ("lora", "causal-lm"): 2e-4,
     ("partial", "sequence-classification"): 1e-4, ("partial", "causal-lm"): 5e-5,
     ("full", "sequence-classification"): 2e-5, ("full", "causal-lm"): 1e-5,
+    ("qlora", "sequence-classification"): 1e-3, ("qlora", "causal-lm"): 2e-4,
 }
 
 
@@ -291,7 +308,7 @@ class FineTuneJobSpec(_Spec):
 
     @model_validator(mode="after")
     def _deploy_needs_merged(self) -> FineTuneJobSpec:
-        if self.deploy and self.deploy.kserve and self.method.type == "lora" and not self.output.merge_adapter:
+        if self.deploy and self.deploy.kserve and self.method.type in ("lora", "qlora") and not self.output.merge_adapter:
             raise ValueError("deploy.kserve: serving needs merged/: set output.mergeAdapter to true")
         return self
 
