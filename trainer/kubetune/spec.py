@@ -181,7 +181,8 @@ class HyperparametersSpec(_Spec):
     )
     offload_optimizer: bool = Field(default=False, description="fsdp: keep optimizer state in host memory.")
     gradient_checkpointing: bool | None = Field(
-        default=None, description="Recompute activations in backward; null = on when the estimate says they will not fit."
+        default=None,
+        description="Recompute activations in backward; null = on when the estimate says they will not fit.",
     )
 
 
@@ -308,7 +309,8 @@ class FineTuneJobSpec(_Spec):
 
     @model_validator(mode="after")
     def _deploy_needs_merged(self) -> FineTuneJobSpec:
-        if self.deploy and self.deploy.kserve and self.method.type in ("lora", "qlora") and not self.output.merge_adapter:
+        adapter_only = self.method.type in ("lora", "qlora") and not self.output.merge_adapter
+        if self.deploy and self.deploy.kserve and adapter_only:
             raise ValueError("deploy.kserve: serving needs merged/: set output.mergeAdapter to true")
         return self
 
