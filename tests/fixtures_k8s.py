@@ -22,7 +22,7 @@ import kmock
 import pytest
 import yaml
 from aiohttp import web
-from kmock._internal import rendering  # the request type the emulator's hooks receive
+from kmock._internal import parsing, rendering  # the request type the emulator's hooks receive
 
 from kubetune.crd import build_crd
 
@@ -76,6 +76,21 @@ def _field_matches(selector: str, obj: dict[str, Any]) -> bool:
         if key == "metadata.namespace" and obj.get("metadata", {}).get("namespace") != value.lstrip("="):
             return False
     return True
+
+
+_kmock_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> Any:
+    """kmock reads `/api/v1/namespaces[/NAME]` as a namespace prefix with nothing after it (a 500 error): the
+    Namespace resource itself, which kopf lists and watches in namespaced mode (KUBETUNE_NAMESPACES)."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["api", "v1"] and parts[2:3] == ["namespaces"] and len(parts) <= 4:
+        return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+    return _kmock_parse_path(path)
+
+
+parsing.parse_path = _parse_path  # module-wide: kmock's request parser looks it up there on each request
 
 
 class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]

@@ -114,7 +114,8 @@ class Pass:
     def run(self) -> bool:
         """True when the job has finished and nothing it made is still being followed (an InferenceService)."""
         if self.old.get("phase") in FINISHED:
-            self._expire()  # a finished job never recreates children, even when they were deleted
+            if self._expire():  # a finished job never recreates children, even when they were deleted
+                return True
             settled = self._serving()
             if self.new.get("inferenceService") != self.old.get("inferenceService"):
                 self._write()
@@ -330,14 +331,16 @@ class Pass:
             if condition_true(self.new, type_):
                 self._condition(type_, False, "Finished", "the job finished")
 
-    def _expire(self) -> None:
+    def _expire(self) -> bool:
+        """Delete the job once ttlSecondsAfterFinished has passed; True when it did."""
         ttl = builders_ttl(self.ftj)
         finished = parse_time(self.old.get("completionTime"))
         if ttl is not None and finished and (self.now - finished).total_seconds() >= ttl:
             log.info("deleting %s/%s: ttlSecondsAfterFinished=%s passed", self.namespace, self.name, ttl)
             self.kube.delete_ftj(self.namespace, self.name)
-        else:
-            self._remember_phase()
+            return True
+        self._remember_phase()
+        return False
 
     # ---- observations -------------------------------------------------------------------------------
     def _account(self, jobs: dict[int, dict[str, Any]], pods: dict[int, list[dict[str, Any]]]) -> None:
