@@ -229,8 +229,10 @@ class Kubelet:
     def _env(self, pod: dict[str, Any], container: dict[str, Any], paths: dict[str, Path], nodes: int
              ) -> dict[str, str]:
         meta = pod["metadata"]
+        # The image's environment: this venv first on PATH, this HOME (its caches: matplotlib's font list), offline.
         env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               "HOME": str(self.node), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+               "HOME": os.environ.get("HOME", str(self.state)), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "PYTHONUNBUFFERED": "1"}
         for item in container.get("env") or []:
             if "value" in item:
                 env[item["name"]] = self._local(str(item["value"]), paths)
