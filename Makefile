@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-llm test test-all lint crd docs monitoring test-tools clean
+.PHONY: setup demo demo-llm cluster test test-all lint crd docs monitoring test-tools clean
 
 $(VENV)/.installed: pyproject.toml .ci/install-k8s-tools
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: setup
 
 demo-llm: setup
 	$(PY) -m kubetune.demo --llm
+
+# A dev cluster on this machine: emulated API, the real operator, pods as local processes (README).
+cluster: setup
+	$(PY) -m tests.devcluster
 
 lint: setup
 	$(VENV)/bin/ruff check trainer operator tests bench

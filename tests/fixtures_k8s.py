@@ -2,8 +2,11 @@
 
 The emulator stores objects and serves list/watch/get/create/patch/delete; it does not validate against
 schemas, run controllers or garbage-collect, and its lists lack `kind`. `MendedEmulator` adds what the
-operator, kubectl and Helm rely on and a real API server does (each mend says so); the tests play the Job
-controller and the kubelet themselves. Every request is recorded as (method, path) for the RBAC test.
+operator, kubectl and Helm rely on and a real API server does (each mend says so: identity fields, 201 on
+create, 404 for unserved resources, status subresources, garbage collection, list kinds and selectors,
+server-side Tables for `kubectl get`, JSON watch streams, `/api/v1/namespaces` paths); the tests play the
+Job controller and the kubelet themselves, and `make cluster` (tests/devcluster.py) serves this same
+emulator. Every request is recorded as (method, path) for the RBAC test.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import kmock
 import pytest
 import yaml
 from aiohttp import web
-from kmock._internal import rendering  # the request type the emulator's hooks receive
+from kmock._internal import parsing, rendering  # the request type the emulator's hooks receive
 
 from kubetune.crd import build_crd
 
@@ -77,6 +80,51 @@ def _field_matches(selector: str, obj: dict[str, Any]) -> bool:
         if key == "metadata.namespace" and obj.get("metadata", {}).get("namespace") != value.lstrip("="):
             return False
     return True
+
+
+_kmock_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> Any:
+    """kmock reads `/api/v1/namespaces[/NAME]` as a namespace prefix with nothing after it (a 500 error): the
+    Namespace resource itself, which kopf lists and watches in namespaced mode (KUBETUNE_NAMESPACES)."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["api", "v1"] and parts[2:3] == ["namespaces"] and len(parts) <= 4:
+        return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+    return _kmock_parse_path(path)
+
+
+parsing.parse_path = _parse_path  # module-wide: kmock's request parser looks it up there on each request
+
+
+# Server-side printing: kubectl get asks for a Table and shows its columns (a CRD's additionalPrinterColumns).
+PRINTER_COLUMNS = {"FineTuneJob": build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]}
+AGE_ONLY = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+
+
+def _wants_table(request: rendering.Request) -> bool:
+    return "as=Table" in request.headers.get("Accept", "")
+
+
+def _table(kind: str | None, objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """A meta.k8s.io/v1 Table as the API server renders one: Name, the printer columns, dates as ages."""
+    columns = PRINTER_COLUMNS.get(kind or "", AGE_ONLY)
+    definitions = [{"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}] + [
+        {"name": c["name"], "type": c["type"], "format": "", "description": c.get("description", ""),
+         "priority": c.get("priority", 0)} for c in columns]
+    rows = [{"cells": [o["metadata"]["name"], *(_cell(o, c) for c in columns)], "object": o} for o in objects]
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": str(time.monotonic_ns())},
+            "columnDefinitions": definitions, "rows": rows}
+
+
+def _cell(obj: dict[str, Any], column: dict[str, Any]) -> Any:
+    value: Any = obj
+    for key in column["jsonPath"].lstrip(".").split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    if value is None or column["type"] != "date":
+        return value
+    seconds = int((datetime.datetime.now(datetime.UTC) - datetime.datetime.fromisoformat(value)).total_seconds())
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 10800 else f"{seconds // 3600}h"
 
 
 class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
@@ -199,13 +247,33 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         for item in items:
             item.setdefault("kind", kind)
             item.setdefault("apiVersion", api_version)
+        if _wants_table(request):
+            return _table(kind, items)
         return {"apiVersion": api_version, "kind": f"{kind}List",
                 "metadata": {"resourceVersion": str(time.monotonic_ns())}, "items": items}
 
-    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[Any]:
+    def _serve_watch(self, request: rendering.Request) -> rendering.Response:
+        """Watch streams are JSON (kmock's default octet-stream makes `kubectl get -w` give up)."""
+        return rendering.Response(headers={"Content-Type": "application/json"}, payload=self._watch_events(request))
+
+    async def _watch_events(self, request: rendering.Request) -> AsyncIterator[Any]:
         async for event in super()._serve_watch(request):
             if not isinstance(event, dict) or self._selected(request, event.get("object") or {}):
+                if isinstance(event, dict) and _wants_table(request):
+                    event = {**event, "object": _table(self._kind(request.resource), [event["object"]])}
                 yield event
+
+    async def _serve_version(self, request: rendering.Request) -> Any:
+        """Subresources carry no short names or categories (kmock copies them: kubectl warns on every `ftj`)."""
+        found = await super()._serve_version(request)
+        for entry in found["resources"]:
+            if "/" in entry["name"]:
+                entry.update(shortNames=[], categories=[])
+        return found
+
+    async def _serve_fetch(self, request: rendering.Request) -> Any:
+        found = await super()._serve_fetch(request)
+        return _table(self._kind(request.resource), [found]) if _wants_table(request) else found
 
     def _selected(self, request: rendering.Request, obj: dict[str, Any]) -> bool:
         labels = obj.get("metadata", {}).get("labels") or {}

@@ -53,7 +53,7 @@ def operator_env(trainer: TrainerEndpoint) -> dict[str, str]:
         # These scenarios follow the training Job's lifecycle; tests/test_operator_preflight.py runs with it on.
         "KUBETUNE_PREFLIGHT": "false",
         "KUBETUNE_STALL_SECONDS": "4",
-        "KUBETUNE_NAMESPACES": "",  # kmock cannot parse /api/v1/namespaces, which kopf lists for namespaced watching
+        "KUBETUNE_NAMESPACES": "",  # cluster-wide; tests/test_operator_namespaced.py runs the namespaced mode
         "KUBETUNE_OPERATOR_METRICS_PORT": str(free_port()),
         "KUBETUNE_HEALTH_PORT": str(free_port()),
         "KUBETUNE_TRAINER_IMAGE": "ghcr.io/kubetune/trainer:test",

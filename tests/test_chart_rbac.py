@@ -99,21 +99,32 @@ def test_namespaced_mode_keeps_job_rules_inside_the_watched_namespaces(tmp_path:
     assert not granted(objects, Access("get", "", "secrets", "ml", "s3-credentials"))
 
 
-def test_installed_rbac_is_exactly_what_the_operator_uses(tmp_path: Path) -> None:
-    """The chart installed by helm, the real operator started with the Deployment's env and a token of its own;
-    the test plays the Job controller through a job's life (pre-flight, run, succeed, TTL-delete) and a
-    suspension."""
+@pytest.mark.parametrize("scope", ["cluster", "namespaced"])
+def test_installed_rbac_is_exactly_what_the_operator_uses(tmp_path: Path, scope: str) -> None:
+    """The chart installed by helm (cluster-wide, or namespaced: a Role in the watched namespace), the real
+    operator started with the Deployment's env and a token of its own; the test plays the Job controller
+    through a job's life (pre-flight, run, succeed, serve, TTL-delete) and a suspension."""
     harness = pytest.importorskip("tests.operator_harness", reason="the operator harness is not merged yet")
+    import kmock
+
     from kubetune.jobfile import job_document
     from kubetune.netutil import free_port
+    from kubetune_operator import serving
     from tests.test_chart_install import CHART, RELEASE_NAMESPACE, HelmCluster, read, run
 
     cluster = HelmCluster(tmp_path)
     cluster.start()
     try:
+        scoped = ["--set", "rbac.scope=namespaced", "--set", f"rbac.namespaces={{{harness.NS}}}"]
         run(cluster, ["helm", "install", "kubetune", str(CHART), "-n", RELEASE_NAMESPACE,
-                      "--disable-openapi-validation"])
+                      "--disable-openapi-validation", *(scoped if scope == "namespaced" else [])])
         installed = [read(cluster, "clusterrole", "kubetune-operator")]
+        if scope == "namespaced":
+            installed.append(read(cluster, "role", "kubetune-operator", namespace=harness.NS))
+        assert cluster.emulator is not None  # KServe installed: the operator creates and follows the service
+        cluster.emulator.resources[kmock.resource(serving.KSERVE_GROUP, serving.KSERVE_VERSION,
+                                                  serving.INFERENCE_SERVICES)] = kmock.ResourceInfo(
+            kind=serving.INFERENCE_SERVICE, namespaced=True, verbs={"get", "list", "create", "delete"})
         container = read(cluster, "deployment", "kubetune-operator")["spec"]["template"]["spec"]["containers"][0]
         env = {e["name"]: e.get("value", "") for e in container["env"]}
         env.update(KUBETUNE_REFRESH_SECONDS="1", KUBETUNE_HEALTH_PORT=str(free_port()),
@@ -137,7 +148,7 @@ def test_installed_rbac_is_exactly_what_the_operator_uses(tmp_path: Path) -> Non
             api.terminate(checker, 0, reason="Completed")
             api.finish_job(f"{name}-preflight", "Complete")
 
-        submit("done", runPolicy={"ttlSecondsAfterFinished": 1}, deploy={"kserve": {}})
+        submit("done", runPolicy={"ttlSecondsAfterFinished": 3}, deploy={"kserve": {}})
         pass_preflight("done")
         wait("the Job", lambda: api.job("done-0"))
         [pod] = api.start_pods("done-0")

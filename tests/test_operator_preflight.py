@@ -14,7 +14,7 @@ import pytest
 
 from kubetune import contract
 from kubetune.jobfile import job_document
-from tests.operator_harness import NS, Api, Operator, wait_for
+from tests.operator_harness import NS, Api, Operator, now, wait_for
 from tests.pss import restricted_violations
 from tests.test_operator import BASE as OPERATOR_BASE
 
@@ -94,7 +94,8 @@ def test_a_succeeded_job_is_served_where_kserve_is_installed(api: Api, operator:
     # KServe "installed": the emulator now serves its resource (a real cluster would after `kubectl apply` of KServe).
     resource = kmock.resource(serving.KSERVE_GROUP, serving.KSERVE_VERSION, serving.INFERENCE_SERVICES)
     backend.cluster.emulator.resources[resource] = kmock.ResourceInfo(
-        kind=serving.INFERENCE_SERVICE, namespaced=True, verbs={"get", "list", "create", "delete"})
+        kind=serving.INFERENCE_SERVICE, namespaced=True, verbs={"get", "list", "create", "delete", "patch"},
+        subresources={"status"})
     submit(api, "served", deploy={"kserve": {}})
     api.terminate(preflight_pod(api, operator, "served"), 0)
     api.finish_job("served-preflight", "Complete")
@@ -105,11 +106,29 @@ def test_a_succeeded_job_is_served_where_kserve_is_installed(api: Api, operator:
     deployed = wait_for("Deployed=True", lambda: condition(api, "served", "Deployed").get("status") == "True"
                         and condition(api, "served", "Deployed"), operator=operator)
     assert deployed["reason"] == "InferenceServiceCreated"
-    assert api.status("served")["inferenceService"] == "served"
+    assert api.status("served")["inferenceService"] == {"name": "served", "ready": False}
     isvc = api.custom.get_namespaced_custom_object(serving.KSERVE_GROUP, serving.KSERVE_VERSION, NS,
                                                    serving.INFERENCE_SERVICES, "served")
     assert isvc["spec"]["predictor"]["model"]["storageUri"] == "s3://models-out/reviews/merged"
     assert isvc["metadata"]["ownerReferences"][0]["uid"] == api.ftj("served")["metadata"]["uid"]
+    # KServe's controller, played by the test: first an address but not Ready, then Ready.
+    url = "http://served.ml.example.com"
+
+    def kserve_reports(ready: str) -> None:
+        api.custom.patch_namespaced_custom_object_status(
+            serving.KSERVE_GROUP, serving.KSERVE_VERSION, NS, serving.INFERENCE_SERVICES, "served",
+            {"status": {"url": url, "address": {"url": "http://served-predictor.ml.svc.cluster.local"},
+                        "conditions": [{"type": "Ready", "status": ready, "lastTransitionTime": now()}]}})
+
+    kserve_reports("False")
+    time.sleep(3)  # a few refresh passes of a finished job: an address without Ready is not written
+    assert api.status("served")["inferenceService"] == {"name": "served", "ready": False}
+    kserve_reports("True")
+    served = wait_for("the InferenceService URL", lambda: api.status("served")["inferenceService"].get("ready")
+                      and api.status("served"), operator=operator)
+    assert served["inferenceService"] == {"name": "served", "url": url, "ready": True}
+    assert condition(api, "served", "Deployed")["reason"] == "InferenceServiceReady"
+    assert any(e["reason"] == "InferenceServiceReady" and url in e["message"] for e in api.events("served"))
     api.delete_ftj("served")
 
 

@@ -107,6 +107,19 @@ class Kube:
         metrics.child_created(serving.INFERENCE_SERVICE)
         return True
 
+    def get_inference_service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The InferenceService, None when it (or KServe) is gone."""
+        from kubetune_operator import serving
+
+        try:
+            found: dict[str, Any] = self._call(self.custom.get_namespaced_custom_object, serving.KSERVE_GROUP,
+                                               serving.KSERVE_VERSION, namespace, serving.INFERENCE_SERVICES, name)
+            return found
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def list_jobs(self, namespace: str, name: str) -> list[dict[str, Any]]:
         found = self._call(self.batch.list_namespaced_job, namespace,
                            label_selector=f"{contract.LABEL_JOB_NAME}={name}")

@@ -88,8 +88,8 @@ def reconcile(kube: Kube, settings: Settings, namespace: str, name: str, now: da
             with _phases_lock:
                 _phases.pop((namespace, name), None)
             return False
-        done = Pass(kube, settings, ftj, now or datetime.now(UTC)).run()
-        return not done or builders_ttl(ftj) is not None
+        settled = Pass(kube, settings, ftj, now or datetime.now(UTC)).run()
+        return not settled or builders_ttl(ftj) is not None
 
 
 def job_counts() -> dict[tuple[str, str], int]:
@@ -112,17 +112,21 @@ class Pass:
 
     # ---- the pass -----------------------------------------------------------------------------------
     def run(self) -> bool:
-        """True when the job has finished."""
+        """True when the job has finished and nothing it made is still being followed (an InferenceService)."""
         if self.old.get("phase") in FINISHED:
-            self._expire()  # a finished job never recreates children, even when they were deleted
-            return True
+            if self._expire():  # a finished job never recreates children, even when they were deleted
+                return True
+            settled = self._serving()
+            if self.new.get("inferenceService") != self.old.get("inferenceService"):
+                self._write()
+            return settled
         problem = validation_problem(self.ftj)
         if problem:
             self._fail("InvalidInput", problem, None, validated=False)
         else:
             self._drive()
         self._write()
-        return self.new.get("phase") in FINISHED
+        return self.new.get("phase") in FINISHED and not self.new.get("inferenceService")
 
     def _drive(self) -> None:
         policy = builders.resolved_job(self.ftj).spec.run_policy
@@ -285,9 +289,27 @@ class Pass:
                             f"serve {self.new['outputUri']} yourself")
             return
         name = service["metadata"]["name"]
-        self.new["inferenceService"] = name
+        self.new["inferenceService"] = {"name": name, "ready": False}
         self._condition("Deployed", True, "InferenceServiceCreated", f"InferenceService {name} serves "
-                        f"{service['spec']['predictor']['model']['storageUri']}; its URL is in its own status")
+                        f"{service['spec']['predictor']['model']['storageUri']}; waiting for KServe to report "
+                        "its URL")
+
+    def _serving(self) -> bool:
+        """Follow the job's InferenceService until KServe reports it Ready with a URL; True once settled."""
+        served = self.old.get("inferenceService")
+        if not isinstance(served, dict) or served.get("ready"):
+            return True
+        found = self.kube.get_inference_service(self.namespace, served["name"])
+        if found is None:
+            return True  # deleted, or KServe uninstalled: nothing left to follow
+        url, ready = serving.url_and_ready(found)
+        if not (url and ready):
+            return False
+        self.new["inferenceService"] = {"name": served["name"], "url": url, "ready": True}
+        text = f"InferenceService {served['name']} is ready at {url}"
+        self._condition("Deployed", True, "InferenceServiceReady", text)
+        self.events.append(("Normal", "InferenceServiceReady", text))
+        return True
 
     def _fail(self, reason: str, message: str, exit_code: int | None, validated: bool = True,
               result: dict[str, Any] | None = None) -> None:
@@ -309,14 +331,16 @@ class Pass:
             if condition_true(self.new, type_):
                 self._condition(type_, False, "Finished", "the job finished")
 
-    def _expire(self) -> None:
+    def _expire(self) -> bool:
+        """Delete the job once ttlSecondsAfterFinished has passed; True when it did."""
         ttl = builders_ttl(self.ftj)
         finished = parse_time(self.old.get("completionTime"))
         if ttl is not None and finished and (self.now - finished).total_seconds() >= ttl:
             log.info("deleting %s/%s: ttlSecondsAfterFinished=%s passed", self.namespace, self.name, ttl)
             self.kube.delete_ftj(self.namespace, self.name)
-        else:
-            self._remember_phase()
+            return True
+        self._remember_phase()
+        return False
 
     # ---- observations -------------------------------------------------------------------------------
     def _account(self, jobs: dict[int, dict[str, Any]], pods: dict[int, list[dict[str, Any]]]) -> None:

@@ -49,3 +49,11 @@ def inference_service(ftj: dict[str, Any], job: FineTuneJob) -> dict[str, Any] |
         "metadata": _metadata(ftj, name, "serving"),
         "spec": {"predictor": predictor},
     }
+
+
+def url_and_ready(isvc: dict[str, Any]) -> tuple[str | None, bool]:
+    """What KServe's controller reports: status.url (or status.address.url) and the Ready condition."""
+    status = isvc.get("status") or {}
+    url = status.get("url") or (status.get("address") or {}).get("url")
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return url, ready

@@ -137,7 +137,15 @@ STATUS_SCHEMA: dict[str, Any] = {
                               "description": "GPU-seconds per attempt (kept when an old attempt's pods are gone)."},
         "lastStepTime": {"type": "string", "format": "date-time",
                          "description": "When progress.step last moved (drives the Stalled condition)."},
-        "inferenceService": {"type": "string", "description": "The KServe InferenceService serving merged/."},
+        "inferenceService": {
+            "type": "object",
+            "description": "The KServe InferenceService serving merged/ (spec.deploy.kserve).",
+            "properties": {
+                "name": {"type": "string", "description": "Its name (in the job's namespace)."},
+                "url": {"type": "string", "description": "Where it answers, once KServe reports it."},
+                "ready": {"type": "boolean", "description": "Whether KServe reports it Ready."},
+            },
+        },
         "dryRun": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
                    "description": "A dry run's report: throughput, estimated full-job seconds, peak memory, "
                    "loss trend."},

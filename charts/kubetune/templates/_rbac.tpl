@@ -24,7 +24,7 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
   verbs: [create]
 - apiGroups: [serving.kserve.io]
   resources: [inferenceservices]
-  verbs: [create]  # spec.deploy.kserve, once a job has Succeeded
+  verbs: [create, get]  # spec.deploy.kserve, once a job has Succeeded; get: follow it until it has a URL
 {{- if and .Values.operator.peering.enabled (eq .Values.rbac.scope "namespaced") }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
