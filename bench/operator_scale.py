@@ -55,7 +55,9 @@ def list_ftjs(api: Api) -> list[dict[str, Any]]:
 
 def wait_phase(api: Api, names: set[str], phase: str, submitted: dict[str, float], timeout: float
                ) -> tuple[float, dict[str, float]]:
-    """Poll one list per second (the emulator shares this process: polling faster slows what it measures); returns (seconds until all, per-job seconds from submit to the phase)."""
+    """Poll one list per second (the emulator shares this process: faster polling slows what it measures).
+
+    Returns (seconds until all, per-job seconds from submit to the phase)."""
     start, seen = time.monotonic(), {}
     while time.monotonic() - start < timeout:
         now = time.monotonic()
