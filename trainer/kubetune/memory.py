@@ -292,6 +292,11 @@ def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, checkpointing: bo
     return int(layers + logits)
 
 
+def world_size(spec: FineTuneJobSpec) -> int:
+    """Training processes of the job: one per GPU, one per node on CPU."""
+    return max(spec.resources.nodes * max(spec.resources.gpus_per_node, 1), 1)
+
+
 def device_memory(spec: FineTuneJobSpec, override: str | None = None) -> int | None:
     """Per-device bytes for validate: --device-memory, $KUBETUNE_DEVICE_MEMORY, or resources.memory on CPU."""
     from kubetune.deepcheck import parse_quantity
@@ -308,11 +313,16 @@ def device_memory(spec: FineTuneJobSpec, override: str | None = None) -> int | N
 
 
 def host_available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else physical memory."""
+    """MemAvailable from /proc/meminfo (Linux; else physical memory), capped by a cgroup v2 limit (a pod's)."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+                available = int(line.split()[1]) * 1024
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available
