@@ -110,6 +110,7 @@ class FineTuneRecipe:
         if spec.dry_run:
             self._shrink_for_dry_run(spec.dry_run)
 
+        self.model_dir = inputs.model  # qlora's merged/ is rebuilt from the base's own weights
         self.memory = check_memory(spec, inputs.model, self.device)  # exit 2 here when the job cannot fit
         if self.is_main:
             log.info("%s", self.memory.table())
@@ -449,7 +450,7 @@ class FineTuneRecipe:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             folders = outputs.save_model(self.model, self.tokenizer, spec.method.type, spec.output.merge_adapter,
-                                         staging)
+                                         staging, base_dir=self.model_dir)
             example = self.data.train[0] if self.data.train else None  # for the model card's snippets
             outputs.write_reports(staging, metrics, run, job, folders, example)
             outputs.publish_outputs(self.storage, staging, spec)
