@@ -211,8 +211,11 @@ def load_quantized_base(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: in
 
 def enable_gradient_checkpointing(model: nn.Module, lora: bool) -> None:
     """Recompute each layer's activations in backward; non-reentrant works with DDP and frozen inputs."""
-    model.gradient_checkpointing_enable(  # type: ignore[operator]
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     if lora:
         # A frozen embedding output needs grad for the checkpointed layers' LoRA weights to get any (PEFT's advice).
         model.enable_input_require_grads()  # type: ignore[operator]
