@@ -237,7 +237,7 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: st
     optimizer: float = trainable * 4 * ADAMW_STATES
     if strategy == "fsdp":
         weights, gradients, optimizer = weights / world, gradients / world, optimizer / world
-    if hp.offload_optimizer:
+    if hp.offload_optimizer and strategy == "fsdp":  # FSDP's CPU offload; DDP keeps the state on the device
         optimizer = 0
     activations = activation_bytes(spec, shape, checkpointing)
     return MemoryPlan(int(weights), int(gradients), int(optimizer), int(activations), strategy, checkpointing,
