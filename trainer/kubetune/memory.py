@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kubetune.contract import ENV_DEVICE_MEMORY
 from kubetune.errors import UserError
 from kubetune.spec import FineTuneJob, FineTuneJobSpec
 
 GiB = 1 << 30
-ENV_DEVICE_MEMORY = "KUBETUNE_DEVICE_MEMORY"  # memory of one training device, e.g. 80Gi (validate and trainer)
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit weights plus one fp32 absmax per block of 64 (bitsandbytes NF4)
 ADAMW_STATES = 2          # exp_avg and exp_avg_sq, fp32
 # Around the loss: the logits, their shifted copy, log-softmax's output, and two gradients of that size.

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from kubetune.contract import ENV_DEVICE_MEMORY
 from kubetune.errors import UserError
-from kubetune.memory import ENV_DEVICE_MEMORY, MemoryPlan, host_available_bytes, plan, read_config
+from kubetune.memory import MemoryPlan, host_available_bytes, plan, read_config
 from kubetune.spec import FineTuneJobSpec
 from kubetune.train import distributed
 
