@@ -184,3 +184,11 @@ def test_the_trainer_refuses_a_job_that_cannot_fit_before_training(tiny_gpt2: Pa
     assert "Traceback" not in out and "spec.resources" in out and "spec.hyperparameters.batchSize" in out
     assert trainer.result()["reason"] == "InvalidInput"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_estimate_needs_no_torch() -> None:
+    """The operator's pre-flight image has no torch: importing and planning must not pull it in."""
+    code = ("import sys; from kubetune.memory import model_shape; "
+            "model_shape({'model_type': 'gpt2', 'n_embd': 64, 'n_layer': 2}); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
