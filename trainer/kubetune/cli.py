@@ -8,30 +8,51 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from kubetune import contract
 from kubetune.errors import PreemptedError, UserError
 
+if TYPE_CHECKING:
+    from kubetune.spec import FineTuneJob
+
 
 def _validate(args: argparse.Namespace) -> int:
     from kubetune.jobfile import load_job
+    from kubetune.memory import device_memory
     from kubetune.preflight import check_local_inputs
 
     job = load_job(args.file)
     check_local_inputs(job.spec, args.file)
+    device = device_memory(job.spec, args.device_memory)
     if args.deep:
-        from kubetune.deepcheck import deep_check, parse_quantity, render
+        from kubetune.deepcheck import deep_check, render
         from kubetune.runner import resolve_paths
 
-        memory = parse_quantity(args.device_memory) if args.device_memory else None
-        if args.device_memory and memory is None:
-            raise UserError(f"--device-memory: {args.device_memory!r} is not a quantity like 80Gi")
-        report = deep_check(resolve_paths(job, args.file), memory)
+        report = deep_check(resolve_paths(job, args.file), device)
         if report.problems:
             raise UserError("\n".join(report.problems))
         print(render(report))
+    else:
+        print(_memory_table(job, args.file, device))
     print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}" + (" (deep checks passed)" if args.deep else ""))
     return contract.EXIT_OK
+
+
+def _memory_table(job: FineTuneJob, manifest: str, device: int | None) -> str:
+    """The memory plan when the model's config.json is at hand; a job that cannot fit is bad input."""
+    from kubetune.memory import plan, read_config, world_size
+    from kubetune.preflight import resolve_local
+    from kubetune.storage import is_s3
+
+    spec = job.spec
+    if is_s3(spec.model.uri):
+        return "memory per device: not estimated (the model is in S3: `kubetune validate --deep` reads its config)"
+    config = read_config(resolve_local(spec.model.uri, manifest))
+    memory = plan(spec, world_size=world_size(spec), device_bytes=device, config=config)
+    if not memory.fits:
+        raise UserError(memory.advice(spec))
+    return memory.table()
 
 
 def _crd(args: argparse.Namespace) -> int:
@@ -127,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also reach storage with the job's credentials, read the first rows of the data "
                                "and the model's config, and estimate steps and memory")
     validate.add_argument("--device-memory", help="memory of one training device (e.g. 80Gi) to check the "
-                                                  "estimate against; CPU jobs use resources.memory")
+                                                  "estimate against (default $KUBETUNE_DEVICE_MEMORY; CPU jobs "
+                                                  "use resources.memory)")
     validate.set_defaults(handler=_validate)
 
     commands.add_parser("crd", help="print the FineTuneJob CRD").set_defaults(handler=_crd)

@@ -33,6 +33,7 @@ ENV_NAMESPACE = "KUBETUNE_NAMESPACE"
 ENV_GRACE_SECONDS = "KUBETUNE_GRACE_SECONDS"
 ENV_COLLECTIVE_TIMEOUT = "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS"
 ENV_STATE_DIR = "KUBETUNE_STATE_DIR"
+ENV_DEVICE_MEMORY = "KUBETUNE_DEVICE_MEMORY"  # one training device's memory (80Gi): validate's and the trainer's fit
 
 # Credentials come from the Secret in spec.storage.secretRef via secretKeyRef.
 SECRET_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"

@@ -48,10 +48,17 @@ CEL_RULES = [
         "message": "evaluation.metric: must be one of " + ", ".join(CLASSIFICATION_METRICS)
         + " (sequence-classification) or " + ", ".join(CAUSAL_LM_METRICS) + " (causal-lm)",
     },    {
-        # method.type defaults to lora, so an absent type counts as lora here.
+        # method.type defaults to lora, so an absent type counts as lora here; qlora is LoRA on a 4-bit base.
         "rule": "!has(self.deploy) || !has(self.deploy.kserve) || !has(self.output.mergeAdapter) || "
-        "self.output.mergeAdapter || (has(self.method) && has(self.method.type) && self.method.type != 'lora')",
+        "self.output.mergeAdapter || (has(self.method) && has(self.method.type) && "
+        "!(self.method.type in ['lora', 'qlora']))",
         "message": "deploy.kserve: serving needs merged/: set output.mergeAdapter to true",
+    },
+    {
+        # resources.gpusPerNode defaults to 1.
+        "rule": "!has(self.method) || !has(self.method.type) || self.method.type != 'qlora' || "
+        "!has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode > 0",
+        "message": "method.type: qlora runs on CUDA GPUs only: resources.gpusPerNode must be 1 or more",
     },
 ]
 

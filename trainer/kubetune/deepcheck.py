@@ -30,7 +30,6 @@ SAMPLE_FILES = 3        # of a folder of files, the first few
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                "vocab.json", "merges.txt", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
                "chat_template.jinja", "generation_config.json")
-GiB = 1 << 30
 
 
 @dataclass
@@ -59,8 +58,10 @@ def deep_check(job: FineTuneJob, device_memory: int | None = None) -> DeepReport
         model = report.check(lambda: _check_model(job, storage, work / "model"))
         if model is not None:
             report.facts["model"] = model
-            report.facts["estimate"] = estimate(job, model, rows.get("train", 0))
-            report.check(lambda: _check_fits(job, report.facts["estimate"], device_memory))
+            if device_memory is None:
+                device_memory = _device_memory(job)
+            report.facts["estimate"] = estimate(job, model, rows.get("train", 0), device_memory)
+            report.check(lambda: _check_fits(job, report.facts["estimate"]))
         report.facts["rows"] = rows
     return report
 
@@ -201,7 +202,7 @@ def _check_model(job: FineTuneJob, storage: Storage, work: Path) -> dict[str, An
         raise UserError(f"spec.model.uri: {uri}: architecture {config.model_type!r} cannot do "
                         f"{spec.model.task} ({exc})") from None
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    if spec.method.type == "lora" and spec.method.lora.target_modules:
+    if spec.method.type in ("lora", "qlora") and spec.method.lora.target_modules:
         missing = [t for t in spec.method.lora.target_modules if t not in names]
         if missing:
             problems.append(f"spec.method.lora.targetModules: {missing} are not modules of this "
@@ -216,6 +217,7 @@ def _check_model(job: FineTuneJob, storage: Storage, work: Path) -> dict[str, An
         "heads": getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1),
         "vocab": getattr(config, "vocab_size", 0),
         "positionLimit": limit,
+        "config": json.loads((folder / "config.json").read_text()),
     }
 
 
@@ -237,44 +239,31 @@ def _model_files(storage: Storage, uri: str, work: Path) -> Path:
     return work
 
 
-# ---- estimate -----------------------------------------------------------------------------------------
+# ---- estimate ----------------------------------------------------------------------------------------
 
-def estimate(job: FineTuneJob, model: dict[str, Any], train_rows: int) -> dict[str, Any]:
-    """Steps and bytes per device for DDP (every process holds the whole model).
+def estimate(job: FineTuneJob, model: dict[str, Any], train_rows: int, device_memory: int | None) -> dict[str, Any]:
+    """Steps on the job's devices, and the memory plan (kubetune.memory, the trainer's own estimate)."""
+    from kubetune.memory import plan, world_size
 
-    Weights fp32; gradients and AdamW's two moments for the trainable share; activations after
-    Korthikanti et al. (s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, twice that in fp32) plus the logits.
-    """
     spec, hp = job.spec, job.spec.hyperparameters
-    world = max(spec.resources.nodes * max(spec.resources.gpus_per_node, 1), 1)
+    world = world_size(spec)
     fraction = spec.data.split.train if spec.data.validation is None or spec.data.test is None else 1.0
     per_step = hp.batch_size * hp.gradient_accumulation_steps * world
     steps = hp.max_steps or max(1, round(train_rows * fraction) // per_step) * hp.epochs
-    params = model["parameters"]
-    trainable = {"full": 1.0, "partial": 0.3, "lora": 0.01}[spec.method.type] * params
-    s, b, h, a, layers = spec.data.max_seq_length, hp.batch_size, model["hidden"], model["heads"], model["layers"]
-    half = hp.precision in ("bf16", "fp16") or (hp.precision == "auto" and spec.resources.gpus_per_node > 0)
-    activations = layers * s * b * h * (34 + 5 * a * s / max(h, 1)) * (1 if half else 2)
-    outputs = b * s * model["vocab"] * 4 * 2 if spec.model.task == "causal-lm" else 0
-    parts = {"weights": params * 4, "gradients": trainable * 4, "optimizer": trainable * 8,
-             "activations": activations + outputs}
-    return {"steps": steps, "trainRows": train_rows, "worldSize": world,
-            "bytesPerDevice": {k: int(v) for k, v in parts.items()}, "totalBytesPerDevice": int(sum(parts.values()))}
+    memory = plan(spec, world_size=world, device_bytes=device_memory, config=model["config"])
+    return {"steps": steps, "trainRows": train_rows, "worldSize": world, "memory": memory}
 
 
-def _check_fits(job: FineTuneJob, estimate: dict[str, Any], device_memory: int | None) -> None:
-    spec = job.spec
-    if device_memory is None and spec.resources.gpus_per_node == 0:
-        device_memory = parse_quantity(spec.resources.memory)
-    if device_memory is None:
-        return
-    need = estimate["totalBytesPerDevice"]
-    if need > device_memory:
-        raise UserError(
-            f"spec.resources: the job needs about {need / GiB:.1f} GiB per device "
-            f"({', '.join(f'{k} {v / GiB:.1f}' for k, v in estimate['bytesPerDevice'].items())}) but gets "
-            f"{device_memory / GiB:.1f} GiB: use method lora, a smaller hyperparameters.batchSize (with more "
-            "gradientAccumulationSteps), a shorter data.maxSeqLength, or more memory")
+def _check_fits(job: FineTuneJob, estimate: dict[str, Any]) -> None:
+    memory = estimate["memory"]
+    if not memory.fits:
+        raise UserError(memory.advice(job.spec))
+
+
+def _device_memory(job: FineTuneJob) -> int | None:
+    from kubetune.memory import device_memory
+
+    return device_memory(job.spec)
 
 
 def parse_quantity(value: str) -> int | None:
@@ -298,7 +287,5 @@ def render(report: DeepReport) -> str:
     if "estimate" in facts:
         e = facts["estimate"]
         lines.append(f"steps: about {e['steps']:,} on {e['worldSize']} device(s)")
-        lines.append("memory per device: " + ", ".join(f"{k} {v / GiB:.2f} GiB"
-                                                       for k, v in e["bytesPerDevice"].items())
-                     + f" = {e['totalBytesPerDevice'] / GiB:.2f} GiB")
+        lines.append(e["memory"].table())
     return "\n".join(lines)

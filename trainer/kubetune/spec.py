@@ -314,6 +314,13 @@ class FineTuneJobSpec(_Spec):
             raise ValueError("deploy.kserve: serving needs merged/: set output.mergeAdapter to true")
         return self
 
+    @model_validator(mode="after")
+    def _qlora_needs_a_gpu(self) -> FineTuneJobSpec:
+        if self.method.type == "qlora" and self.resources.gpus_per_node == 0:
+            raise ValueError("method.type: qlora runs on CUDA GPUs only (bitsandbytes 4-bit weights) and "
+                             "resources.gpusPerNode is 0: use method.type lora on CPU, or ask for a GPU")
+        return self
+
     def learning_rate(self) -> float:
         """The peak learning rate in force: the spec's, else the method's default (filled in at validation)."""
         return self.hyperparameters.learning_rate or DEFAULT_LEARNING_RATES[(self.method.type, self.model.task)]

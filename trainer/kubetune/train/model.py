@@ -1,4 +1,4 @@
-"""Load the base model and make the chosen weights trainable: full, partial or LoRA."""
+"""Load the base model and make the chosen weights trainable: full, partial, LoRA or QLoRA (LoRA on a 4-bit base)."""
 
 from __future__ import annotations
 
@@ -42,13 +42,14 @@ def load_tokenizer(model_dir: Path, uri: str) -> Any:
     return tokenizer
 
 
-def load_base_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None = None) -> nn.Module:
+def load_base_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None = None,
+                    loading: dict[str, Any] | None = None) -> nn.Module:
     uri = spec.model.uri
     if not (model_dir / "config.json").is_file():
         raise UserError(f"spec.model.uri: {uri}: not a model folder (no config.json)")
     # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to dtype="auto"): bf16 weights
     # lose small updates, fp16 ones break loss scaling. Half precision is autocast's job (precision.py).
-    options: dict[str, Any] = {"output_loading_info": True, "dtype": torch.float32}
+    options: dict[str, Any] = {"output_loading_info": True, "dtype": torch.float32, **(loading or {})}
     try:
         AutoConfig.from_pretrained(model_dir)
         if spec.model.task == "sequence-classification":
@@ -182,12 +183,56 @@ def apply_lora(model: nn.Module, spec: FineTuneJobSpec) -> nn.Module:
         raise UserError(f"spec.method.lora.targetModules: {exc}") from None
 
 
-def build_model(spec: FineTuneJobSpec, model_dir: Path,
-                pad_token_id: int | None = None) -> tuple[nn.Module, ParamCounts]:
-    model = load_base_model(spec, model_dir, pad_token_id)
-    if spec.method.type == "lora":
+def require_cuda_for_qlora(spec: FineTuneJobSpec, device: torch.device) -> None:
+    """QLoRA's 4-bit kernels (bitsandbytes) run on CUDA only: elsewhere it is bad input, not a crash."""
+    if spec.method.type == "qlora" and device.type != "cuda":
+        raise UserError(f"spec.method.type: qlora needs a CUDA GPU (bitsandbytes 4-bit weights) and this process "
+                        f"runs on {device.type}: use method.type lora here, or run on a GPU")
+
+
+def load_quantized_base(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None) -> nn.Module:
+    """The base in 4-bit NF4 (double-quantised, bf16 compute), prepared for k-bit training."""
+    try:
+        import bitsandbytes  # noqa: F401  # the [qlora] extra; imported here so other methods never need it
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise UserError(f"spec.method.type: qlora needs bitsandbytes (pip install 'kubetune[qlora]'): {exc}"
+                        ) from None
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = load_base_model(spec, model_dir, pad_token_id,
+                            {"quantization_config": quantization, "dtype": torch.bfloat16,
+                             "device_map": {"": distributed.device()}})
+    # Casts norms and the head to fp32 and makes the inputs require grad; checkpointing is ours to switch.
+    prepared: nn.Module = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepared
+
+
+def enable_gradient_checkpointing(model: nn.Module, lora: bool) -> None:
+    """Recompute each layer's activations in backward; non-reentrant works with DDP and frozen inputs."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    if lora:
+        # A frozen embedding output needs grad for the checkpointed layers' LoRA weights to get any (PEFT's advice).
+        model.enable_input_require_grads()  # type: ignore[operator]
+
+
+def build_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None = None,
+                gradient_checkpointing: bool = False) -> tuple[nn.Module, ParamCounts]:
+    method = spec.method.type
+    if method == "qlora":
+        model = load_quantized_base(spec, model_dir, pad_token_id)
+    else:
+        model = load_base_model(spec, model_dir, pad_token_id)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model, lora=method in ("lora", "qlora"))
+    if method in ("lora", "qlora"):
         model = apply_lora(model, spec)
-    elif spec.method.type == "partial":
+    elif method == "partial":
         model = apply_partial(model, spec)
     return model, count_parameters(model)
 

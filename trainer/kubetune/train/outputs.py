@@ -46,24 +46,44 @@ def hardware(device: torch.device, precision: str, world: int) -> dict[str, Any]
     return info
 
 
-def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Path) -> list[str]:
-    """adapter/ (PEFT format) for LoRA; merged/ is always a standalone model (LoRA folded in)."""
+def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Path,
+               base_dir: Path | None = None) -> list[str]:
+    """adapter/ (PEFT format) for LoRA and QLoRA; merged/ is always a standalone model (LoRA folded in)."""
     written = []
     use_cache = getattr(model, "kubetune_use_cache", None)  # training turned the KV cache off; inference wants it
-    if method == "lora":
+    if method in ("lora", "qlora"):
         model.save_pretrained(staging / contract.ADAPTER_DIR)
         tokenizer.save_pretrained(staging / contract.ADAPTER_DIR)
         written.append(contract.ADAPTER_DIR)
         if not merge:
             return written
-        # merge_and_unload changes the model in place: it is the last thing done with it.
-        model = model.merge_and_unload()
+        if method == "qlora":
+            assert base_dir is not None, "qlora merges onto the base model's own weights"
+            model = merge_onto_dequantised_base(model, staging / contract.ADAPTER_DIR, base_dir)
+        else:
+            # merge_and_unload changes the model in place: it is the last thing done with it.
+            model = model.merge_and_unload()
     if use_cache is not None:
         model.config.use_cache = use_cache
     model.save_pretrained(staging / contract.MERGED_DIR, safe_serialization=True)
     tokenizer.save_pretrained(staging / contract.MERGED_DIR)
     written.append(contract.MERGED_DIR)
     return written
+
+
+def merge_onto_dequantised_base(model: Any, adapter_dir: Path, base_dir: Path) -> Any:
+    """QLoRA's merged/: the adapter folded into the base's original weights in bf16, not into 4-bit ones
+    (rounding the merged weights to NF4 again would lose most of what the adapter learned)."""
+    import torch
+    from peft import PeftModel
+
+    trained = model.get_base_model()
+    config = type(trained.config).from_dict(trained.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    base = type(trained).from_pretrained(base_dir, config=config, dtype=torch.bfloat16,
+                                         ignore_mismatched_sizes=True)  # a fresh head comes from the adapter
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def metric_rows(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> list[tuple[str, str, str]]:

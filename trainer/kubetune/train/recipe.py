@@ -27,11 +27,13 @@ from kubetune.train import checkpoint, distributed, dryrun, identity, interrupts
 from kubetune.train.batching import collate, epoch_batches
 from kubetune.train.evaluate import evaluate, prefixed, summed_loss, target_count
 from kubetune.train.inputs import fetch_inputs
+from kubetune.train.memcheck import check_memory
 from kubetune.train.model import (
     build_model,
     load_tokenizer,
     load_trainable_state,
     max_sequence_length,
+    require_cuda_for_qlora,
     trainable_state,
 )
 from kubetune.train.precision import choose_precision
@@ -85,6 +87,7 @@ class FineTuneRecipe:
                                        rank=distributed.rank(), local_rank=distributed.local_rank())
         self.device = distributed.device()
         self.precision = choose_precision(hp.precision, self.device)
+        require_cuda_for_qlora(spec, self.device)  # bad input on a machine without CUDA, before any download
         if self.device.type == "cuda":  # observability: device memory instead of the process's RSS
             self.metrics.set_memory_source(lambda: torch.cuda.memory_allocated(self.device),
                                            lambda: torch.cuda.max_memory_allocated(self.device))
@@ -107,8 +110,13 @@ class FineTuneRecipe:
         if spec.dry_run:
             self._shrink_for_dry_run(spec.dry_run)
 
+        self.model_dir = inputs.model  # qlora's merged/ is rebuilt from the base's own weights
+        self.memory = check_memory(spec, inputs.model, self.device)  # exit 2 here when the job cannot fit
+        if self.is_main:
+            log.info("%s", self.memory.table())
         torch.manual_seed(hp.seed)  # the new head's init must not depend on what ran before
-        self.model, self.counts = build_model(spec, inputs.model, self.tokenizer.pad_token_id)
+        self.model, self.counts = build_model(spec, inputs.model, self.tokenizer.pad_token_id,
+                                              gradient_checkpointing=self.memory.gradient_checkpointing)
         self.model.to(self.device)
         self.ddp: nn.Module = self.model
         if distributed.is_distributed():
@@ -432,6 +440,7 @@ class FineTuneRecipe:
                 "packages": outputs.package_versions(),
                 "seed": spec.hyperparameters.seed,
                 "hardware": outputs.hardware(self.device, self.precision.name, distributed.world_size()),
+                "memory": self.memory.to_dict(),
                 "resumedFrom": state.resumed_from,
                 "lastCheckpoint": self.last_checkpoint,
                 "startedAt": self.started_at,
@@ -441,7 +450,7 @@ class FineTuneRecipe:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             folders = outputs.save_model(self.model, self.tokenizer, spec.method.type, spec.output.merge_adapter,
-                                         staging)
+                                         staging, base_dir=self.model_dir)
             example = self.data.train[0] if self.data.train else None  # for the model card's snippets
             outputs.write_reports(staging, metrics, run, job, folders, example)
             outputs.publish_outputs(self.storage, staging, spec)

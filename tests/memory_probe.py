@@ -1,0 +1,64 @@
+"""Measure one configuration's peak memory in a fresh process: `python -m tests.memory_probe JOB.json MODEL_DIR`.
+
+Peak RSS (getrusage) minus the RSS just before the model is built, after a throwaway build has loaded the
+library code: what the model, its gradients, AdamW's state and the activations of two training steps (the
+trainer's model builder, optimizer and loss) add to the process. Run it with MALLOC_MMAP_THRESHOLD_ fixed, so
+glibc returns freed tensors at once and RSS follows what torch holds. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from kubetune.spec import FineTuneJob
+from kubetune.train.evaluate import summed_loss
+from kubetune.train.model import build_model
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], task: str) -> float:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = summed_loss(logits, batch["labels"], task)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def main(job_file: str, model_dir: str) -> None:
+    torch.manual_seed(0)
+    spec = FineTuneJob.model_validate(json.loads(Path(job_file).read_text())).spec
+    checkpointing = bool(spec.hyperparameters.gradient_checkpointing)
+    # A throwaway build and step: the code and pools they load are the library's, not this configuration's.
+    warm, _ = build_model(spec, Path(model_dir), pad_token_id=0, gradient_checkpointing=checkpointing)
+    warm_optimizer = torch.optim.AdamW(warm.parameters())
+    warm_optimizer.step()
+    del warm, warm_optimizer
+    gc.collect()
+    before = rss_bytes()
+    model, _ = build_model(spec, Path(model_dir), pad_token_id=0, gradient_checkpointing=checkpointing)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    b, s = spec.hyperparameters.batch_size, spec.data.max_seq_length
+    vocab = model.config.vocab_size
+    ids = torch.randint(1, vocab, (b, s))
+    labels = ids.clone() if spec.model.task == "causal-lm" else torch.randint(0, 2, (b,))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    losses = [step(model, optimizer, batch, spec.model.task) for _ in range(2)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peakBytes": peak - before, "baselineBytes": before, "losses": losses,
+                      "checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,194 @@
+"""The memory plan (kubetune.memory): parameter arithmetic, decisions, accuracy against measured peaks, refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.jobfile import write_job
+from kubetune.memory import model_shape, plan
+from kubetune.spec import FineTuneJob
+from tests.fixtures_models import causal_job, classification_job
+from tests.trainer_runs import KUBETUNE, Trainer, split_instructions
+
+MiB, GiB = 1 << 20, 1 << 30
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "hidden_act": "silu",
+            "max_position_embeddings": 4096, "tie_word_embeddings": False}
+
+
+def spec_of(doc: dict[str, Any]) -> Any:
+    return FineTuneJob.model_validate(doc).spec
+
+
+@pytest.fixture(scope="module")
+def gpt2_medium(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-2 big enough (5 M parameters, 8k vocabulary) for its memory to stand out of the process's noise."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("gpt2-medium")
+    GPT2LMHeadModel(GPT2Config(vocab_size=8000, n_positions=256, n_embd=256, n_layer=4, n_head=4)).save_pretrained(
+        folder)
+    return folder
+
+
+def test_parameter_counts_match_the_built_models(minilm_path: Path) -> None:
+    """Architecture arithmetic from config.json equals what transformers builds (meta device: no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
+
+    configs = [("causal-lm", GPT2Config(vocab_size=600, n_positions=256, n_embd=64, n_layer=2, n_head=2)),
+               ("sequence-classification", GPT2Config(vocab_size=600, n_embd=64, n_layer=2, n_head=2)),
+               ("causal-lm", AutoConfig.for_model(**{**LLAMA_7B, "hidden_size": 256, "intermediate_size": 688,
+                                                     "num_hidden_layers": 2, "num_key_value_heads": 8})),
+               ("sequence-classification", AutoConfig.from_pretrained(minilm_path))]
+    for task, config in configs:
+        config.num_labels = 2
+        auto: Any = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+        with torch.device("meta"):
+            built = sum(p.numel() for p in auto.from_config(config).parameters())
+        assert model_shape(config.to_dict()).parameters(task, 2) == built, (config.model_type, task)
+
+
+def _job(model: Path, task: str, method: str, batch: int, checkpointing: bool) -> dict[str, Any]:
+    make = causal_job if task == "causal-lm" else classification_job
+    return make("probe", model, "unused.jsonl", "/tmp/unused", method={"type": method},
+                data={"train": "unused.jsonl", "maxSeqLength": 128},
+                hyperparameters={"batchSize": batch, "precision": "fp32", "gradientCheckpointing": checkpointing},
+                resources={"gpusPerNode": 0})
+
+
+CONFIGURATIONS = {  # name: (model fixture, task, method, batch size, gradient checkpointing)
+    "gpt2 full": ("gpt2_medium", "causal-lm", "full", 8, False),
+    "minilm lora": ("minilm_path", "sequence-classification", "lora", 16, False),
+    "gpt2 full, checkpointing": ("gpt2_medium", "causal-lm", "full", 8, True),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_estimate_within_25_percent_of_the_measured_peak(name: str, request: pytest.FixtureRequest,
+                                                         tmp_path: Path) -> None:
+    """Peak RSS of two real training steps in a fresh process (tests/memory_probe.py) against plan().total."""
+    fixture, task, method, batch, checkpointing = CONFIGURATIONS[name]
+    model: Path = request.getfixturevalue(fixture)
+    doc = _job(model, task, method, batch, checkpointing)
+    (tmp_path / "job.json").write_text(json.dumps(doc))
+    # A fixed mmap threshold makes glibc hand freed tensors back at once: RSS then follows what torch holds.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    probe = subprocess.run([sys.executable, "-m", "tests.memory_probe", str(tmp_path / "job.json"), str(model)],
+                           capture_output=True, text=True, env=env, timeout=300,
+                           cwd=Path(__file__).resolve().parent.parent)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    measured = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert measured["checkpointing"] is checkpointing
+    estimate = plan(spec_of(doc), world_size=1, device_bytes=None)
+    ratio = estimate.total / measured["peakBytes"]
+    print(f"{name}: estimate {estimate.total / MiB:.0f} MiB, measured {measured['peakBytes'] / MiB:.0f} MiB, "
+          f"ratio {ratio:.2f}")
+    assert 0.75 <= ratio <= 1.25, f"{name}: estimate {estimate.total / MiB:.0f} MiB vs measured " \
+                                  f"{measured['peakBytes'] / MiB:.0f} MiB"
+
+
+def _llama(method: str, nodes: int, gpus: int, batch: int, seq: int, **hyper: Any) -> Any:
+    doc = causal_job("big", "s3://models/llama/", "s3://data/x.jsonl", "s3://out/big/", method={"type": method},
+                     data={"train": "s3://data/x.jsonl", "maxSeqLength": seq},
+                     hyperparameters={"batchSize": batch, "precision": "bf16", **hyper},
+                     resources={"nodes": nodes, "gpusPerNode": gpus})
+    return spec_of(doc)
+
+
+def test_auto_shards_when_a_replica_does_not_fit() -> None:
+    """Full fine-tuning of a 7 B model: 16 B/parameter replicated is ~100 GiB, sharded over 16 GPUs it fits 80."""
+    one = plan(_llama("full", 2, 8, 1, 512), world_size=16, device_bytes=80 * GiB, config=LLAMA_7B)
+    assert one.parameters == 6_738_415_616  # Llama-2-7B's published count
+    assert one.strategy == "fsdp" and one.fits
+    replicated = plan(_llama("full", 2, 8, 1, 512, strategy="ddp"), world_size=16, device_bytes=80 * GiB,
+                      config=LLAMA_7B)
+    assert not replicated.fits and replicated.weights + replicated.gradients + replicated.optimizer > 80 * GiB
+    assert one.weights * 16 == pytest.approx(replicated.weights, rel=1e-6)  # sharded by world size
+    lora = plan(_llama("lora", 1, 1, 1, 512), world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
+    assert lora.strategy == "ddp" and lora.fits and lora.trainable < lora.parameters / 100
+    qlora = plan(_llama("qlora", 1, 1, 1, 512), world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
+    assert qlora.weights < lora.weights / 3  # 4-bit layers: ~0.56 B/parameter instead of 4
+    offloaded = plan(_llama("full", 2, 8, 1, 512, offloadOptimizer=True), world_size=16, device_bytes=80 * GiB,
+                     config=LLAMA_7B)
+    assert offloaded.optimizer == 0
+
+
+def test_checkpointing_follows_the_spec_and_the_estimate() -> None:
+    """null: on only when activations would not fit otherwise; true/false: as written."""
+    roomy = plan(_llama("lora", 1, 1, 1, 512), world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
+    assert not roomy.gradient_checkpointing
+    tight_spec = _llama("lora", 1, 1, 8, 4096)
+    off = plan(_llama("lora", 1, 1, 8, 4096, gradientCheckpointing=False), world_size=1, device_bytes=80 * GiB,
+               config=LLAMA_7B)
+    tight = plan(tight_spec, world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
+    assert not off.fits and off.activations > tight.activations * 5
+    assert tight.gradient_checkpointing and tight.fits
+    unknown = plan(tight_spec, world_size=1, device_bytes=None, config=LLAMA_7B)
+    assert unknown.fits and not unknown.gradient_checkpointing and "fit not checked" in unknown.table()
+    message = off.advice(_llama("lora", 1, 1, 8, 4096, gradientCheckpointing=False))
+    for field in ("spec.method.type: qlora", "spec.hyperparameters.batchSize", "gradientCheckpointing",
+                  "spec.resources.nodes", "spec.data.maxSeqLength"):
+        assert field in message
+
+
+def _validate(job: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KUBETUNE, "validate", str(job)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+
+
+def test_validate_prints_the_table_and_rejects_a_job_that_cannot_fit(minilm_path: Path, reviews_subset: Path,
+                                                                     tmp_path: Path) -> None:
+    def job(memory: str, gpus: int = 0) -> Path:
+        doc = classification_job("fit", minilm_path, reviews_subset, tmp_path / "out", method={"type": "full"},
+                                 hyperparameters={"batchSize": 32, "gradientCheckpointing": False},
+                                 resources={"gpusPerNode": gpus, "memory": memory})
+        return write_job(doc, tmp_path / f"job-{memory}-{gpus}.yaml")
+
+    fits = _validate(job("16Gi"))
+    assert fits.returncode == 0, fits.stderr
+    for text in ("memory per device", "weights", "gradients", "optimizer", "activations", "total",
+                 "strategy ddp", "gradient checkpointing off"):
+        assert text in fits.stdout
+    too_small = _validate(job("256Mi"))
+    assert too_small.returncode == 2, too_small.stdout
+    assert "Traceback" not in too_small.stderr and len(too_small.stderr.strip().splitlines()) == 1
+    for text in ("spec.resources", "0.25 GiB", "spec.method.type: lora", "spec.hyperparameters.batchSize",
+                 "spec.hyperparameters.gradientCheckpointing: true", "spec.data.maxSeqLength"):
+        assert text in too_small.stderr, too_small.stderr
+    # A GPU job: the device's memory comes from $KUBETUNE_DEVICE_MEMORY (or --device-memory), else no check.
+    gpu = job("1Gi", gpus=1)
+    assert "fit not checked" in _validate(gpu).stdout
+    assert _validate(gpu, KUBETUNE_DEVICE_MEMORY="100Mi").returncode == 2
+    assert _validate(gpu, KUBETUNE_DEVICE_MEMORY="plenty").returncode == 2
+
+
+def test_the_trainer_refuses_a_job_that_cannot_fit_before_training(tiny_gpt2: Path, tmp_path: Path) -> None:
+    data = split_instructions(tmp_path / "data")
+    doc = causal_job("nofit", tiny_gpt2, data["train"], tmp_path / "out", method={"type": "full"},
+                     resources={"gpusPerNode": 0, "memory": "64Gi"})  # validate passes: the device is smaller
+    trainer = Trainer(write_job(doc, tmp_path / "job.yaml"), tmp_path / "state")
+    trainer_env = trainer.env
+    trainer.env = lambda: {**trainer_env(), "KUBETUNE_DEVICE_MEMORY": "4Mi"}  # type: ignore[method-assign]
+    code, out = trainer.run()
+    assert code == 2, out
+    assert "Traceback" not in out and "spec.resources" in out and "spec.hyperparameters.batchSize" in out
+    assert trainer.result()["reason"] == "InvalidInput"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_estimate_needs_no_torch() -> None:
+    """The operator's pre-flight image has no torch: importing and planning must not pull it in."""
+    code = ("import sys; from kubetune.memory import model_shape; "
+            "model_shape({'model_type': 'gpt2', 'n_embd': 64, 'n_layer': 2}); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
