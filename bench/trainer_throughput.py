@@ -408,6 +408,7 @@ def causal_lm_case(args: argparse.Namespace) -> None:
                 })
                 config = {"threads": args.threads, "job": str(common.write_yaml(doc, folder / f"{side}.yaml")),
                           "workDir": str(folder / side / "work")}
+                (folder / side).mkdir(parents=True, exist_ok=True)
                 result = run_side("kubetune", config, folder / side, args.quiet_wait)
                 runs[side].append(result)
                 peaks.append(_mfu.matmul_peak(precision))

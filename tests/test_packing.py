@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ LOSS_RTOL = 1e-5
 @pytest.fixture(autouse=True)
 def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBETUNE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
 
 
 def test_rows_hold_every_example_once_best_fit_decreasing_and_deterministic() -> None:
@@ -128,6 +130,25 @@ def test_packed_training_reaches_the_loss_of_unpacked_training(tmp_path: Path, t
     # down, 0.5% apart): different batch compositions and step counts (36 vs 42), so close, not equal.
     assert plain_last < plain_first - 0.05 and packed_last < packed_first - 0.05
     assert packed_last == pytest.approx(plain_last, rel=0.01)
+
+
+def test_packed_run_resumed_mid_epoch_matches_the_uninterrupted_one(tmp_path: Path, tiny_gpt2: Path) -> None:
+    doc = causal_job("pack-resume", tiny_gpt2, sample_path(INSTRUCTIONS), tmp_path / "out", method={"type": "full"},
+                     data={"maxSeqLength": 128},
+                     hyperparameters={"batchSize": 4, "epochs": 2, "maxSteps": None, "precision": "fp32"},
+                     checkpoint={"everySteps": 5, "keepLast": 10})
+    whole = run_recipe(doc, tmp_path / "pod-1")
+    assert whole.packed and whole.steps_per_epoch % 5 != 0  # so the checkpoint at step 5k+5 lands mid-epoch
+    resume_at = 5 * (whole.steps_per_epoch // 5 + 1)  # the first checkpoint of the second epoch
+    # Put the run back to that checkpoint: the ones after it never happened.
+    for path in (tmp_path / "out" / "checkpoints").glob("*/checkpoint-*"):
+        if int(path.name.rsplit("-", 1)[1]) > resume_at:
+            shutil.rmtree(path)
+    resumed = run_recipe(doc, tmp_path / "pod-2")
+    assert [int(uri.rsplit("-", 1)[1]) for uri in resumed.state.resumed_from] == [resume_at]
+    assert [r["step"] for r in resumed.state.train_losses] == [r["step"] for r in whole.state.train_losses]
+    assert [r["loss"] for r in resumed.state.train_losses] == pytest.approx(
+        [r["loss"] for r in whole.state.train_losses], rel=1e-5)
 
 
 def test_packing_a_classification_job_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
