@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import os
@@ -29,8 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import _common as common
+import _mfu
 
 TARGET_RATIO = 2.0
+TARGET_MFU = 0.75
+TARGET_PACKING_RATIO = 1.5
 # Test accuracy "equal within noise": on ~100 test examples one example is 1%, the binomial spread several.
 ACCURACY_TOLERANCE_EXAMPLES = 2
 DEMO_LEARNING_RATE = 2.0e-3  # examples/reviews-sentiment.yaml; LoRA on MiniLM needs more than the spec's 2e-4
@@ -56,6 +60,14 @@ class Stopwatch:
                 self.seconds += time.perf_counter() - started
 
         return timed
+
+
+def example_lengths(row: dict[str, Any]) -> list[int]:
+    """Lengths of the examples in a training row: one, or several in a packed row (where positions restart)."""
+    if "position_ids" not in row:
+        return [len(row["input_ids"])]
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+    return [end - start for start, end in itertools.pairwise(starts)]
 
 
 def padding_stats(batches: list[list[int]], lengths: list[int]) -> dict[str, int]:
@@ -93,7 +105,11 @@ def run_kubetune(config: dict[str, Any]) -> dict[str, Any]:
         batches += epoch_batches(recipe.lengths, hp.batch_size, hp.seed, epoch, 1, 0)
     loop = train_call - excluded.seconds
     test = recipe.test_metrics or {}
+    trained = batches[: recipe.state.step]
     return {
+        "trainFlops": _mfu.step_flops(recipe.model, [n for b in trained for i in b
+                                                     for n in example_lengths(recipe.train_set[i])]),
+        "packed": recipe.packed,
         "samples": recipe.state.samples_seen,
         "steps": recipe.state.step,
         "trainSeconds": loop,
@@ -282,6 +298,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per side (alternating); the median is shown")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
                         help="before each run, wait up to this many seconds for other processes to go quiet")
+    parser.add_argument("--case", choices=["classification", "causal-lm", "all"], default="all")
+    parser.add_argument("--causal-epochs", type=int, default=8,
+                        help="causal-LM case: passes over the instruction samples (default 8, about a minute)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep files here (default: a temp dir)")
     parser.add_argument("--side", choices=["kubetune", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
@@ -292,6 +311,24 @@ def main() -> None:
         return
 
     common.setup_env(args.threads)
+    common.set_torch_threads(args.threads)
+    print(f"uptime: {os.getloadavg()} (load averages 1/5/15 min)", file=sys.stderr)
+    if args.case in ("classification", "all"):
+        classification_case(args)
+    if args.case in ("causal-lm", "all"):
+        causal_lm_case(args)
+
+
+def auto_precision() -> str:
+    """What `precision: auto` picks on this machine's CPU: the dtype of the matmul peak to compare with."""
+    import torch
+
+    from kubetune.train.precision import choose_precision
+
+    return choose_precision("auto", torch.device("cpu")).name
+
+
+def classification_case(args: argparse.Namespace) -> None:
     from kubetune.spec import LoraSpec
 
     lora = {**LORA, "dropout": LoraSpec().dropout}
@@ -303,6 +340,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
         work = args.work_dir or Path(tmp)
         runs: dict[str, list[dict[str, Any]]] = {"kubetune": [], "hf": []}
+        precision = auto_precision()
+        peaks = [_mfu.matmul_peak(precision)]
         split: dict[str, str] = {}
         for repeat in range(args.repeats):
             # Fresh folders per run: a kubetune run would otherwise resume from the previous run's checkpoint.
@@ -322,10 +361,92 @@ def main() -> None:
             # Alternate the sides so that a burst of load from elsewhere does not fall on one side only.
             for side in ("hf", "kubetune") if repeat % 2 == 0 else ("kubetune", "hf"):
                 runs[side].append(run_side(side, configs[side], folder, args.quiet_wait))
-        report(args, {side: median_run(r) for side, r in runs.items()}, split)
+                peaks.append(_mfu.matmul_peak(precision))  # after each run: the same load conditions, roughly
+        report(args, {side: median_run(r) for side, r in runs.items()}, split, max(peaks), precision)
 
 
-def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: dict[str, str]) -> None:
+# ---- causal LM: packing on vs off -------------------------------------------------------------------
+CAUSAL_SHAPE = {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 512}  # the tiny GPT-2, scaled up
+
+
+def build_causal_model(dest: Path) -> Path:
+    """The tiny GPT-2's tokenizer (BPE on the instruction samples) with a wider, deeper GPT-2 (random weights)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from kubetune.demo import build_tiny_gpt2, instruction_texts
+
+    build_tiny_gpt2(dest, instruction_texts())
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, **CAUSAL_SHAPE)
+    GPT2LMHeadModel(config).save_pretrained(dest)
+    return dest
+
+
+def causal_lm_case(args: argparse.Namespace) -> None:
+    from kubetune.jobfile import job_document
+    from kubetune.samples import INSTRUCTIONS
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-lm-") as tmp:
+        work = args.work_dir / "causal-lm" if args.work_dir else Path(tmp)
+        model = build_causal_model(work / "model")
+        precision = auto_precision()
+        peaks = [_mfu.matmul_peak(precision)]
+        runs: dict[str, list[dict[str, Any]]] = {"packed": [], "unpacked": []}
+        for repeat in range(args.repeats):
+            folder = work / f"run-{repeat + 1}"
+            for side in ("unpacked", "packed") if repeat % 2 == 0 else ("packed", "unpacked"):
+                doc = job_document(f"bench-{side}", {
+                    "model": {"uri": str(model), "task": "causal-lm"},
+                    "method": {"type": "full"},
+                    "data": {"train": str(common.sample_path(INSTRUCTIONS)), "maxSeqLength": 256,
+                             "packing": side == "packed"},
+                    "hyperparameters": {"batchSize": 8, "epochs": args.causal_epochs, "learningRate": 1e-3},
+                    "output": {"uri": str(folder / side / "output")},
+                })
+                config = {"threads": args.threads, "job": str(common.write_yaml(doc, folder / f"{side}.yaml")),
+                          "workDir": str(folder / side / "work")}
+                (folder / side).mkdir(parents=True, exist_ok=True)
+                result = run_side("kubetune", config, folder / side, args.quiet_wait)
+                runs[side].append(result)
+                peaks.append(_mfu.matmul_peak(precision))
+        report_causal(args, {side: median_run(r) for side, r in runs.items()}, max(peaks), precision)
+
+
+def report_causal(args: argparse.Namespace, results: dict[str, dict[str, Any]], peak: float,
+                  precision: str) -> None:
+    packed, plain = results["packed"], results["unpacked"]
+    shape = ", ".join(f"{k} {v}" for k, v in CAUSAL_SHAPE.items())
+    print()
+    print(f"causal LM: GPT-2 ({shape}), full fine-tuning, instruction samples, batch 8 rows, max length 256, "
+          f"{args.causal_epochs} epochs")
+    rows = [[name, r["precision"], r["steps"], r["samples"], r["trainSeconds"], r["samplesPerSecond"],
+             100 * (1 - r["realTokens"] / r["paddedTokens"]), r["peakRssMiB"], 100 * r["backgroundCpu"]]
+            for name, r in (("kubetune packing on", packed), ("kubetune packing off", plain))]
+    print(common.table(["trainer", "precision", "steps", "examples", "train s", "examples/s", "padding %",
+                        "peak RSS MiB", "other load %"], rows))
+    for name, r in (("packing on", packed), ("packing off", plain)):
+        print(f"{name}: {mfu_line(r, peak, precision)}")
+    ratio = packed["samplesPerSecond"] / plain["samplesPerSecond"]
+    print(f"examples/s ratio packing on / off: {ratio:.2f}x (target >= {TARGET_PACKING_RATIO:.1f}x) "
+          f"{'MET' if ratio >= TARGET_PACKING_RATIO else 'NOT MET'}")
+    print(json.dumps({"benchmark": "trainer_throughput_causal_lm", "machine": common.machine(),
+                      "threads": args.threads, "shape": CAUSAL_SHAPE, "epochs": args.causal_epochs,
+                      "packed": packed, "unpacked": plain, "ratio": ratio, "target": TARGET_PACKING_RATIO,
+                      "matmulPeakFlops": peak}))
+
+
+def mfu_line(result: dict[str, Any], peak: float, precision: str) -> str:
+    achieved = result["trainFlops"] / result["trainSeconds"]
+    result["mfu"] = achieved / peak
+    return (f"model FLOPs/s {achieved / 1e9:.1f} G = {100 * result['mfu']:.0f}% of the {precision} matmul peak "
+            f"measured in this run ({peak / 1e9:.1f} GFLOP/s, best 1024^3 matmul)")
+
+
+def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: dict[str, str], peak: float,
+           precision: str) -> None:
     kt, hf = results["kubetune"], results["hf"]
     sizes = {p: len(Path(f).read_text().splitlines()) for p, f in split.items()}
     machine = common.machine()
@@ -354,6 +475,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: 
     print(f"samples/s ratio kubetune / HF: {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x) "
           f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'}")
     accuracy_ok = accuracy_delta >= -tolerance - 1e-12
+    print(f"kubetune {mfu_line(kt, peak, precision)} (target >= {100 * TARGET_MFU:.0f}%) "
+          f"{'MET' if kt['mfu'] >= TARGET_MFU else 'NOT MET'}")
     print(f"test accuracy kubetune - HF: {accuracy_delta:+.4f} (noise allowance {ACCURACY_TOLERANCE_EXAMPLES} test "
           f"examples = {tolerance:.4f}) {'MET' if accuracy_ok else 'NOT MET'}")
     print("samples/s = training examples / (wall time of the train call - evaluation and checkpoint time in it); "
@@ -374,6 +497,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: 
         "target": TARGET_RATIO,
         "met": ratio >= TARGET_RATIO and accuracy_ok,
         "testAccuracyDelta": accuracy_delta,
+        "matmulPeakFlops": peak,
+        "mfu": kt["mfu"],
     }))
 
 

@@ -212,7 +212,8 @@ def test_max_seq_length_is_clamped_to_the_positions_the_model_has(tmp_path: Path
 
 
 def gpt2_doc(name: str, model: Path, train: Path, tmp_path: Path) -> dict[str, Any]:
-    return causal_job(name, model, train, tmp_path / "out", method={"type": "full"},
+    # Unpacked: packed rows all hold about the same number of tokens, and these tests need uneven micro-batches.
+    return causal_job(name, model, train, tmp_path / "out", method={"type": "full"}, data={"packing": False},
                       hyperparameters={"batchSize": 4, "precision": "fp32", "maxGradNorm": 0.0})
 
 

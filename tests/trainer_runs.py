@@ -50,7 +50,9 @@ def gpt2_job(name: str, model: Path, data: dict[str, Path], output: str, *, batc
     doc = causal_job(
         name, model, data["train"], output,
         method={"type": "full"},
-        data={"validation": str(data["validation"]), "test": str(data["test"]), "maxSeqLength": 128},
+        # Unpacked: these runs count steps as examples / batch size (packing's resume: tests/test_packing.py).
+        data={"validation": str(data["validation"]), "test": str(data["test"]), "maxSeqLength": 128,
+              "packing": False},
         hyperparameters={"learningRate": 2e-3, "batchSize": batch_size, "epochs": epochs, "maxSteps": None,
                          "precision": "fp32", "seed": seed},
         checkpoint={"uri": checkpoint_uri, "everySteps": every_steps, "keepLast": keep_last},

@@ -47,7 +47,12 @@ CEL_RULES = [
         + repr(list(CLASSIFICATION_METRICS)) + ")",
         "message": "evaluation.metric: must be one of " + ", ".join(CLASSIFICATION_METRICS)
         + " (sequence-classification) or " + ", ".join(CAUSAL_LM_METRICS) + " (causal-lm)",
-    },    {
+    },
+    {
+        "rule": "self.model.task == 'causal-lm' || !has(self.data.packing) || !self.data.packing",
+        "message": "data.packing: only causal-lm packs examples",
+    },
+    {
         # method.type defaults to lora, so an absent type counts as lora here; qlora is LoRA on a 4-bit base.
         "rule": "!has(self.deploy) || !has(self.deploy.kserve) || !has(self.output.mergeAdapter) || "
         "self.output.mergeAdapter || (has(self.method) && has(self.method.type) && "

@@ -301,6 +301,13 @@ class FineTuneJobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
+    def _packing_fits_task(self) -> FineTuneJobSpec:
+        if self.data.packing and self.model.task != "causal-lm":
+            raise ValueError("data.packing: only causal-lm packs examples; set it to false or leave it out "
+                             f"for task {self.model.task}")
+        return self
+
+    @model_validator(mode="after")
     def _default_learning_rate(self) -> FineTuneJobSpec:
         if self.hyperparameters.learning_rate is None:
             key = (self.method.type, self.model.task)

@@ -28,6 +28,8 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, wo
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad to the longest example in the batch (right padding)."""
+    if "position_ids" in examples[0]:
+        return collate_packed(examples, pad_id)
     longest = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
@@ -46,6 +48,31 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     else:
         batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
     return batch
+
+
+def collate_packed(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows (train/packing.py): no attention mask, so transformers derives the block-diagonal one from
+    position_ids; a short row's tail is one more segment of its own (positions from 0, no targets)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+    positions = torch.zeros((len(rows), longest), dtype=torch.long)
+    for n, row in enumerate(rows):
+        size = len(row["input_ids"])
+        ids[n, :size] = torch.tensor(row["input_ids"])
+        labels[n, :size] = torch.tensor(row["labels"])
+        positions[n, :size] = torch.tensor(row["position_ids"])
+        positions[n, size:] = torch.arange(longest - size)
+    return {"input_ids": ids, "position_ids": positions, "labels": labels}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What the model's forward takes from a collated batch (labels stay out: the loss is ours)."""
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    if "position_ids" in inputs:
+        # transformers derives the packed mask only without a KV cache; with one (the default) examples would leak.
+        inputs["use_cache"] = False
+    return inputs
 
 
 def eval_batches(count: int, lengths: list[int], batch_size: int, world: int, rank: int) -> list[list[int]]:

@@ -24,7 +24,7 @@ from kubetune.errors import PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
 from kubetune.storage import Storage, is_s3, join_uri
 from kubetune.train import checkpoint, distributed, dryrun, identity, interrupts, outputs
-from kubetune.train.batching import collate, epoch_batches
+from kubetune.train.batching import collate, epoch_batches, model_inputs
 from kubetune.train.evaluate import evaluate, prefixed, summed_loss, target_count
 from kubetune.train.inputs import fetch_inputs
 from kubetune.train.memcheck import check_memory
@@ -36,6 +36,7 @@ from kubetune.train.model import (
     require_cuda_for_qlora,
     trainable_state,
 )
+from kubetune.train.packing import pack_examples, packing_enabled
 from kubetune.train.precision import choose_precision
 from kubetune.train.progress import Progress
 
@@ -105,6 +106,9 @@ class FineTuneRecipe:
         encode = encode_classification if spec.model.task == "sequence-classification" else encode_causal_lm
         max_length = max_sequence_length(spec.data.max_seq_length, inputs.model, self.tokenizer)
         self.train_set = encode(self.data.train, self.tokenizer, max_length)
+        self.packed = packing_enabled(spec.data.packing, spec.model.task)
+        if self.packed:  # training rows only: evaluation scores examples one by one, packed or not
+            self.train_set = pack_examples(self.train_set, max_length)
         self.validation_set = encode(self.data.validation, self.tokenizer, max_length)
         self.test_set = encode(self.data.test, self.tokenizer, max_length)
         if spec.dry_run:
@@ -320,7 +324,7 @@ class FineTuneRecipe:
         targets = float(sum(target_count(b["labels"], task) for b in batches))
         global_targets = float(distributed.all_reduce_sum(torch.tensor([targets]))[0])
         scale = distributed.world_size() / max(global_targets, 1.0)  # DDP averages gradients over ranks
-        total_loss, samples = 0.0, 0
+        total_loss, samples = torch.zeros((), device=self.device), 0
         for i, cpu_batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
             sync = i == len(batches) - 1 or not isinstance(self.ddp, DistributedDataParallel)
@@ -328,12 +332,12 @@ class FineTuneRecipe:
             context = contextlib.nullcontext() if sync else self.ddp.no_sync()  # type: ignore[operator]
             with context:
                 with self.precision.autocast():
-                    logits = self.ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = self.ddp(**model_inputs(batch)).logits
                 loss = summed_loss(logits, batch["labels"], task)
                 self.scaler.scale(loss * scale).backward()
-            total_loss += loss.item()
-            samples += len(cpu_batch["labels"])
-        return total_loss, targets, samples
+            total_loss += loss.detach()  # stays on the device: one host sync per step, not per micro-batch
+            samples += sum(self.train_set[j].get("examples", 1) for j in group[i])
+        return float(total_loss), targets, samples
 
     def _evaluate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         return evaluate(self.model, examples, self.spec.model.task, self.spec.model.labels or [],

@@ -1,0 +1,66 @@
+"""Model FLOPs utilisation: the FLOPs a training step must do, against a matmul peak measured on this machine.
+
+Model FLOPs of the trained tokens (padding and masked-out attention are waste, not counted):
+
+    matmul weights   6 x trainable x tokens + 4 x frozen x tokens
+    attention        12 x layers x width x sum over examples of length^2
+
+A weight that trains costs 2 FLOPs per token forward, 2 for the input gradient and 2 for its own gradient; a
+frozen one (LoRA's base weights) skips the last 2, so LoRA counts 4 x frozen + 6 x trainable. (Frozen layers
+below the first trainable one need no input gradient either; we count them at 4 anyway, an upper bound of the
+work.) Embedding lookups are no matmuls and do not count; a tied LM head counts as the Linear it runs as.
+Attention's two matmuls (QK^T, AV) cost 4 x length^2 x width per layer forward and twice that backward (PaLM's
+appendix B convention, full square even for causal models).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def matmul_weights(model: Any) -> tuple[int, int]:
+    """(trainable, frozen) weight elements of the model's matmuls: nn.Linear and GPT-2's Conv1D."""
+    from torch import nn
+
+    trainable = frozen = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            weight = module.weight
+            if weight.requires_grad:
+                trainable += weight.numel()
+            else:
+                frozen += weight.numel()
+    return trainable, frozen
+
+
+def attention_shape(model: Any) -> tuple[int, int]:
+    """(layers, attention width) from the model's config."""
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    width = getattr(config, "hidden_size", None) or config.n_embd
+    return int(layers), int(width)
+
+
+def step_flops(model: Any, example_lengths: list[int]) -> float:
+    """Model FLOPs of forward + backward over examples of these lengths (see the module docstring)."""
+    trainable, frozen = matmul_weights(model)
+    layers, width = attention_shape(model)
+    tokens = sum(example_lengths)
+    return (6 * trainable + 4 * frozen) * tokens + 12 * layers * width * sum(n * n for n in example_lengths)
+
+
+def matmul_peak(dtype_name: str, size: int = 1024, seconds: float = 3.0) -> float:
+    """FLOP/s of the best of repeated square matmuls in this dtype (fp32 or bf16) with the current threads."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)  # warm-up: thread pool, kernel choice
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
