@@ -34,7 +34,7 @@ from kubetune.train.model import (
     max_sequence_length,
     trainable_state,
 )
-from kubetune.train.position import epoch_plan
+from kubetune.train.position import EpochPlan, epoch_plan
 from kubetune.train.precision import choose_precision
 from kubetune.train.progress import Progress
 from kubetune.train.strategy import resolve_strategy
@@ -243,7 +243,7 @@ class FineTuneRecipe:
                                        self.scheduler.lr_lambdas, strict=True):
             group["lr"] = base * factor(self.scheduler.last_epoch)  # the new schedule's rate for this step
 
-    def _plan(self) -> Any:
+    def _plan(self) -> EpochPlan:
         hp = self.spec.hyperparameters
         return epoch_plan(self.lengths, hp.batch_size, hp.seed, self.state.epoch, distributed.world_size(),
                           distributed.rank(), hp.gradient_accumulation_steps, self.state.samples_in_epoch)
