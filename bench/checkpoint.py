@@ -124,7 +124,7 @@ def time_saves(job: Any, args: argparse.Namespace, folder: Path) -> dict[str, An
             if timed:
                 step_times.append(time.perf_counter() - started)
             recipe.state.step += 1
-            recipe.state.batch_in_epoch = recipe.state.step % len(batches)
+            recipe.state.samples_in_epoch = sum(len(b) for b in batches[: recipe.state.step % len(batches)])
 
     train(args.warmup_steps, timed=False)  # first steps pay one-off allocation and kernel selection
     recipe._validate(Progress(recipe.total_steps, recipe.state.step, enabled=False))

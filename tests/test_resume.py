@@ -215,8 +215,8 @@ def test_sigterm_mid_epoch_checkpoints_exits_for_retry_and_resumes(tmp_path: Pat
     assert run_checkpoints(storage, root)[-1] == step
     state = checkpoint.load(Path(result["lastCheckpoint"]))
     assert state["step"] == step
-    assert (state["train_state"]["epoch"], state["train_state"]["batch_in_epoch"]) == (
-        step // STEPS_PER_EPOCH, step % STEPS_PER_EPOCH)
+    assert (state["train_state"]["epoch"], state["train_state"]["samples_in_epoch"]) == (
+        step // STEPS_PER_EPOCH, step % STEPS_PER_EPOCH * BATCH)  # the position in examples, whole batches of 4
     assert storage.read_manifest(output) is None
 
     second = Trainer(job, tmp_path / "pod-2")

@@ -50,11 +50,11 @@ def save(storage: Storage, root_uri: str, state: dict[str, Any], staging: Path, 
     storage.publish(folder, uri, extra={"kind": "checkpoint", "step": state["step"]})
     if is_s3(uri):
         shutil.rmtree(folder, ignore_errors=True)
-    _prune(storage, root_uri, keep_last)
+    prune(storage, root_uri, keep_last)
     return uri
 
 
-def _prune(storage: Storage, root_uri: str, keep_last: int) -> None:
+def prune(storage: Storage, root_uri: str, keep_last: int) -> None:
     names = sorted(n for n in storage.list_prefixes(root_uri) if n.startswith(CHECKPOINT_PREFIX))
     complete = [n for n in names if storage.read_manifest(join_uri(root_uri, n)) is not None]
     keep = set(complete[-keep_last:])

@@ -83,6 +83,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def max_over_ranks(value: int) -> int:
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def any_rank(flag: bool) -> bool:
     """True when the flag is set on any rank (e.g. SIGTERM seen), so all ranks act together."""
     if not is_distributed():

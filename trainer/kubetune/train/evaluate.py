@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from kubetune.data.encode import IGNORE_INDEX
 from kubetune.train import distributed
@@ -80,8 +81,14 @@ def evaluate(
     n_labels = max(len(labels), 1)
     # [loss_sum, target_count, confusion...]: one all-reduce for everything.
     totals = torch.zeros(2 + n_labels * n_labels, dtype=torch.float64)
-    for indices in batches:
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+    # A sharded model's forward is a collective: every rank runs as many as the busiest, extra ones unscored.
+    rounds = distributed.max_over_ranks(len(batches)) if isinstance(model, FSDPModule) else len(batches)
+    for round_ in range(rounds):
+        if round_ >= len(batches):
+            spare = {k: v.to(device) for k, v in collate(examples[:1], pad_id).items()}
+            model(input_ids=spare["input_ids"], attention_mask=spare["attention_mask"])
+            continue
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in batches[round_]], pad_id).items()}
         with precision.autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         totals[0] += summed_loss(logits, batch["labels"], task).item()

@@ -1,8 +1,9 @@
 """What a checkpoint belongs to, and whether a rerun has anything left to do.
 
 A checkpoint resumes only the exact training it came from: the data files' and base model's content, the
-spec fields that shape training, and the world size. Each identity keeps its checkpoints under its own
-prefix (<checkpoint.uri>/<digest>/checkpoint-N), so jobs never resume, prune or overwrite each other's.
+spec fields that shape training, and the world size (ddp only: sharded checkpoints reshard). Each identity
+keeps its checkpoints under its own prefix (<checkpoint.uri>/<digest>/checkpoint-N), so jobs never resume,
+prune or overwrite each other's.
 """
 
 from __future__ import annotations
@@ -24,18 +25,25 @@ URI_FIELDS = {"model": ("uri",), "data": ("train", "validation", "test")}  # rep
 
 
 def training_identity(job: FineTuneJob, model_sha256: str, data_files: list[dict[str, Any]],
-                      world_size: int) -> dict[str, Any]:
-    """Everything that decides the training trajectory; moving a file elsewhere does not change it."""
+                      world_size: int, strategy: str = "ddp") -> dict[str, Any]:
+    """Everything that decides the training trajectory; moving a file elsewhere does not change it.
+
+    Sharded (fsdp) checkpoints reshard on load and keep the data position in examples: the world size stays
+    out of their identity, so a job preempted on 2 nodes continues on 1 and the reverse."""
     spec = job.spec.model_dump(mode="json", by_alias=True)
     shaping = {key: spec[key] for key in SHAPING_FIELDS}
     for key, fields in URI_FIELDS.items():
         shaping[key] = {k: v for k, v in shaping[key].items() if k not in fields}
-    return {
+    found = {
         "model": model_sha256,
         "data": [[f["split"], f["sha256"]] for f in data_files],  # in reading order: order shapes training too
         "spec": shaping,
         "worldSize": world_size,
     }
+    if strategy == "fsdp":
+        del found["worldSize"]
+        found["checkpointFormat"] = "sharded"  # `auto` may resolve either way: the format must match
+    return found
 
 
 def digest(identity: dict[str, Any]) -> str:

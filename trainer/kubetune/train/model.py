@@ -132,7 +132,7 @@ def _head_parameter_names(model: Any) -> set[str]:
     return names
 
 
-def _layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The transformer blocks: the ModuleList holding the most parameters."""
     stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not stacks:
@@ -145,7 +145,7 @@ def apply_partial(model: nn.Module, spec: FineTuneJobSpec) -> nn.Module:
     assert partial is not None  # guaranteed by the spec model
     trainable = _head_parameter_names(model)
     if partial.train_last_layers is not None:
-        stack_name, stack = _layer_stack(model)
+        stack_name, stack = layer_stack(model)
         if partial.train_last_layers > len(stack):
             raise UserError(
                 f"spec.method.partial.trainLastLayers: {partial.train_last_layers} > {len(stack)} layers in the model"
@@ -221,13 +221,37 @@ def enable_gradient_checkpointing(model: nn.Module, lora: bool) -> None:
         model.enable_input_require_grads()  # type: ignore[operator]
 
 
+def empty_base_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None,
+                     new_modules: list[str]) -> nn.Module:
+    """The base model's structure on the meta device, no weights read: they arrive from rank 0 (loading.py)."""
+    options: dict[str, Any] = {}
+    if spec.model.task == "sequence-classification":
+        labels = spec.model.labels or []
+        options = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                   "label2id": {name: i for i, name in enumerate(labels)}}
+    config = AutoConfig.from_pretrained(model_dir, **options)
+    if pad_token_id is not None and spec.model.task == "sequence-classification":
+        config.pad_token_id = pad_token_id
+    auto = AutoModelForSequenceClassification if spec.model.task == "sequence-classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=torch.float32)
+    model.kubetune_use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    model.kubetune_new_modules = new_modules
+    return model
+
+
 def build_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None = None,
-                gradient_checkpointing: bool = False) -> tuple[nn.Module, ParamCounts]:
+                gradient_checkpointing: bool = False,
+                empty_like: list[str] | None = None) -> tuple[nn.Module, ParamCounts]:
+    """The model with its trainable parameters chosen; empty_like (rank 0's new modules) builds it on meta."""
     method = spec.method.type
     if method == "qlora":
         model = load_quantized_base(spec, model_dir, pad_token_id)
-    else:
+    elif empty_like is None:
         model = load_base_model(spec, model_dir, pad_token_id)
+    else:
+        model = empty_base_model(spec, model_dir, pad_token_id, empty_like)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model, lora=method in ("lora", "qlora"))
     if method in ("lora", "qlora"):

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
 from kubetune import telemetry
@@ -23,10 +22,11 @@ from kubetune.data import encode_causal_lm, encode_classification, prepare_data
 from kubetune.errors import PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
 from kubetune.storage import Storage, is_s3, join_uri
-from kubetune.train import checkpoint, distributed, dryrun, identity, interrupts, outputs
+from kubetune.train import checkpoint, distributed, dryrun, identity, interrupts, outputs, sharded_checkpoint, sharding
 from kubetune.train.batching import collate, epoch_batches, model_inputs
 from kubetune.train.evaluate import evaluate, prefixed, summed_loss, target_count
 from kubetune.train.inputs import fetch_inputs
+from kubetune.train.loading import load_model
 from kubetune.train.memcheck import check_memory
 from kubetune.train.model import (
     build_model,
@@ -37,6 +37,7 @@ from kubetune.train.model import (
     trainable_state,
 )
 from kubetune.train.packing import pack_examples, packing_enabled
+from kubetune.train.position import EpochPlan, epoch_plan
 from kubetune.train.precision import choose_precision
 from kubetune.train.progress import Progress
 
@@ -49,7 +50,7 @@ class TrainState:
 
     step: int = 0            # optimizer updates done
     epoch: int = 0           # epoch in progress
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed on each rank
+    samples_in_epoch: int = 0  # examples of this epoch consumed by all ranks together (any world size resumes)
     best_metric: float | None = None
     best_loss: float | None = None  # eval_loss at best_step: breaks ties on the metric
     best_step: int | None = None
@@ -98,8 +99,16 @@ class FineTuneRecipe:
         self.tokenizer = load_tokenizer(inputs.model, spec.model.uri)
         self.data = prepare_data(spec, inputs.data)
         self.data.report["objects"] = inputs.objects
+        self.model_dir = inputs.model  # qlora's merged/ is rebuilt from the base's own weights
+        self.memory = check_memory(spec, inputs.model, self.device)  # exit 2 here when the job cannot fit
+        if self.is_main:
+            log.info("%s", self.memory.table())
+        self.strategy = self.memory.strategy  # ddp or fsdp: the spec's, or for auto what the estimate says fits
+        if self.strategy == "fsdp" and spec.method.type == "qlora":
+            raise UserError("hyperparameters.strategy: fsdp does not shard qlora's 4-bit weights; use ddp (each GPU "
+                            "holds the 4-bit base), more memory per GPU, or method.type lora with fsdp")
         self.identity = identity.training_identity(self.job, inputs.model_sha256, self.data.report["files"],
-                                                   distributed.world_size())
+                                                   distributed.world_size(), self.strategy)
         self.checkpoint_root = join_uri(spec.checkpoint_uri(), identity.digest(self.identity))
         if not spec.dry_run and self._finished_before():
             return
@@ -114,18 +123,13 @@ class FineTuneRecipe:
         if spec.dry_run:
             self._shrink_for_dry_run(spec.dry_run)
 
-        self.model_dir = inputs.model  # qlora's merged/ is rebuilt from the base's own weights
-        self.memory = check_memory(spec, inputs.model, self.device)  # exit 2 here when the job cannot fit
-        if self.is_main:
-            log.info("%s", self.memory.table())
         torch.manual_seed(hp.seed)  # the new head's init must not depend on what ran before
-        self.model, self.counts = build_model(spec, inputs.model, self.tokenizer.pad_token_id,
-                                              gradient_checkpointing=self.memory.gradient_checkpointing)
-        self.model.to(self.device)
-        self.ddp: nn.Module = self.model
-        if distributed.is_distributed():
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.model, self.counts, full_state = load_model(spec, inputs.model, self.tokenizer.pad_token_id,
+                                                         gradient_checkpointing=self.memory.gradient_checkpointing)
+        self.loaded_weights = full_state is not None or not distributed.is_distributed()  # read from disk here
+        self.ddp: nn.Module = sharding.wrap(self.model, full_state, self.strategy, self.device, self.precision,
+                                            hp.offload_optimizer)
+        del full_state  # rank 0's loaded weights now live in the shards (fsdp) or the replica (ddp)
 
         world = distributed.world_size()
         self.lengths = [len(e["input_ids"]) for e in self.train_set]
@@ -150,12 +154,14 @@ class FineTuneRecipe:
         self.scaler = self.precision.grad_scaler()
         if not spec.dry_run:  # a dry run measures a fresh start and leaves the job's checkpoints alone
             self._resume()
+            self._fit_schedule()
         self.metrics.set_total_steps(self.total_steps, self.state.step)  # observability
         log.info(
-            "model %s | %s | trainable %s of %s parameters (%.2f%%) | precision %s | device %s | world %d | "
+            "model %s | %s | trainable %s of %s parameters (%.2f%%) | precision %s | device %s | world %d %s | "
             "global batch %d (%d x %d accumulation x %d processes) | %d steps",
             spec.model.uri, spec.method.type, f"{self.counts.trainable:,}", f"{self.counts.total:,}",
-            self.counts.percent, self.precision.name, self.device, world, self.global_batch, hp.batch_size,
+            self.counts.percent, self.precision.name, self.device, world, self.strategy, self.global_batch,
+            hp.batch_size,
             hp.gradient_accumulation_steps, world, self.total_steps,
         )
 
@@ -210,12 +216,15 @@ class FineTuneRecipe:
             if self.is_main:
                 log.warning("ignoring checkpoint %s: it was made for other inputs, spec or process count", name)
             return
-        load_trainable_state(self.model, saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("sharded"):
+            self.best_weights = sharded_checkpoint.load(path, self.model, self.optimizer, saved["hasBest"])
+        else:
+            load_trainable_state(self.model, saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.best_weights = saved.get("best_weights")
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         self.state = TrainState(**saved["train_state"])
-        self.best_weights = saved.get("best_weights")
         if self.best_weights is None and self.state.best_step == self.state.step:
             self.best_weights = trainable_state(self.model)
         ranks = saved["rng"]
@@ -224,8 +233,31 @@ class FineTuneRecipe:
         self.last_checkpoint = name
         self.metrics.resumes.inc()  # observability
         self.metrics.last_checkpoint_step.set(self.state.step)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", name, self.state.step, self.state.epoch,
-                 self.state.batch_in_epoch)
+        log.info("resumed from %s at step %d (epoch %d, %d examples in)", name, self.state.step, self.state.epoch,
+                 self.state.samples_in_epoch)
+
+    def _fit_schedule(self) -> None:
+        """Resumed on another world size, the remaining epochs take another number of steps: end the LR schedule
+        (and the run) where the data ends."""
+        hp, state = self.spec.hyperparameters, self.state
+        if hp.max_steps or state.step == 0:
+            return
+        left = len(self._plan().consumed) if state.epoch < hp.epochs else 0
+        total = state.step + left + max(hp.epochs - state.epoch - 1, 0) * self.steps_per_epoch
+        if total == self.total_steps:
+            return
+        saved = self.scheduler.state_dict()
+        self.total_steps = total
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(hp.warmup_ratio * total), total)
+        self.scheduler.load_state_dict(saved)
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(self.scheduler.last_epoch)  # the new schedule's rate for this step
+
+    def _plan(self) -> EpochPlan:
+        hp = self.spec.hyperparameters
+        return epoch_plan(self.lengths, hp.batch_size, hp.seed, self.state.epoch, distributed.world_size(),
+                          distributed.rank(), hp.gradient_accumulation_steps, self.state.samples_in_epoch)
 
     # ---- train -------------------------------------------------------------------------------
     def train(self) -> None:
@@ -262,16 +294,17 @@ class FineTuneRecipe:
     def _train_epoch(self, progress: Progress) -> None:
         hp, state = self.spec.hyperparameters, self.state
         world, accum = distributed.world_size(), hp.gradient_accumulation_steps
-        batches = epoch_batches(self.lengths, hp.batch_size, hp.seed, state.epoch, world, distributed.rank())
+        plan = self._plan()
+        batches, epoch_size = plan.batches, max(len(self.lengths), 1)
         self.ddp.train()
-        for update in range(state.batch_in_epoch // accum, self.steps_per_epoch):
+        for update, consumed in enumerate(plan.consumed):
             if self._finished():
                 return
             started = time.monotonic()
             group = batches[update * accum : (update + 1) * accum]
             loss, targets, samples = self._update(group)
             state.step += 1
-            state.batch_in_epoch = (update + 1) * accum
+            state.samples_in_epoch = consumed
             state.samples_seen += samples * world
             elapsed = time.monotonic() - started
             state.train_seconds += elapsed
@@ -283,10 +316,10 @@ class FineTuneRecipe:
             state.train_losses.append({"step": state.step, "loss": mean_loss})
             self.metrics.record_step(  # observability: O(1) updates, nothing held across the step
                 step=state.step, total=self.total_steps,
-                epoch=state.epoch + state.batch_in_epoch / max(len(batches), 1),
+                epoch=state.epoch + consumed / epoch_size,
                 loss=mean_loss, learning_rate=self.scheduler.get_last_lr()[0], samples=samples * world,
                 tokens=sum(self.lengths[j] for indices in group for j in indices) * world, seconds=elapsed)
-            progress.update(state.step, state.epoch + state.batch_in_epoch / max(len(batches), 1), mean_loss,
+            progress.update(state.step, state.epoch + consumed / epoch_size, mean_loss,
                             samples * world / max(elapsed, 1e-9))
             if self.spec.evaluation.every_steps and state.step % self.spec.evaluation.every_steps == 0:
                 self._validate(progress)
@@ -295,7 +328,7 @@ class FineTuneRecipe:
             if state.step % self.spec.checkpoint.every_steps == 0:
                 self.save_checkpoint()
         state.epoch += 1
-        state.batch_in_epoch = 0
+        state.samples_in_epoch = 0
         if not self.spec.evaluation.every_steps:
             self._validate(progress)
         if state.step != _step_of(self.last_checkpoint):
@@ -327,9 +360,8 @@ class FineTuneRecipe:
         total_loss, samples = torch.zeros((), device=self.device), 0
         for i, cpu_batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
-            sync = i == len(batches) - 1 or not isinstance(self.ddp, DistributedDataParallel)
-            # Under DDP, only the last micro-batch of a group all-reduces gradients.
-            context = contextlib.nullcontext() if sync else self.ddp.no_sync()  # type: ignore[operator]
+            # Under DDP and FSDP, only the last micro-batch of a group reduces gradients.
+            context = contextlib.nullcontext() if i == len(batches) - 1 else sharding.no_sync(self.ddp)
             with context:
                 with self.precision.autocast():
                     logits = self.ddp(**model_inputs(batch)).logits
@@ -383,26 +415,28 @@ class FineTuneRecipe:
             return  # a dry run's weights are worth nothing later, and its data is only a sample
         started = time.monotonic()  # observability
         rng = distributed.gather_objects(checkpoint.rng_state())
+        state = {
+            "step": self.state.step,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "train_state": asdict(self.state),
+            "identity": self.identity,
+            "spec": self.job.model_dump(mode="json", by_alias=True),
+        }
+        # When the best model is the current one, the weights saved already are it (saves a copy).
+        best = self.best_weights if self.state.best_step != self.state.step else None
+        staging, keep = self.work_dir / "staging", self.spec.checkpoint.keep_last
+        uri: str | None = None
+        if self.strategy == "fsdp":  # every rank writes its shards
+            uri = sharded_checkpoint.save(self.storage, self.checkpoint_root, self.model, self.optimizer, best, state,
+                                          staging, keep)
+        elif self.is_main:
+            state.update(model=trainable_state(self.model), optimizer=self.optimizer.state_dict(), best_weights=best)
+            uri = checkpoint.save(self.storage, self.checkpoint_root, state, staging, keep)
         if self.is_main:
-            state = {
-                "step": self.state.step,
-                "model": trainable_state(self.model),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng,
-                "train_state": asdict(self.state),
-                # When the best model is the current one, the weights above already are it (saves a copy).
-                "best_weights": self.best_weights if self.state.best_step != self.state.step else None,
-                "identity": self.identity,
-                "spec": self.job.model_dump(mode="json", by_alias=True),
-            }
-            uri = checkpoint.save(self.storage, self.checkpoint_root, state, self.work_dir / "staging",
-                                  self.spec.checkpoint.keep_last)
             log.info("checkpoint %s", uri)
             self.metrics.record_checkpoint(self.state.step, time.monotonic() - started)  # observability
-        else:
-            uri = None
         self.last_checkpoint = distributed.broadcast_object(uri)
         distributed.barrier()
 
@@ -435,6 +469,9 @@ class FineTuneRecipe:
             "trainSeconds": state.train_seconds,
         }
         self.metrics.set_state("uploading")  # observability
+        memory = distributed.gather_objects({"rank": distributed.rank(), "loadedWeights": self.loaded_weights,
+                                             **sharding.state_bytes(self.model, self.optimizer)})
+        model = sharding.full_model(self.model, self._empty_model)  # every rank joins the gather (fsdp)
         if self.is_main:
             job = self.job.model_dump(mode="json", by_alias=True, exclude_none=True)
             run = {
@@ -445,6 +482,8 @@ class FineTuneRecipe:
                 "seed": spec.hyperparameters.seed,
                 "hardware": outputs.hardware(self.device, self.precision.name, distributed.world_size()),
                 "memory": self.memory.to_dict(),
+                "strategy": self.strategy,
+                "memoryPerRank": memory,  # measured: the bytes of weights and optimizer state each rank held
                 "resumedFrom": state.resumed_from,
                 "lastCheckpoint": self.last_checkpoint,
                 "startedAt": self.started_at,
@@ -453,7 +492,7 @@ class FineTuneRecipe:
             staging = self.work_dir / "output"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            folders = outputs.save_model(self.model, self.tokenizer, spec.method.type, spec.output.merge_adapter,
+            folders = outputs.save_model(model, self.tokenizer, spec.method.type, spec.output.merge_adapter,
                                          staging, base_dir=self.model_dir)
             example = self.data.train[0] if self.data.train else None  # for the model card's snippets
             outputs.write_reports(staging, metrics, run, job, folders, example)
@@ -461,6 +500,10 @@ class FineTuneRecipe:
             log.info("model written to %s", spec.output.uri)
         distributed.barrier()
         return {"outputUri": spec.output.uri, "lastCheckpoint": self.last_checkpoint, **metrics}
+
+    def _empty_model(self) -> nn.Module:
+        return build_model(self.spec, self.model_dir, self.tokenizer.pad_token_id,
+                           empty_like=list(getattr(self.model, "kubetune_new_modules", [])))[0]
 
     def _write_dry_run_report(self) -> dict[str, Any]:
         started = time.monotonic()
