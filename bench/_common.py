@@ -173,3 +173,10 @@ def machine() -> dict[str, Any]:
         "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
         "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process image's RSS high-water mark (VmHWM). Not getrusage's ru_maxrss: Linux carries that across
+    fork and exec, so a worker started by a large parent would report the parent's size."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024

@@ -6,7 +6,7 @@ Each measurement is one `torchrun --nproc-per-node 2` launch of this file in wor
 trainer's own loading (kubetune.train.loading: rank 0 reads the weights, rank 1 starts on meta) and wrapping
 (kubetune.train.sharding.wrap). Launches alternate ddp, fsdp, ddp, fsdp... (interleaved, so machine load hits
 both alike); the best round of each is compared. Per rank: samples/s over the timed steps (after one warm-up
-step), peak RSS (resource.getrusage, the whole process: Python, torch, activations), and the measured bytes
+step), peak RSS (VmHWM, the whole process: Python, torch, activations), and the measured bytes
 of weights + optimizer state it holds (local shards for FSDP). fp32, AdamW, gloo, one thread per process.
 Target (issue 12): FSDP state per rank <= 60% of DDP's at >= 80% of its samples/s. Last line: one JSON object.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -78,7 +77,7 @@ def worker(model_dir: str, strategy: str, steps: int, out: str) -> None:
         if step:  # the first step allocates the optimizer state: warm-up
             times.append(time.perf_counter() - started)
     result = {"rank": distributed.rank(), "samplesPerSecond": BATCH * len(times) / sum(times),
-              "peakRssBytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "peakRssBytes": common.peak_rss_bytes(),
               "parameters": counts.total, **sharding.state_bytes(model, optimizer)}
     Path(out, f"{strategy}-rank{distributed.rank()}.json").write_text(json.dumps(result))
     distributed.shutdown()

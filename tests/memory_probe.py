@@ -1,6 +1,6 @@
 """Measure one configuration's peak memory in a fresh process: `python -m tests.memory_probe JOB.json MODEL_DIR`.
 
-Peak RSS (getrusage) minus the RSS just before the model is built, after a throwaway build has loaded the
+Peak RSS (VmHWM) minus the RSS just before the model is built, after a throwaway build has loaded the
 library code: what the model, its gradients, AdamW's state and the activations of two training steps (the
 trainer's model builder, optimizer and loss) add to the process. Run it with MALLOC_MMAP_THRESHOLD_ fixed, so
 glibc returns freed tensors at once and RSS follows what torch holds. Prints one JSON object.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -24,6 +23,13 @@ from kubetune.train.model import build_model
 
 def rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process image's high-water mark. Not getrusage's ru_maxrss: Linux carries that across fork and exec,
+    so a probe started from a 1 GiB pytest process reported the parent's size."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], task: str) -> float:
@@ -55,7 +61,7 @@ def main(job_file: str, model_dir: str) -> None:
     labels = ids.clone() if spec.model.task == "causal-lm" else torch.randint(0, 2, (b,))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     losses = [step(model, optimizer, batch, spec.model.task) for _ in range(2)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(json.dumps({"peakBytes": peak - before, "baselineBytes": before, "losses": losses,
                       "checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}))
 

@@ -78,7 +78,7 @@ def _done(text: str) -> bool:
 
 
 def _scrape_until(url: str, process: subprocess.Popen[bytes], into: list[Scrape]) -> None:
-    """Scrape like Prometheus would, four times a second, until the run exits."""
+    """Scrape ten times a second until the run exits: on a quiet machine the 8 steps train in about a second."""
     while process.poll() is None:
         started = time.monotonic()
         try:
@@ -87,7 +87,7 @@ def _scrape_until(url: str, process: subprocess.Popen[bytes], into: list[Scrape]
         except OSError:
             text = None
         into.append(Scrape(time.time(), time.monotonic() - started, text))
-        time.sleep(0.25)
+        time.sleep(0.1)
 
 
 class _ObservedTrainer(Trainer):
