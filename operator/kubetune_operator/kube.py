@@ -53,15 +53,19 @@ class Kube:
         return value
 
     # ---- FineTuneJobs ---------------------------------------------------------------------------
-    def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def _get_custom(self, group: str, version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A custom object, None when it (or its resource) is not there."""
         try:
-            found: dict[str, Any] = self._call(self.custom.get_namespaced_custom_object, contract.API_GROUP,
-                                               contract.API_VERSION, namespace, contract.PLURAL, name)
+            found: dict[str, Any] = self._call(self.custom.get_namespaced_custom_object, group, version, namespace,
+                                               plural, name)
             return found
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+
+    def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get_custom(contract.API_GROUP, contract.API_VERSION, contract.PLURAL, namespace, name)
 
     def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self._call(self.custom.patch_namespaced_custom_object_status, contract.API_GROUP, contract.API_VERSION,
@@ -111,14 +115,8 @@ class Kube:
         """The InferenceService, None when it (or KServe) is gone."""
         from kubetune_operator import serving
 
-        try:
-            found: dict[str, Any] = self._call(self.custom.get_namespaced_custom_object, serving.KSERVE_GROUP,
-                                               serving.KSERVE_VERSION, namespace, serving.INFERENCE_SERVICES, name)
-            return found
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._get_custom(serving.KSERVE_GROUP, serving.KSERVE_VERSION, serving.INFERENCE_SERVICES,
+                                namespace, name)
 
     def list_jobs(self, namespace: str, name: str) -> list[dict[str, Any]]:
         found = self._call(self.batch.list_namespaced_job, namespace,
