@@ -182,7 +182,7 @@ def test_bad_input_on_every_rank_exits_2_without_a_traceback(tmp_path: Path, tin
 
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", [pytest.param("local", marks=pytest.mark.slow), "s3"])  # s3 covers local's path too
 def test_sigterm_under_torchrun_checkpoints_on_every_rank_and_resumes(
         where: str, request: pytest.FixtureRequest, two_processes: dict[str, Any], tmp_path: Path, tiny_gpt2: Path,
         data: dict[str, Path]) -> None:

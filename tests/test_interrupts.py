@@ -56,7 +56,8 @@ def start(tmp_path: Path, model: Path, data: dict[str, Path], nproc: int, **env:
 
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+# Two processes: the group signal path is the SIGTERM test's below, which runs both in the default run.
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_ctrl_c_saves_a_checkpoint_and_prints_one_line(nproc: int, tmp_path: Path, tiny_gpt2: Path,
                                                        data: dict[str, Path]) -> None:
     trainer, process, doc = start(tmp_path, tiny_gpt2, data, nproc)

@@ -155,7 +155,7 @@ def test_only_keep_last_complete_checkpoints_are_kept(store: tuple[Storage, str]
 # -- end to end: kill, preempt, damage -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", [pytest.param("local", marks=pytest.mark.slow), "s3"])  # s3 covers local's path too
 def test_resume_after_sigkill_matches_uninterrupted_run(where: str, request: pytest.FixtureRequest,
                                                         tmp_path: Path, tiny_gpt2: Path, data: dict[str, Path],
                                                         reference: dict[str, Any]) -> None:
@@ -188,6 +188,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(where: str, request: pyt
     assert_same_training(read_output(storage, output, "metrics.json", tmp_path / "fetched"), reference["metrics"])
 
 
+@pytest.mark.slow  # the default run has it under torchrun (test_distributed) and through kubetune run (metrics_resume)
 def test_sigterm_mid_epoch_checkpoints_exits_for_retry_and_resumes(tmp_path: Path, tiny_gpt2: Path,
                                                                    data: dict[str, Path],
                                                                    reference: dict[str, Any]) -> None:
