@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune import jobfile
+from kubetune import jobfile, procmem
 
 REVIEWS = "reviews.jsonl"
 LABELS = ["negative", "positive"]
@@ -175,8 +175,4 @@ def machine() -> dict[str, Any]:
     }
 
 
-def peak_rss_bytes() -> int:
-    """This process image's RSS high-water mark (VmHWM). Not getrusage's ru_maxrss: Linux carries that across
-    fork and exec, so a worker started by a large parent would report the parent's size."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+peak_rss_bytes = procmem.peak_rss_bytes  # VmHWM: this process image's own peak

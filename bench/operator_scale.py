@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune import contract
+from kubetune import contract, procmem
 from kubetune.jobfile import job_document
 from kubetune.netutil import free_port
 from tests.fixtures_k8s import Cluster
@@ -93,10 +93,7 @@ def cpu_model() -> str:
 
 
 def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return procmem.peak_rss_bytes(pid) / 2**20
 
 
 def main() -> None:

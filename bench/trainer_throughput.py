@@ -17,6 +17,7 @@ The last line of output is one JSON object with every figure and the ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -32,6 +33,7 @@ from typing import Any
 import _common as common
 import _mfu
 
+SIDES = ("hf", "kubetune", "kubetune-torch-dropout")  # the last: kubetune without fast_dropout
 TARGET_RATIO = 2.0
 TARGET_MFU = 0.75
 TARGET_PACKING_RATIO = 1.5
@@ -84,6 +86,10 @@ def run_kubetune(config: dict[str, Any]) -> dict[str, Any]:
     from kubetune.train.recipe import FineTuneRecipe
 
     setup_logging(0)
+    if config.get("torchDropout"):  # the same trainer with torch's own dropout: what fast_dropout buys
+        from kubetune.train import fast_dropout
+
+        fast_dropout.enabled = contextlib.nullcontext  # type: ignore[assignment]
     job = load_job(config["job"])
     recipe = FineTuneRecipe(job, Path(config["workDir"]))
     recipe.setup()
@@ -234,7 +240,7 @@ def child_main(side: str, config_path: Path, result_path: Path) -> None:
     config = common.read_json(config_path)
     common.setup_env(config["threads"])
     common.set_torch_threads(config["threads"])
-    result = run_kubetune(config) if side == "kubetune" else run_hf(config)
+    result = run_hf(config) if side == "hf" else run_kubetune(config)
     result_path.write_text(json.dumps(result))
 
 
@@ -302,7 +308,7 @@ def main() -> None:
     parser.add_argument("--causal-epochs", type=int, default=8,
                         help="causal-LM case: passes over the instruction samples (default 8, about a minute)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep files here (default: a temp dir)")
-    parser.add_argument("--side", choices=["kubetune", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,27 +345,31 @@ def classification_case(args: argparse.Namespace) -> None:
               "epochs": args.epochs, "steps": args.steps, "maxLength": args.max_length, "seed": 42}
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
         work = args.work_dir or Path(tmp)
-        runs: dict[str, list[dict[str, Any]]] = {"kubetune": [], "hf": []}
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
         precision = auto_precision()
         peaks = [_mfu.matmul_peak(precision)]
         split: dict[str, str] = {}
         for repeat in range(args.repeats):
             # Fresh folders per run: a kubetune run would otherwise resume from the previous run's checkpoint.
             folder = work / f"run-{repeat + 1}"
-            doc = common.job_document(
-                "bench-throughput", common.sample_path(common.REVIEWS), folder / "kubetune-output",
-                method={"type": "lora", "lora": LORA}, data={"maxSeqLength": args.max_length},
-                hyperparameters=hyper,
-            )
-            job_path = common.write_yaml(doc, folder / "job.yaml")
-            split = split or write_split(job_path, work / "split")
+            jobs = {}
+            for side in ("kubetune", "kubetune-torch-dropout"):  # own outputs: neither resumes the other
+                doc = common.job_document(
+                    "bench-throughput", common.sample_path(common.REVIEWS), folder / side / "output",
+                    method={"type": "lora", "lora": LORA}, data={"maxSeqLength": args.max_length},
+                    hyperparameters=hyper,
+                )
+                jobs[side] = str(common.write_yaml(doc, folder / side / "job.yaml"))
+            split = split or write_split(Path(jobs["kubetune"]), work / "split")
             configs = {
-                "kubetune": {**shared, "job": str(job_path), "workDir": str(folder / "kubetune-work")},
+                "kubetune": {**shared, "job": jobs["kubetune"], "workDir": str(folder / "kubetune" / "work")},
+                "kubetune-torch-dropout": {**shared, "job": jobs["kubetune-torch-dropout"], "torchDropout": True,
+                                           "workDir": str(folder / "kubetune-torch-dropout" / "work")},
                 "hf": {**shared, "model": str(common.minilm_path()), "split": split, "labels": common.LABELS,
                        "lora": lora, "workDir": str(folder / "hf-work")},
             }
             # Alternate the sides so that a burst of load from elsewhere does not fall on one side only.
-            for side in ("hf", "kubetune") if repeat % 2 == 0 else ("kubetune", "hf"):
+            for side in SIDES if repeat % 2 == 0 else reversed(SIDES):
                 runs[side].append(run_side(side, configs[side], folder, args.quiet_wait))
                 peaks.append(_mfu.matmul_peak(precision))  # after each run: the same load conditions, roughly
         report(args, {side: median_run(r) for side, r in runs.items()}, split, max(peaks), precision)
@@ -447,7 +457,7 @@ def mfu_line(result: dict[str, Any], peak: float, precision: str) -> str:
 
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: dict[str, str], peak: float,
            precision: str) -> None:
-    kt, hf = results["kubetune"], results["hf"]
+    kt, hf, native = results["kubetune"], results["hf"], results["kubetune-torch-dropout"]
     sizes = {p: len(Path(f).read_text().splitlines()) for p, f in split.items()}
     machine = common.machine()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
@@ -458,14 +468,14 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: 
           + (f"{args.steps} steps" if args.steps else f"{args.epochs} epochs"))
     print()
     rows = []
-    for name, r in (("kubetune (defaults)", kt), ("HF Trainer (plain)", hf)):
+    for name, r in (("kubetune (defaults)", kt), ("kubetune, torch's dropout", native), ("HF Trainer (plain)", hf)):
         rows.append([name, r["precision"], r["steps"], r["samples"], r["trainSeconds"], r["samplesPerSecond"],
                      r["reportedSamplesPerSecond"], 100 * (1 - r["realTokens"] / r["paddedTokens"]),
                      r["peakRssMiB"], r["testAccuracy"], 100 * r["backgroundCpu"]])
     print(common.table(["trainer", "precision", "steps", "samples", "train s", "samples/s", "own figure",
                         "padding %", "peak RSS MiB", "test acc", "other load %"], rows))
     if args.repeats > 1:
-        for name, r in (("kubetune", kt), ("HF", hf)):
+        for name, r in (("kubetune", kt), ("kubetune, torch's dropout", native), ("HF", hf)):
             runs = ", ".join(f"{v:.1f}" for v in r["samplesPerSecondRuns"])
             print(f"{name} samples/s over {args.repeats} runs: {runs} (the median run is shown)")
     ratio = kt["samplesPerSecond"] / hf["samplesPerSecond"]
@@ -475,6 +485,10 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: 
     print(f"samples/s ratio kubetune / HF: {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x) "
           f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'}")
     accuracy_ok = accuracy_delta >= -tolerance - 1e-12
+    dropout_gain = kt["samplesPerSecond"] / native["samplesPerSecond"]
+    dropout_delta = kt["testAccuracy"] - native["testAccuracy"]
+    print(f"fast_dropout: {dropout_gain:.2f}x the same trainer with torch's dropout; test accuracy "
+          f"{dropout_delta:+.4f} against it (noise allowance {tolerance:.4f})")
     print(f"kubetune {mfu_line(kt, peak, precision)} (target >= {100 * TARGET_MFU:.0f}%) "
           f"{'MET' if kt['mfu'] >= TARGET_MFU else 'NOT MET'}")
     print(f"test accuracy kubetune - HF: {accuracy_delta:+.4f} (noise allowance {ACCURACY_TOLERANCE_EXAMPLES} test "
@@ -493,6 +507,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], split: 
         "split": sizes,
         "kubetune": kt,
         "hf": hf,
+        "kubetuneTorchDropout": native,
+        "fastDropoutGain": dropout_gain,
         "ratio": ratio,
         "target": TARGET_RATIO,
         "met": ratio >= TARGET_RATIO and accuracy_ok,

@@ -10,26 +10,17 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from kubetune import procmem
 from kubetune.spec import FineTuneJob
 from kubetune.train.evaluate import summed_loss
 from kubetune.train.model import build_model
 
-
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """This process image's high-water mark. Not getrusage's ru_maxrss: Linux carries that across fork and exec,
-    so a probe started from a 1 GiB pytest process reported the parent's size."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+rss_bytes, peak_rss_bytes = procmem.rss_bytes, procmem.peak_rss_bytes  # VmHWM: not the parent's
 
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], task: str) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kubetune import contract
+from kubetune import contract, procmem
 from kubetune.errors import UserError
 
 log = logging.getLogger("kubetune.trainer")
@@ -35,22 +34,8 @@ PUSH_SECONDS = 1.0  # how stale a served snapshot may be; one push costs a few m
 TEST_PREFIX = "test_"  # test-split results share kubetune_eval_metric, as metric="test_<name>"
 
 
-def _rss_bytes() -> float:
-    """Resident memory of this process now (Linux /proc; the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return float(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, IndexError):
-        return _peak_rss_bytes()
-
-
-def _peak_rss_bytes() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
-
-
 def _peak_at_least_current() -> float:
-    return max(_peak_rss_bytes(), _rss_bytes())  # the two are sampled differently; peak must not read lower
+    return float(max(procmem.peak_rss_bytes(), procmem.rss_bytes()))  # sampled apart: peak must not read lower
 
 
 class TrainerMetrics:
@@ -102,7 +87,7 @@ class TrainerMetrics:
                             registry=self.registry).labels(**self.labels, rank=self.rank)
         self.memory_peak = Gauge(c.METRIC_MEMORY_PEAK, "Peak device memory: CUDA max allocated, else peak RSS.",
                                  per_rank, registry=self.registry).labels(**self.labels, rank=self.rank)
-        self.set_memory_source(_rss_bytes, _peak_at_least_current)
+        self.set_memory_source(lambda: float(procmem.rss_bytes()), _peak_at_least_current)
         for name in ("train_loss", "eval_loss", "learning_rate", "step", "total_steps", "epoch", "progress", "eta",
                      "last_checkpoint_step"):
             setattr(self, name, getattr(self, name).labels(**self.labels))

@@ -9,10 +9,10 @@ under <output.uri>/dry-run/, so nobody mistakes it for a finished model.
 from __future__ import annotations
 
 import random
-import resource
 import statistics
 from typing import Any
 
+from kubetune import procmem
 from kubetune.contract import DRY_RUN_DIR
 
 __all__ = ["DRY_RUN_DIR", "describe", "peak_memory_bytes", "report", "sample"]
@@ -31,7 +31,7 @@ def peak_memory_bytes(device: Any) -> int:
         import torch
 
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return procmem.peak_rss_bytes()
 
 
 def report(*, step_seconds: list[float], step_tokens: list[int], losses: list[float], full_steps: int,

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from kubetune import contract, telemetry
+from kubetune.cpus import usable_cpus
 from kubetune.errors import PreemptedError, UserError
 from kubetune.jobfile import load_job
 from kubetune.netutil import free_port
@@ -203,8 +204,8 @@ def launch(spec_path: str, nproc_per_node: int, nnodes: int = 1, node_rank: int 
         f"--shutdown-timeout={shutdown}",  # torchrun's default (30 s) ignores the pod's grace period
         "-m", "kubetune.train.worker", spec_path,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
-                                                                                       // nproc_per_node)))}
+    threads = str(max(1, usable_cpus() // nproc_per_node))  # the pod's CPU limit shared by its processes
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
     process: subprocess.Popen[bytes] | None = None
     received: list[int] = []
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -18,11 +19,22 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from kubetune import telemetry
+from kubetune.cpus import usable_cpus
 from kubetune.data import encode_causal_lm, encode_classification, prepare_data
 from kubetune.errors import PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
 from kubetune.storage import Storage, is_s3, join_uri
-from kubetune.train import checkpoint, distributed, dryrun, identity, interrupts, outputs, sharded_checkpoint, sharding
+from kubetune.train import (
+    checkpoint,
+    distributed,
+    dryrun,
+    fast_dropout,
+    identity,
+    interrupts,
+    outputs,
+    sharded_checkpoint,
+    sharding,
+)
 from kubetune.train.batching import collate, epoch_batches, model_inputs
 from kubetune.train.evaluate import evaluate, prefixed, summed_loss, target_count
 from kubetune.train.inputs import fetch_inputs
@@ -88,6 +100,8 @@ class FineTuneRecipe:
         self.metrics = telemetry.start(self.job.metadata.name, self.job.metadata.namespace,  # observability
                                        rank=distributed.rank(), local_rank=distributed.local_rank())
         self.device = distributed.device()
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # torchrun workers have it set
+            torch.set_num_threads(usable_cpus())  # torch's default ignores a pod's CPU limit
         self.precision = choose_precision(hp.precision, self.device)
         require_cuda_for_qlora(spec, self.device)  # bad input on a machine without CUDA, before any download
         if self.device.type == "cuda":  # observability: device memory instead of the process's RSS
@@ -362,7 +376,7 @@ class FineTuneRecipe:
             batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
             # Under DDP and FSDP, only the last micro-batch of a group reduces gradients.
             context = contextlib.nullcontext() if i == len(batches) - 1 else sharding.no_sync(self.ddp)
-            with context:
+            with context, fast_dropout.enabled():  # backward too: checkpointing redraws the forward's masks
                 with self.precision.autocast():
                     logits = self.ddp(**model_inputs(batch)).logits
                 loss = summed_loss(logits, batch["labels"], task)
