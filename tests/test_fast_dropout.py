@@ -42,9 +42,15 @@ def test_dropout_scales_the_kept_values_and_routes_gradients_through_them_only()
     assert torch.equal(x.grad, torch.where(kept, 1 / 0.75, 0.0))
 
 
-def test_eval_mode_and_p_zero_go_to_torch_unchanged() -> None:
+def test_eval_mode_p_zero_and_in_place_go_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(8, 8)
+
+    def no_draws(*args: Any) -> torch.Tensor:
+        raise AssertionError("fast path taken")
+
+    monkeypatch.setattr(fast_dropout, "keep_mask", no_draws)
     with fast_dropout.enabled():
+        F.dropout(x.clone(), 0.5, training=True, inplace=True)  # callers of in-place dropout keep its semantics
         assert torch.equal(F.dropout(x, 0.5, training=False), x)
         assert torch.equal(F.dropout(x, 0.0, training=True), x)
         assert torch.equal(torch.nn.Dropout(0.5).eval()(x), x)

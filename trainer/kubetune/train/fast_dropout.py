@@ -10,7 +10,8 @@ torch's (another stream of the same distribution), so runs are not bit-identical
 
 `enabled()` swaps `torch.nn.functional.dropout` and, for attention dropout on CPU, the math path of
 `scaled_dot_product_attention` (the path torch itself takes on CPU when dropout_p > 0) for the duration
-of a training step. Anything else (CUDA tensors, eval mode, p of 0 or 1) goes to torch unchanged.
+of a training step. Anything else (CUDA tensors, eval mode, p of 0 or 1, in-place dropout) goes to torch
+unchanged.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class _Dropout(torch.autograd.Function):
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
-    if training and 0.0 < p < 1.0 and input.device.type == "cpu":
+    if training and 0.0 < p < 1.0 and not inplace and input.device.type == "cpu":  # in place: torch's own
         return _Dropout.apply(input, p)
     return _TORCH_DROPOUT(input, p, training, inplace)
 
