@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune import jobfile, procmem
+from kubetune import jobfile
 
 REVIEWS = "reviews.jsonl"
 LABELS = ["negative", "positive"]
@@ -174,5 +174,3 @@ def machine() -> dict[str, Any]:
         "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
     }
 
-
-peak_rss_bytes = procmem.peak_rss_bytes  # VmHWM: this process image's own peak

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -26,17 +25,14 @@ from typing import Any
 
 from _common import log_tail, read_json, run_child, table
 
+from kubetune import procmem
+
 MiB = 1024 * 1024
 BUCKET = "bench"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 # -- the worker: one transfer in its own process ------------------------------------------------------------------
-
-
-def _rss_mib() -> float:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / MiB
 
 
 def _plain_client(endpoint: str) -> Any:
@@ -77,12 +73,12 @@ def worker(args: argparse.Namespace) -> None:
     if args.side == "kubetune":
         import kubetune.storage.s3  # noqa: F401 - imported before the baseline RSS, like boto3 below
     _plain_client(args.endpoint)
-    before = _rss_mib()
+    before = procmem.rss_bytes() / MiB
     started = time.perf_counter()
     (_kubetune if args.side == "kubetune" else _plain)(args.op, args.endpoint, Path(args.local), args.prefix)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    Path(args.result).write_text(json.dumps({"seconds": seconds, "rss_before_mib": before, "peak_rss_mib": peak}))
+    # The peak comes from the driver (wait4 on this process), so only the baseline is reported from here.
+    Path(args.result).write_text(json.dumps({"seconds": seconds, "rss_before_mib": before}))
 
 
 # -- the driver ---------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from typing import Any
 
 import _common as common
 
+from kubetune import procmem
+
 SEQ, BATCH, VOCAB = 128, 4, 600
 
 
@@ -77,7 +79,7 @@ def worker(model_dir: str, strategy: str, steps: int, out: str) -> None:
         if step:  # the first step allocates the optimizer state: warm-up
             times.append(time.perf_counter() - started)
     result = {"rank": distributed.rank(), "samplesPerSecond": BATCH * len(times) / sum(times),
-              "peakRssBytes": common.peak_rss_bytes(),
+              "peakRssBytes": procmem.peak_rss_bytes(),
               "parameters": counts.total, **sharding.state_bytes(model, optimizer)}
     Path(out, f"{strategy}-rank{distributed.rank()}.json").write_text(json.dumps(result))
     distributed.shutdown()

@@ -20,8 +20,6 @@ from kubetune.spec import FineTuneJob
 from kubetune.train.evaluate import summed_loss
 from kubetune.train.model import build_model
 
-rss_bytes, peak_rss_bytes = procmem.rss_bytes, procmem.peak_rss_bytes  # VmHWM: not the parent's
-
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], task: str) -> float:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -42,7 +40,7 @@ def main(job_file: str, model_dir: str) -> None:
     warm_optimizer.step()
     del warm, warm_optimizer
     gc.collect()
-    before = rss_bytes()
+    before = procmem.rss_bytes()
     model, _ = build_model(spec, Path(model_dir), pad_token_id=0, gradient_checkpointing=checkpointing)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -52,7 +50,7 @@ def main(job_file: str, model_dir: str) -> None:
     labels = ids.clone() if spec.model.task == "causal-lm" else torch.randint(0, 2, (b,))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     losses = [step(model, optimizer, batch, spec.model.task) for _ in range(2)]
-    peak = peak_rss_bytes()
+    peak = procmem.peak_rss_bytes()  # VmHWM: this process's own, not the pytest parent's
     print(json.dumps({"peakBytes": peak - before, "baselineBytes": before, "losses": losses,
                       "checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}))
 
