@@ -15,7 +15,10 @@ from kubetune.cli import main as cli
 from kubetune.demo import write_samples
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("**/*.yaml"))  # FineTuneJobs at the top, other objects in folders
+# FineTuneJobs at the top, other objects in folders; not the hidden run state (.kubetune/) that `make demo`
+# leaves beside the examples it ran.
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("**/*.yaml")
+                  if not any(part.startswith(".") for part in p.relative_to(ROOT / "examples").parts))
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
