@@ -1,6 +1,6 @@
 """DDP vs FSDP with 2 processes on a GPT-2 scaled up from the tiny test model: samples/s and memory per rank.
 
-    .venv/bin/python bench/scale.py [--layers 12] [--width 768] [--steps 4] [--rounds 2]
+    .venv/bin/python bench/scale.py [--layers 12] [--width 768] [--steps 4] [--rounds 2] [--checkpointing]
 
 Each measurement is one `torchrun --nproc-per-node 2` launch of this file in worker mode, going through the
 trainer's own loading (kubetune.train.loading: rank 0 reads the weights, rank 1 starts on meta) and wrapping
@@ -8,6 +8,8 @@ trainer's own loading (kubetune.train.loading: rank 0 reads the weights, rank 1 
 both alike); the best round of each is compared. Per rank: samples/s over the timed steps (after one warm-up
 step), peak RSS (VmHWM, the whole process: Python, torch, activations), and the measured bytes
 of weights + optimizer state it holds (local shards for FSDP). fp32, AdamW, gloo, one thread per process.
+--checkpointing turns on the trainer's gradient checkpointing for both (what a job whose activations do not fit
+runs): activations, which neither strategy shards, then no longer hide the difference in state.
 Target (issue 12): FSDP state per rank <= 60% of DDP's at >= 80% of its samples/s. Last line: one JSON object.
 """
 
@@ -47,11 +49,11 @@ def build(dest: Path, layers: int, width: int) -> Path:
     return dest / "model"
 
 
-def worker(model_dir: str, strategy: str, steps: int, out: str) -> None:
+def worker(model_dir: str, strategy: str, steps: int, out: str, checkpointing: bool) -> None:
     import torch
 
     from kubetune.spec import FineTuneJob
-    from kubetune.train import distributed, sharding
+    from kubetune.train import distributed, fast_dropout, sharding
     from kubetune.train.loading import load_model
     from kubetune.train.precision import choose_precision
 
@@ -62,17 +64,19 @@ def worker(model_dir: str, strategy: str, steps: int, out: str) -> None:
     job = FineTuneJob.model_validate(doc)
     device = torch.device("cpu")
     precision = choose_precision("fp32", device)
-    model, counts, full = load_model(job.spec, Path(model_dir), None)
+    model, counts, full = load_model(job.spec, Path(model_dir), None, gradient_checkpointing=checkpointing)
     wrapped = sharding.wrap(model, full, strategy, device, precision, False)
     del full
+    wrapped.train()  # as the trainer does: dropout on, and HF models checkpoint only in training mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(distributed.rank())
     times = []
     for step in range(steps + 1):
         ids = torch.randint(0, VOCAB - 1, (BATCH, SEQ), generator=generator)
         started = time.perf_counter()
-        loss = wrapped(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with fast_dropout.enabled():  # the trainer's step (recipe._accumulate) runs forward and backward in it
+            loss = wrapped(input_ids=ids, labels=ids).loss
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -85,10 +89,11 @@ def worker(model_dir: str, strategy: str, steps: int, out: str) -> None:
     distributed.shutdown()
 
 
-def launch(model: Path, strategy: str, steps: int, out: Path) -> list[dict[str, Any]]:
+def launch(model: Path, strategy: str, steps: int, out: Path, checkpointing: bool) -> list[dict[str, Any]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "KUBETUNE_METRICS_PORT": "0"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(29500 + os.getpid() % 1000), __file__, "--worker", str(model), strategy, str(steps), str(out)]
+               str(29500 + os.getpid() % 1000), __file__, "--worker", str(model), strategy, str(steps), str(out),
+               str(int(checkpointing))]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{strategy} run failed:\n{done.stderr[:4000]}")
@@ -101,6 +106,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing for both")
     args = parser.parse_args()
     common.setup_env()
     info = {**common.machine(), "precision": "fp32", "loadAverage": os.getloadavg()}
@@ -110,7 +116,7 @@ def main() -> None:
         best: dict[str, list[dict[str, Any]]] = {}
         for round_ in range(args.rounds):
             for strategy in ("ddp", "fsdp"):
-                ranks = launch(model, strategy, args.steps, Path(tmp))
+                ranks = launch(model, strategy, args.steps, Path(tmp), args.checkpointing)
                 speed = sum(r["samplesPerSecond"] for r in ranks)
                 print(f"round {round_ + 1} {strategy}: {speed:.2f} samples/s (both ranks)", flush=True)
                 if strategy not in best or speed > sum(r["samplesPerSecond"] for r in best[strategy]):
@@ -131,6 +137,7 @@ def main() -> None:
     print(f"FSDP/DDP: state per rank {state_ratio:.2f} (target <= 0.60), peak RSS {rss_ratio:.2f}, "
           f"samples/s {speed_ratio:.2f} (target >= 0.80); load average after: {os.getloadavg()}")
     print(json.dumps({"benchmark": "scale", "layers": args.layers, "width": args.width,
+                      "checkpointing": args.checkpointing,
                       "parameters": best["ddp"][0]["parameters"], "machine": info, **summary,
                       "stateRatio": state_ratio, "peakRssRatio": rss_ratio, "samplesPerSecondRatio": speed_ratio,
                       "loadAverageAfter": os.getloadavg()}))
@@ -139,6 +146,6 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         sys.path.insert(0, str(Path(__file__).parent))
-        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6] == "1")
     else:
         main()

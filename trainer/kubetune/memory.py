@@ -237,6 +237,11 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: st
     optimizer: float = trainable * 4 * ADAMW_STATES
     if strategy == "fsdp":
         weights, gradients, optimizer = weights / world, gradients / world, optimizer / world
+        # Unsharded while in flight: the block computing and the next one, prefetched, and one block's gradients
+        # before their reduce-scatter (fp32: an upper bound where mixed precision gathers bf16).
+        layer = shape.layer_parameters()
+        weights += 2 * layer * 4
+        gradients += min(trainable, layer) * 4
     if hp.offload_optimizer and strategy == "fsdp":  # FSDP's CPU offload; DDP keeps the state on the device
         optimizer = 0
     activations = activation_bytes(spec, shape, checkpointing)

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from kubetune.train import distributed
+from kubetune.train import distributed, gloo_overlap
 from kubetune.train.model import layer_stack
 from kubetune.train.precision import Precision
 
@@ -48,6 +48,8 @@ def shard(model: nn.Module, precision: Precision, offload_optimizer: bool) -> nn
     for block in blocks:
         fully_shard(block, **options)
     fully_shard(model, **options)
+    if precision.device_type == "cpu" and distributed.is_distributed():
+        gloo_overlap.apply(model, blocks)
     return model
 
 
