@@ -9,7 +9,7 @@ both alike); the best round of each is compared. Per rank: samples/s over the ti
 step), peak RSS (VmHWM, the whole process: Python, torch, activations), and the measured bytes
 of weights + optimizer state it holds (local shards for FSDP). fp32, AdamW, gloo, one thread per process.
 --checkpointing turns on the trainer's gradient checkpointing for both (what a job whose activations do not fit
-runs): activations, which neither strategy shards, then no longer hide the difference in state.
+runs): activations, which neither strategy shards, shrink to about one layer's worth.
 Target (issue 12): FSDP state per rank <= 60% of DDP's at >= 80% of its samples/s. Last line: one JSON object.
 """
 

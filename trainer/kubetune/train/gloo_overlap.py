@@ -26,11 +26,15 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 
-class AllReduceAllGather(AllGather):
+class _PlainBuffers:
+    """The comm interfaces ask their implementation for the buffers too: plain tensors, as torch's default."""
+
     def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
+
+class AllReduceAllGather(_PlainBuffers, AllGather):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  async_op: bool = False) -> dist.Work | None:
         rows = output_tensor.view(group.size(), -1)
@@ -43,11 +47,7 @@ class AllReduceAllGather(AllGather):
         return dist.all_reduce(output_tensor, group=group, async_op=async_op)
 
 
-class AllReduceReduceScatter(ReduceScatter):
-    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
-
+class AllReduceReduceScatter(_PlainBuffers, ReduceScatter):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  op: object, async_op: bool = False) -> dist.Work | None:
         if async_op:  # FSDP2 calls it synchronously; the copy below needs the sum done
