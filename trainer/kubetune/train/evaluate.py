@@ -11,7 +11,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from kubetune.data.encode import IGNORE_INDEX
 from kubetune.train import distributed
-from kubetune.train.batching import collate, eval_batches
+from kubetune.train.batching import collate, eval_batches, length_multiple
 from kubetune.train.precision import Precision
 
 
@@ -77,6 +77,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     lengths = [len(e["input_ids"]) for e in examples]
+    multiple = length_multiple(device)
     batches = eval_batches(len(examples), lengths, batch_size * 2, distributed.world_size(), distributed.rank())
     n_labels = max(len(labels), 1)
     # [loss_sum, target_count, confusion...]: one all-reduce for everything.
@@ -85,10 +86,10 @@ def evaluate(
     rounds = distributed.max_over_ranks(len(batches)) if isinstance(model, FSDPModule) else len(batches)
     for round_ in range(rounds):
         if round_ >= len(batches):
-            spare = {k: v.to(device) for k, v in collate(examples[:1], pad_id).items()}
+            spare = {k: v.to(device) for k, v in collate(examples[:1], pad_id, multiple).items()}
             model(input_ids=spare["input_ids"], attention_mask=spare["attention_mask"])
             continue
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in batches[round_]], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in batches[round_]], pad_id, multiple).items()}
         with precision.autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         totals[0] += summed_loss(logits, batch["labels"], task).item()

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from kubetune.errors import UserError
 from kubetune.spec import FineTuneJobSpec
 from kubetune.train import distributed
+from kubetune.train.precision import Precision
 
 log = logging.getLogger("kubetune.trainer")
 OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "xmod", "data2vec-text",
@@ -242,9 +243,10 @@ def empty_base_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int |
 
 
 def build_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None = None,
-                gradient_checkpointing: bool = False,
-                empty_like: list[str] | None = None) -> tuple[nn.Module, ParamCounts]:
-    """The model with its trainable parameters chosen; empty_like (rank 0's new modules) builds it on meta."""
+                gradient_checkpointing: bool = False, empty_like: list[str] | None = None,
+                frozen_dtype: torch.dtype | None = None) -> tuple[nn.Module, ParamCounts]:
+    """The model with its trainable parameters chosen; empty_like (rank 0's new modules) builds it on meta;
+    frozen_dtype (see frozen_weights_dtype) holds the weights that do not train in half precision."""
     method = spec.method.type
     if method == "qlora":
         model = load_quantized_base(spec, model_dir, pad_token_id)
@@ -258,7 +260,29 @@ def build_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None
         model = apply_lora(model, spec)
     elif method == "partial":
         model = apply_partial(model, spec)
+    if frozen_dtype is not None:
+        cast_frozen(model, frozen_dtype)
     return model, count_parameters(model)
+
+
+def frozen_weights_dtype(method: str, strategy: str, precision: Precision) -> torch.dtype | None:
+    """LoRA's frozen base in the GPU's compute dtype, not fp32 (its fp32 copy serves no update).
+
+    Autocast casts each matmul's weight and input to bf16/fp16 anyway, but with fp32 weights the embeddings, norms
+    and residual stream stay fp32: every layer's elementwise work reads twice the bytes and casts its input again
+    for each linear. Held in the compute dtype, as FSDP's mixed-precision policy gathers them already (fsdp keeps
+    fp32 shards: nothing to change there). Only on CUDA: CPUs without bf16 units run fp32 (precision.py).
+    """
+    if method != "lora" or strategy != "ddp" or precision.device_type != "cuda":
+        return None
+    return precision.dtype
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Parameters that do not train to `dtype`; trainable ones (adapters, a new head) stay fp32 for AdamW."""
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -35,13 +35,14 @@ from kubetune.train import (
     sharded_checkpoint,
     sharding,
 )
-from kubetune.train.batching import collate, epoch_batches, model_inputs
+from kubetune.train.batching import collate, epoch_batches, length_multiple, model_inputs
 from kubetune.train.evaluate import evaluate, prefixed, summed_loss, target_count
 from kubetune.train.inputs import fetch_inputs
 from kubetune.train.loading import load_model
 from kubetune.train.memcheck import check_memory
 from kubetune.train.model import (
     build_model,
+    frozen_weights_dtype,
     load_tokenizer,
     load_trainable_state,
     max_sequence_length,
@@ -139,7 +140,9 @@ class FineTuneRecipe:
 
         torch.manual_seed(hp.seed)  # the new head's init must not depend on what ran before
         self.model, self.counts, full_state = load_model(spec, inputs.model, self.tokenizer.pad_token_id,
-                                                         gradient_checkpointing=self.memory.gradient_checkpointing)
+                                                         gradient_checkpointing=self.memory.gradient_checkpointing,
+                                                         frozen_dtype=frozen_weights_dtype(
+                                                             spec.method.type, self.strategy, self.precision))
         self.loaded_weights = full_state is not None or not distributed.is_distributed()  # read from disk here
         self.ddp: nn.Module = sharding.wrap(self.model, full_state, self.strategy, self.device, self.precision,
                                             hp.offload_optimizer)
@@ -367,7 +370,9 @@ class FineTuneRecipe:
         and ranks split them): loss sums over the global target count. Returns this rank's loss sum, targets
         and examples."""
         task = self.spec.model.task
-        batches = [collate([self.train_set[j] for j in indices], self.tokenizer.pad_token_id) for indices in group]
+        multiple = length_multiple(self.device)
+        batches = [collate([self.train_set[j] for j in indices], self.tokenizer.pad_token_id, multiple)
+                   for indices in group]
         targets = float(sum(target_count(b["labels"], task) for b in batches))
         global_targets = float(distributed.all_reduce_sum(torch.tensor([targets]))[0])
         scale = distributed.world_size() / max(global_targets, 1.0)  # DDP averages gradients over ranks
