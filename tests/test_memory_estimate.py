@@ -118,8 +118,10 @@ def test_auto_shards_when_a_replica_does_not_fit() -> None:
     assert one.weights == pytest.approx(replicated.weights / 16 + 2 * 202_383_360 * 4, rel=1e-6)
     lora = plan(_llama("lora", 1, 1, 1, 512), world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
     assert lora.strategy == "ddp" and lora.fits and lora.trainable < lora.parameters / 100
+    # On a GPU, LoRA's frozen base is held in bf16 (model.frozen_weights_dtype), the adapters in fp32.
+    assert lora.weights == lora.parameters * 2 + lora.trainable * 4
     qlora = plan(_llama("qlora", 1, 1, 1, 512), world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
-    assert qlora.weights < lora.weights / 3  # 4-bit layers: ~0.56 B/parameter instead of 4
+    assert qlora.weights < lora.weights / 2  # 4-bit layers: ~0.56 B/parameter instead of 2
     offloaded = plan(_llama("full", 2, 8, 1, 512, offloadOptimizer=True), world_size=16, device_bytes=80 * GiB,
                      config=LLAMA_7B)
     assert offloaded.optimizer == 0
@@ -133,7 +135,7 @@ def test_checkpointing_follows_the_spec_and_the_estimate() -> None:
     off = plan(_llama("lora", 1, 1, 8, 4096, gradientCheckpointing=False), world_size=1, device_bytes=80 * GiB,
                config=LLAMA_7B)
     tight = plan(tight_spec, world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
-    assert not off.fits and off.activations > tight.activations * 5
+    assert not off.fits and off.activations > tight.activations * 4  # every layer kept vs inputs + one layer
     assert tight.gradient_checkpointing and tight.fits
     unknown = plan(tight_spec, world_size=1, device_bytes=None, config=LLAMA_7B)
     assert unknown.fits and not unknown.gradient_checkpointing and "fit not checked" in unknown.table()

@@ -231,6 +231,8 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: st
         linears = [v for k, v in shape.linear_shapes().items() if shape.gated or k != "gate_proj"]
         quantised = shape.layers * sum(a * b for a, b in linears)
         weights = quantised * NF4_BYTES + (total - quantised) * 4 + trainable * 4
+    elif method == "lora" and strategy == "ddp" and spec.resources.gpus_per_node > 0 and hp.precision != "fp32":
+        weights = total * 2 + trainable * 4  # the frozen base in the GPU's compute dtype (model.frozen_weights_dtype)
     else:
         weights = total * 4 + (trainable * 4 if method == "lora" else 0)
     gradients: float = trainable * 4
@@ -289,8 +291,15 @@ def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, checkpointing: bo
         hp.precision == "auto" and spec.resources.gpus_per_node > 0)
     per_element = 2 if half else 4
     mlp = 4 if shape.gated else (5 if shape.python_gelu else 2)
-    masks = (2 * s * b * h + a * s * s * b) if shape.dropout else 0
-    layer = per_element * (8 * s * b * h + mlp * s * b * i + 2 * a * s * s * b) + masks
+    # On GPUs attention runs fused (SDPA's flash / cuDNN / memory-efficient kernels): no s x s scores, softmax or
+    # dropout mask is kept for backward. Measured on an H100 (bench/gpu.py, LoRA, 16 x 1024 tokens): 683 M
+    # parameters 24528 MiB, 973 M 30397 MiB, where counting the scores gave 41404 and 73828 (now 22972, 28772).
+    scores = 0 if spec.resources.gpus_per_node > 0 else a * s * s * b
+    masks = (2 * s * b * h + scores) if shape.dropout else 0
+    # QLoRA: peft's prepare_model_for_kbit_training upcasts the norms, so the residual stream, the norms' inputs
+    # and outputs (4 of the 8 s*b*h tensors) are fp32 (H100, 683 M, 8 x 1024: measured 16763 MiB, estimate 13521).
+    wide = 4 * s * b * h * 2 if spec.method.type == "qlora" else 0
+    layer = per_element * (8 * s * b * h + mlp * s * b * i + 2 * scores) + masks + wide
     # Checkpointed, a layer keeps its input (the residual stream stays fp32 under autocast) and one is recomputed.
     layers = shape.layers * s * b * h * 4 + layer if checkpointing else shape.layers * layer
     logits = s * b * shape.vocab * 4 * LOGIT_COPIES if spec.model.task == "causal-lm" else 0
