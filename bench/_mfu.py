@@ -15,6 +15,7 @@ appendix B convention, full square even for causal models).
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -40,6 +41,14 @@ def attention_shape(model: Any) -> tuple[int, int]:
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     width = getattr(config, "hidden_size", None) or config.n_embd
     return int(layers), int(width)
+
+
+def example_lengths(row: dict[str, Any]) -> list[int]:
+    """Lengths of the examples in a training row: one, or several in a packed row (where positions restart)."""
+    if "position_ids" not in row:
+        return [len(row["input_ids"])]
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+    return [end - start for start, end in itertools.pairwise(starts)]
 
 
 def step_flops(model: Any, example_lengths: list[int]) -> float:

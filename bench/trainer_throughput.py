@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import itertools
 import json
 import math
 import os
@@ -64,14 +63,6 @@ class Stopwatch:
         return timed
 
 
-def example_lengths(row: dict[str, Any]) -> list[int]:
-    """Lengths of the examples in a training row: one, or several in a packed row (where positions restart)."""
-    if "position_ids" not in row:
-        return [len(row["input_ids"])]
-    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
-    return [end - start for start, end in itertools.pairwise(starts)]
-
-
 def padding_stats(batches: list[list[int]], lengths: list[int]) -> dict[str, int]:
     real = sum(lengths[i] for batch in batches for i in batch)
     padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
@@ -114,7 +105,7 @@ def run_kubetune(config: dict[str, Any]) -> dict[str, Any]:
     trained = batches[: recipe.state.step]
     return {
         "trainFlops": _mfu.step_flops(recipe.model, [n for b in trained for i in b
-                                                     for n in example_lengths(recipe.train_set[i])]),
+                                                     for n in _mfu.example_lengths(recipe.train_set[i])]),
         "packed": recipe.packed,
         "samples": recipe.state.samples_seen,
         "steps": recipe.state.step,
