@@ -52,6 +52,15 @@ FROM runtime AS trainer
 LABEL org.opencontainers.image.title="kubetune-trainer" \
       org.opencontainers.image.description="kubetune trainer: fine-tunes one FineTuneJob (torchrun, S3 in and out)"
 COPY --from=build-trainer /opt/venv /opt/venv
+# tcmalloc under the trainer (LD_PRELOAD): glibc's heap keeps what PyTorch's CPU tensors free (FSDP's per-block
+# gathers, autograd's buffers) and host memory only grows. bench/scale.py --allocator tcmalloc (docs/benchmarks.md).
+# A link at a fixed path serves amd64 and arm64 builds alike; the report threshold keeps big loads quiet.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libtcmalloc-minimal4=2.10-1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && ln -s "$(find /usr/lib -name libtcmalloc_minimal.so.4 -print -quit)" /usr/local/lib/libtcmalloc_minimal.so.4
+ENV LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4 \
+    TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776
 # Offline and quiet by default: models come from object storage, never a hub; no telemetry.
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \

@@ -1,6 +1,7 @@
 """DDP vs FSDP with 2 processes on a GPT-2 scaled up from the tiny test model: samples/s and memory per rank.
 
     .venv/bin/python bench/scale.py [--layers 12] [--width 768] [--steps 4] [--rounds 2] [--checkpointing]
+                                    [--preload /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4]
 
 Each measurement is one `torchrun --nproc-per-node 2` launch of this file in worker mode, going through the
 trainer's own loading (kubetune.train.loading: rank 0 reads the weights, rank 1 starts on meta) and wrapping
@@ -89,8 +90,11 @@ def worker(model_dir: str, strategy: str, steps: int, out: str, checkpointing: b
     distributed.shutdown()
 
 
-def launch(model: Path, strategy: str, steps: int, out: Path, checkpointing: bool) -> list[dict[str, Any]]:
+def launch(model: Path, strategy: str, steps: int, out: Path, checkpointing: bool,
+           preload: str | None) -> list[dict[str, Any]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "KUBETUNE_METRICS_PORT": "0"}
+    if preload:  # the allocator the trainer image runs on (Dockerfile: LD_PRELOAD), for both strategies alike
+        env.update(LD_PRELOAD=preload, TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(29500 + os.getpid() % 1000), __file__, "--worker", str(model), strategy, str(steps), str(out),
                str(int(checkpointing))]
@@ -107,16 +111,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing for both")
+    parser.add_argument("--preload", default=None, metavar="LIB",
+                        help="a malloc library under both (LD_PRELOAD), e.g. the trainer image's tcmalloc: "
+                             "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian libtcmalloc-minimal4)")
     args = parser.parse_args()
     common.setup_env()
-    info = {**common.machine(), "precision": "fp32", "loadAverage": os.getloadavg()}
+    info = {**common.machine(), "precision": "fp32", "loadAverage": os.getloadavg(), "preload": args.preload}
     print("machine:", json.dumps(info))
     with tempfile.TemporaryDirectory() as tmp:
         model = build(Path(tmp), args.layers, args.width)
         best: dict[str, list[dict[str, Any]]] = {}
         for round_ in range(args.rounds):
             for strategy in ("ddp", "fsdp"):
-                ranks = launch(model, strategy, args.steps, Path(tmp), args.checkpointing)
+                ranks = launch(model, strategy, args.steps, Path(tmp), args.checkpointing, args.preload)
                 speed = sum(r["samplesPerSecond"] for r in ranks)
                 print(f"round {round_ + 1} {strategy}: {speed:.2f} samples/s (both ranks)", flush=True)
                 if strategy not in best or speed > sum(r["samplesPerSecond"] for r in best[strategy]):

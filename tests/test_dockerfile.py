@@ -88,3 +88,17 @@ def test_dockerignore_keeps_the_context_to_the_sources() -> None:
     assert rules[0] == "*"  # an allow-list: venvs, caches, tests and data never reach the build context
     assert {r[1:].rstrip("/") for r in rules if r.startswith("!")} == {"pyproject.toml", "README.md", "trainer",
                                                                        "operator"}
+
+
+def test_the_trainer_runs_on_tcmalloc_and_the_operator_does_not() -> None:
+    """The trainer image preloads tcmalloc (glibc's heap keeps what PyTorch frees; bench/scale.py --preload): the
+    library is a pinned Debian package, linked where LD_PRELOAD looks, and the report of big allocations is off."""
+    all_stages = stages(DOCKERFILE.read_text())
+    trainer = lineage(all_stages, "trainer")
+    env = " ".join(args for op, args in trainer if op == "ENV")
+    run = " ".join(args for op, args in trainer if op == "RUN")
+    preload = re.search(r"LD_PRELOAD=(\S+)", env)
+    assert preload is not None and "ln -s" in run and run.rstrip().endswith(preload.group(1))
+    assert re.search(r"libtcmalloc-minimal4=[\w.+~-]+", run) and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=" in env
+    operator_env = " ".join(args for op, args in lineage(all_stages, "operator") if op == "ENV")
+    assert "LD_PRELOAD" not in operator_env
