@@ -225,14 +225,16 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: st
     labels = len(spec.model.labels or [])
     total = shape.parameters(spec.model.task, labels)
     trainable = _trainable(spec, shape, total, labels)
-    # The trainer keeps fp32 master weights for every method; qlora's quantised linears take ~0.56 B/param.
+    # The trainer keeps fp32 master weights for every method; qlora's quantised linears take ~0.56 B/param, and
+    # LoRA's frozen base on a bf16 GPU 2 B/param (model.frozen_weights_dtype; auto is bf16 from Ampere on).
+    bf16_gpu = spec.resources.gpus_per_node > 0 and hp.precision in ("auto", "bf16")
     weights: float
     if method == "qlora":
         linears = [v for k, v in shape.linear_shapes().items() if shape.gated or k != "gate_proj"]
         quantised = shape.layers * sum(a * b for a, b in linears)
         weights = quantised * NF4_BYTES + (total - quantised) * 4 + trainable * 4
-    elif method == "lora" and strategy == "ddp" and spec.resources.gpus_per_node > 0 and hp.precision != "fp32":
-        weights = total * 2 + trainable * 4  # the frozen base in the GPU's compute dtype (model.frozen_weights_dtype)
+    elif method == "lora" and strategy == "ddp" and bf16_gpu:
+        weights = total * 2 + trainable * 4
     else:
         weights = total * 4 + (trainable * 4 if method == "lora" else 0)
     gradients: float = trainable * 4

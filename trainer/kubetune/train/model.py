@@ -271,11 +271,12 @@ def frozen_weights_dtype(method: str, strategy: str, precision: Precision) -> to
     Autocast casts each matmul's weight and input to bf16/fp16 anyway, but with fp32 weights the embeddings, norms
     and residual stream stay fp32: every layer's elementwise work reads twice the bytes and casts its input again
     for each linear. Held in the compute dtype, as FSDP's mixed-precision policy gathers them already (fsdp keeps
-    fp32 shards: nothing to change there). Only on CUDA: CPUs without bf16 units run fp32 (precision.py).
+    fp32 shards: nothing to change there). Only on CUDA: CPUs without bf16 units run fp32 (precision.py). Only
+    bf16: an fp16 residual stream can overflow (65504) where autocast's fp32 one does not, so fp16 GPUs keep fp32.
     """
-    if method != "lora" or strategy != "ddp" or precision.device_type != "cuda":
+    if method != "lora" or strategy != "ddp" or precision.device_type != "cuda" or precision.dtype != torch.bfloat16:
         return None
-    return precision.dtype
+    return torch.bfloat16
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
