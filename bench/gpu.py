@@ -144,7 +144,7 @@ def run_case(config: dict[str, Any]) -> dict[str, Any]:
         "lossesFinite": all(math.isfinite(loss) for loss in losses),
         "peakDeviceMiB": peak / 2**20,
         "estimate": recipe.memory.to_dict(),
-        "testLoss": (recipe.test_metrics or {}).get("eval_loss"),
+        "testLoss": (recipe.test_metrics or {}).get("loss"),
         "outputs": sorted(p.name for p in Path(recipe.spec.output.uri).iterdir()),
         "trainSamplesPerSecond": summary.get("trainSamplesPerSecond"),
     }
