@@ -53,7 +53,7 @@ LABEL org.opencontainers.image.title="kubetune-trainer" \
       org.opencontainers.image.description="kubetune trainer: fine-tunes one FineTuneJob (torchrun, S3 in and out)"
 COPY --from=build-trainer /opt/venv /opt/venv
 # tcmalloc under the trainer (LD_PRELOAD): glibc's heap keeps what PyTorch's CPU tensors free (FSDP's per-block
-# gathers, autograd's buffers) and host memory only grows. bench/scale.py --allocator tcmalloc (docs/benchmarks.md).
+# gathers, autograd's buffers) and host memory only grows. Measured: bench/scale.py --preload (docs/benchmarks.md).
 # A link at a fixed path serves amd64 and arm64 builds alike; the report threshold keeps big loads quiet.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libtcmalloc-minimal4=2.10-1 \
