@@ -120,6 +120,9 @@ def test_auto_shards_when_a_replica_does_not_fit() -> None:
     assert lora.strategy == "ddp" and lora.fits and lora.trainable < lora.parameters / 100
     # On a GPU, LoRA's frozen base is held in bf16 (model.frozen_weights_dtype), the adapters in fp32.
     assert lora.weights == lora.parameters * 2 + lora.trainable * 4
+    # `auto` may be fp16 (pre-Ampere), where the base stays fp32: counted at 4 bytes, never an underestimate.
+    auto = plan(_llama("lora", 1, 1, 1, 512, precision="auto"), world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
+    assert auto.weights == auto.parameters * 4 + auto.trainable * 4
     qlora = plan(_llama("qlora", 1, 1, 1, 512), world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
     assert qlora.weights < lora.weights / 2  # 4-bit layers: ~0.56 B/parameter instead of 2
     offloaded = plan(_llama("full", 2, 8, 1, 512, offloadOptimizer=True), world_size=16, device_bytes=80 * GiB,

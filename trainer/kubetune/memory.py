@@ -226,8 +226,9 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: st
     total = shape.parameters(spec.model.task, labels)
     trainable = _trainable(spec, shape, total, labels)
     # The trainer keeps fp32 master weights for every method; qlora's quantised linears take ~0.56 B/param, and
-    # LoRA's frozen base on a bf16 GPU 2 B/param (model.frozen_weights_dtype; auto is bf16 from Ampere on).
-    bf16_gpu = spec.resources.gpus_per_node > 0 and hp.precision in ("auto", "bf16")
+    # LoRA's frozen base on a bf16 GPU 2 B/param (model.frozen_weights_dtype). `auto` counts fp32: it is bf16 from
+    # Ampere on but fp16 (frozen base kept fp32) before, which the spec alone cannot tell: never an underestimate.
+    bf16_gpu = spec.resources.gpus_per_node > 0 and hp.precision == "bf16"
     weights: float
     if method == "qlora":
         linears = [v for k, v in shape.linear_shapes().items() if shape.gated or k != "gate_proj"]
@@ -295,7 +296,7 @@ def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, checkpointing: bo
     mlp = 4 if shape.gated else (5 if shape.python_gelu else 2)
     # On GPUs attention runs fused (SDPA's flash / cuDNN / memory-efficient kernels): no s x s scores, softmax or
     # dropout mask is kept for backward. Measured on an H100 (bench/gpu.py, LoRA, 16 x 1024 tokens): 683 M
-    # parameters 24528 MiB, 973 M 30397 MiB, where counting the scores gave 41404 and 73828 (now 22972, 28772).
+    # parameters 24528 MiB, 973 M 30397 MiB, where counting the scores gave 41404 and 73828 (now 24271, 30625).
     scores = 0 if spec.resources.gpus_per_node > 0 else a * s * s * b
     masks = (2 * s * b * h + scores) if shape.dropout else 0
     # QLoRA: peft's prepare_model_for_kbit_training upcasts the norms, so the residual stream, the norms' inputs
