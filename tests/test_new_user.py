@@ -220,6 +220,30 @@ def test_spec_mistakes_get_a_message_that_shows_the_fix(tmp_path: Path, spec: di
     assert expected in log and "Traceback" not in log
 
 
+def test_a_tokenizer_with_ids_beyond_the_embedding_is_bad_input(tmp_path: Path, tiny_gpt2: Path) -> None:
+    """Tokens added to the tokenizer without resizing the model: before, an IndexError traceback and exit 1 (on
+    CUDA a device-side assert); now exit 2 naming spec.model.uri and the token, before the weights load."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gpt2, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    tokenizer.add_tokens(["<|tool|>"])
+    tokenizer.save_pretrained(model)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"<|tool|> call {i}", "completion": " done"}) + "\n"
+                             for i in range(40)))
+    job = write_job(tiny_causal("added", model, train, tmp_path / "out"), tmp_path / "job.yaml")
+    code, log = kubetune("run", str(job))
+    assert code == EXIT_BAD_INPUT, log
+    assert f"spec.model.uri: {model}: the tokenizer produces token id {vocab} ('<|tool|>')" in log
+    assert f"embedding has {vocab} rows" in log and "Traceback" not in log
+    assert not (tmp_path / "out").exists()
+
+
 def test_state_goes_beside_the_manifest_not_the_shell(tmp_path: Path, tiny_gpt2: Path, chat_data: Path) -> None:
     (tmp_path / "jobs").mkdir()
     job = write_job(tiny_causal("placed", tiny_gpt2, chat_data, tmp_path / "out"), tmp_path / "jobs" / "job.yaml")

@@ -113,6 +113,24 @@ def max_sequence_length(requested: int, model_dir: Path, tokenizer: Any) -> int:
     return requested
 
 
+def check_token_ids(model_dir: Path, uri: str, tokenizer: Any, *example_sets: list[dict[str, Any]]) -> None:
+    """Every id the data encodes to (and the pad id) must have a row in the model's input embedding. A tokenizer
+    from another model, or one with tokens added but no resized embedding, otherwise fails in the first step:
+    an index error on CPU, a device-side assert that kills the process on CUDA."""
+    rows = getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "vocab_size", None)
+    if not rows:
+        return  # no vocab_size in the config: nothing to compare against
+    ids = [max(e["input_ids"], default=-1) for examples in example_sets for e in examples]
+    highest = max([*ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1], default=-1)
+    if highest >= rows:
+        token = tokenizer.convert_ids_to_tokens(highest)
+        raise UserError(f"spec.model.uri: {uri}: the tokenizer produces token id {highest} ({token!r}) but the "
+                        f"model's embedding has {rows} rows (config vocab_size): the tokenizer files belong to "
+                        "another model, or tokens were added without resizing the embedding. Put the model's own "
+                        "tokenizer in the folder, or call model.resize_token_embeddings(len(tokenizer)) and save "
+                        "the model with it")
+
+
 def count_parameters(model: nn.Module) -> ParamCounts:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

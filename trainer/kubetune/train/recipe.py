@@ -42,6 +42,7 @@ from kubetune.train.loading import load_model
 from kubetune.train.memcheck import check_memory
 from kubetune.train.model import (
     build_model,
+    check_token_ids,
     frozen_weights_dtype,
     load_tokenizer,
     load_trainable_state,
@@ -135,6 +136,8 @@ class FineTuneRecipe:
             self.train_set = pack_examples(self.train_set, max_length)
         self.validation_set = encode(self.data.validation, self.tokenizer, max_length)
         self.test_set = encode(self.data.test, self.tokenizer, max_length)
+        check_token_ids(inputs.model, spec.model.uri, self.tokenizer, self.train_set, self.validation_set,
+                        self.test_set)  # before loading the weights: seconds, not minutes, into the job
         if spec.dry_run:
             self._shrink_for_dry_run(spec.dry_run)
 
