@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -40,6 +41,15 @@ def _not_a_model(tmp_path: Path) -> Path:
     return folder
 
 
+def _damaged_copy(tmp_path: Path, doc: dict[str, Any]) -> None:
+    """The job's model folder copied with its weights cut in half, as a partial upload leaves them."""
+    folder = tmp_path / "damaged-model"
+    shutil.copytree(doc["spec"]["model"]["uri"], folder, ignore=shutil.ignore_patterns("__pycache__"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    doc["spec"]["model"]["uri"] = str(folder)
+
+
 # Each case: (what it changes, the text the message must contain).
 CASES: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
     "unknown field": (lambda t, d: d["spec"]["data"].update(textFeild="text"), "spec.data.textFeild: unknown field"),
@@ -62,6 +72,7 @@ CASES: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
         "spec.data.split"),
     "model folder not a model": (lambda t, d: d["spec"]["model"].update(uri=str(_not_a_model(t))),
                                  "spec.model.uri"),
+    "damaged weights": (_damaged_copy, "model.safetensors is damaged or incomplete"),
 }
 
 

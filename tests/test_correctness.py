@@ -345,6 +345,26 @@ def test_auto_precision_takes_fp16_where_bf16_is_only_emulated(monkeypatch: pyte
     assert choose_precision("auto", torch.device("cuda", 0)).name == expected, gpu
 
 
+@pytest.mark.parametrize(("requested", "fast_bf16", "expected"), [
+    ("bf16", False, "bf16 is emulated and several times slower than fp32"),
+    ("fp16", False, "fp16 runs as bf16 on a CPU"),
+    ("fp16", True, "fp16 runs as bf16 on a CPU"),
+    ("bf16", True, None), ("fp32", False, None), ("auto", False, None),
+])
+def test_an_explicit_half_precision_on_a_cpu_says_what_it_costs(monkeypatch: pytest.MonkeyPatch, requested: str,
+                                                                fast_bf16: bool, expected: str | None) -> None:
+    from kubetune.train import precision
+
+    monkeypatch.setattr(precision, "_cpu_has_fast_bf16", lambda: fast_bf16)
+    note = precision.precision_note(requested, choose_precision(requested, torch.device("cpu")))
+    if expected is None:
+        assert note is None
+    else:
+        assert note is not None and note.startswith(f"hyperparameters.precision: {requested}: ") and expected in note
+    if requested == "fp16" and not fast_bf16:
+        assert note is not None and "emulated" in note  # both notes at once
+
+
 # -- missing test 3: a local publish that fails midway leaves no manifest -----------------------------------------
 
 

@@ -244,6 +244,19 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_bad_input(tmp_path: Path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_prompts_that_fill_max_seq_length_name_the_field(tmp_path: Path, tiny_gpt2: Path) -> None:
+    """Before: "0 training examples are too few for batchSize 8", which sent users to the data, not the length."""
+    train = tmp_path / "long.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"question {i} " + "words " * 150, "completion": " yes"}) + "\n"
+                             for i in range(30)))
+    job = write_job(tiny_causal("long", tiny_gpt2, train, tmp_path / "out"), tmp_path / "job.yaml")
+    code, log = kubetune("run", str(job))
+    assert code == EXIT_BAD_INPUT, log
+    assert re.search(r"spec.data.maxSeqLength: 96 tokens leave no completion token in any of the \d+ training "
+                     r"examples", log), log
+    assert "Traceback" not in log and not (tmp_path / "out").exists()
+
+
 def test_state_goes_beside_the_manifest_not_the_shell(tmp_path: Path, tiny_gpt2: Path, chat_data: Path) -> None:
     (tmp_path / "jobs").mkdir()
     job = write_job(tiny_causal("placed", tiny_gpt2, chat_data, tmp_path / "out"), tmp_path / "jobs" / "job.yaml")

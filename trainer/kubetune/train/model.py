@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -68,6 +69,9 @@ def load_base_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | 
                 model.config.pad_token_id = pad_token_id
         else:
             model, info = AutoModelForCausalLM.from_pretrained(model_dir, **options)  # type: ignore[misc]
+    except SafetensorError as exc:  # a partial upload or download: a retry would fail the same way
+        raise UserError(f"spec.model.uri: {uri}: {_damaged_weights(model_dir)} is damaged or incomplete ({exc}); "
+                        "copy the model folder again") from None
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"spec.model.uri: {uri}: cannot load a {spec.model.task} model from it ({exc})") from None
     model.kubetune_use_cache = getattr(model.config, "use_cache", None)  # restored in the saved config
@@ -76,6 +80,16 @@ def load_base_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | 
     missing = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
     model.kubetune_new_modules = new_module_roots(model, missing)
     return model
+
+
+def _damaged_weights(model_dir: Path) -> str:
+    """The first .safetensors file whose header does not cover the file (safe_open reads only the header)."""
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            safe_open(path, "pt")
+        except SafetensorError:
+            return path.name
+    return "a weights file"
 
 
 def new_module_roots(model: nn.Module, missing: set[str]) -> list[str]:

@@ -48,3 +48,17 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
         requested = "bf16"  # fp16 autocast on CPU is slow and needs scaling; bf16 is the CPU half type
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
     return Precision(requested, kind, dtype)
+
+
+def precision_note(requested: str, precision: Precision) -> str | None:
+    """What an explicit half precision costs on this CPU, to be logged: `auto` never needs a note. Measured on a
+    2-core AVX2 EPYC without bf16 units: MiniLM LoRA in bf16 ran at 10.5 samples/s against 94.5 in fp32."""
+    if precision.device_type != "cpu" or precision.dtype is None:
+        return None
+    notes = []
+    if requested == "fp16":
+        notes.append("fp16 runs as bf16 on a CPU (CPU autocast's half type)")
+    if not _cpu_has_fast_bf16():
+        notes.append("this CPU has no bf16 units (AMX or AVX512-BF16), so bf16 is emulated and several times "
+                     "slower than fp32; `precision: auto` picks fp32 here")
+    return f"hyperparameters.precision: {requested}: " + "; ".join(notes) if notes else None

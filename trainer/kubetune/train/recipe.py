@@ -52,7 +52,7 @@ from kubetune.train.model import (
 )
 from kubetune.train.packing import pack_examples, packing_enabled
 from kubetune.train.position import EpochPlan, epoch_plan
-from kubetune.train.precision import choose_precision
+from kubetune.train.precision import choose_precision, precision_note
 from kubetune.train.progress import Progress
 
 log = logging.getLogger("kubetune.trainer")
@@ -105,6 +105,9 @@ class FineTuneRecipe:
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # torchrun workers have it set
             torch.set_num_threads(usable_cpus())  # torch's default ignores a pod's CPU limit
         self.precision = choose_precision(hp.precision, self.device)
+        note = precision_note(hp.precision, self.precision)
+        if note and self.is_main:
+            log.warning("%s", note)
         require_cuda_for_qlora(spec, self.device)  # bad input on a machine without CUDA, before any download
         if self.device.type == "cuda":  # observability: device memory instead of the process's RSS
             self.metrics.set_memory_source(lambda: torch.cuda.memory_allocated(self.device),
@@ -131,6 +134,11 @@ class FineTuneRecipe:
         encode = encode_classification if spec.model.task == "sequence-classification" else encode_causal_lm
         max_length = max_sequence_length(spec.data.max_seq_length, inputs.model, self.tokenizer)
         self.train_set = encode(self.data.train, self.tokenizer, max_length)
+        truncated = getattr(self.train_set, "dropped", 0)  # causal LM: examples left with no target token
+        if not self.train_set and truncated:
+            raise UserError(f"spec.data.maxSeqLength: {max_length} tokens leave no completion token in any of the "
+                            f"{truncated} training examples (the prompts fill them); raise maxSeqLength or "
+                            "shorten the prompts")
         self.packed = packing_enabled(spec.data.packing, spec.model.task)
         if self.packed:  # training rows only: evaluation scores examples one by one, packed or not
             self.train_set = pack_examples(self.train_set, max_length)
