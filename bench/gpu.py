@@ -13,11 +13,13 @@ text, packed into full rows:
     fsdp         full fine-tuning through FSDP2 (`fully_shard`, a 1-process NCCL group: this machine has one GPU)
                  with the bf16 mixed-precision policy; fsdp-offload: the same with the optimizer state on the host.
 
-    python bench/gpu.py [--cases lora-mfu,qlora,fsdp,fsdp-offload] [--baseline-trainer DIR] [--work-dir DIR]
-                        [--tiny]
+    python bench/gpu.py [--cases lora-mfu,qlora,fsdp,fsdp-offload] [--baseline-trainer DIR] [--compile]
+                        [--work-dir DIR] [--tiny]
 
 `--baseline-trainer DIR` runs lora-mfu a second time, first, with DIR's kubetune package (e.g. the previous
-commit's `trainer/`): an A/B on the same GPU in one invocation. `--tiny` shrinks model and data so that the
+commit's `trainer/`): an A/B on the same GPU in one invocation. `--compile` also runs each lora-mfu case with
+the trainer's model wrapped in `torch.compile` (here, not in the trainer: it measures whether compiling pays
+before the trainer does it; the compile time shows as the first step's). `--tiny` shrinks model and data so that the
 script's own path can be checked on a CPU (no figures). Peak memory is torch.cuda.max_memory_allocated of the
 trainer process (the estimate from `kubetune validate` is shown beside it). The last line of output is one JSON
 object with every figure.
@@ -110,6 +112,8 @@ def run_case(config: dict[str, Any]) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     recipe = FineTuneRecipe(load_job(config["job"]), Path(config["workDir"]))
     recipe.setup()
+    if config.get("compile"):
+        recipe.model.compile()  # in place: the trainer's own forward calls (and DDP's) go through it
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -137,6 +141,7 @@ def run_case(config: dict[str, Any]) -> dict[str, Any]:
         "rowsPerStep": hp.batch_size,
         "tokensPerStep": sum(recipe.lengths[i] for i in batches[0]) if batches else 0,
         "stepSeconds": step_seconds,
+        "compiled": bool(config.get("compile")),
         "steadyStepSeconds": sum(step_seconds[steady]) / max(len(step_seconds[steady]), 1),
         "steadyFlopsPerSecond": sum(step_flops[steady]) / max(sum(step_seconds[steady]), 1e-9),
         "trainCallSeconds": train_call,
@@ -224,8 +229,10 @@ def case_job(case: str, model: Path, data: Path, work: Path, tiny: bool, name: s
     return write_job(doc, work / name / "job.yaml")
 
 
-def run_child(case: str, name: str, job: Path, work: Path, timeout: float, trainer: Path | None) -> dict[str, Any]:
-    config = {"case": case, "job": str(job), "workDir": str(work / name / "work"), "strategy": CASES[case][1]}
+def run_child(case: str, name: str, job: Path, work: Path, timeout: float, trainer: Path | None,
+              compile_model: bool = False) -> dict[str, Any]:
+    config = {"case": case, "job": str(job), "workDir": str(work / name / "work"), "strategy": CASES[case][1],
+              "compile": compile_model}
     config_path, result_path = work / name / "config.json", work / name / "result.json"
     env = dict(os.environ)
     if trainer is not None:  # another checkout's trainer package first on the path
@@ -256,6 +263,8 @@ def report(result: dict[str, Any], peak: float) -> None:
             f"{1000 * result['steadyStepSeconds']:.0f} ms; losses {result['losses'][0]:.3f} -> "
             f"{result['losses'][-1]:.3f}; peak device memory {result['peakDeviceMiB']:.0f} MiB (estimate "
             f"{estimated:.0f} MiB); outputs {result['outputs']}")
+    if result.get("compiled"):
+        line += f"; compiled: first step {result['stepSeconds'][0]:.1f} s"
     print(line)
     if peak:
         result["mfu"] = result["steadyFlopsPerSecond"] / peak
@@ -275,6 +284,8 @@ def main() -> None:
     parser.add_argument("--baseline-trainer", type=Path, default=None,
                         help="also run the speed cases with this folder's kubetune package (e.g. the previous "
                              "commit's trainer/), in the same invocation: an A/B on the same GPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run each lora-mfu case with the model wrapped in torch.compile")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -295,13 +306,15 @@ def main() -> None:
         data = write_texts(work / "texts.jsonl", 200 if args.tiny else 2000, 60 if args.tiny else 400)
         print(f"models and data built in {time.perf_counter() - started:.0f} s")
         peak = cuda_matmul_peak() if torch.cuda.is_available() else 0.0
-        runs = [(c, c, None) for c in cases]
+        runs = [(c, c, None, False) for c in cases]
         if args.baseline_trainer:
-            runs = [(c, f"{c}-baseline", args.baseline_trainer) for c in cases if c == "lora-mfu"] + runs
+            runs = [(c, f"{c}-baseline", args.baseline_trainer, False) for c in cases if c == "lora-mfu"] + runs
+        if args.compile:
+            runs += [(c, f"{c}-compiled", None, True) for c in cases if c.startswith("lora-mfu")]
         results = []
-        for case, name, trainer in runs:
+        for case, name, trainer, compile_model in runs:
             job = case_job(case, models[CASES[case][5]], data, work, args.tiny, name)
-            result = run_child(case, name, job, work, args.timeout, trainer)
+            result = run_child(case, name, job, work, args.timeout, trainer, compile_model)
             report(result, peak)
             results.append(result)
         if torch.cuda.is_available():
