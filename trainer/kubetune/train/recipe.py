@@ -137,8 +137,8 @@ class FineTuneRecipe:
         truncated = getattr(self.train_set, "dropped", 0)  # causal LM: examples left with no target token
         if not self.train_set and truncated:
             raise UserError(f"spec.data.maxSeqLength: {max_length} tokens leave no completion token in any of the "
-                            f"{truncated} training examples (the prompts fill them); raise maxSeqLength or "
-                            "shorten the prompts")
+                            f"{truncated} training examples (prompts or earlier turns fill them); raise "
+                            "maxSeqLength or shorten them")
         self.packed = packing_enabled(spec.data.packing, spec.model.task)
         if self.packed:  # training rows only: evaluation scores examples one by one, packed or not
             self.train_set = pack_examples(self.train_set, max_length)
