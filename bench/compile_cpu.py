@@ -1,0 +1,95 @@
+"""Does `torch.compile` pay for the trainer's step on this CPU? (issue 14, item 2: keep it only if it does)
+
+The trainer's own optimizer step (`FineTuneRecipe._update`: forward, backward, clipping, AdamW) on MiniLM-L6 +
+LoRA, on the first 10 length-grouped batches of the sample reviews, three ways in one process:
+eager on the batches as the trainer pads them on a CPU (to their longest example), eager on batches padded to a
+multiple of `--multiple` tokens (a compiled model needs few shapes: 128 / 16 = at most 8), and compiled
+(inductor, static shapes, every shape compiled once first, recompile limit raised so nothing falls back to
+eager) on the same padded batches. Eager runs alternate; each figure is the median of three passes.
+
+    .venv/bin/python bench/compile_cpu.py [--multiple 16]
+
+The last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import _common as common
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--multiple", type=int, default=16, help="pad batches to a multiple of this many tokens")
+    args = parser.parse_args()
+    common.setup_env()
+    import torch
+    import torch._dynamo
+
+    import kubetune.train.recipe as recipe_module
+    from kubetune.jobfile import load_job
+    from kubetune.train.batching import epoch_batches, padded_length
+    from kubetune.train.recipe import FineTuneRecipe
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-compile-") as tmp:
+        work = Path(tmp)
+        doc = common.job_document("compile", common.sample_path(common.REVIEWS), work / "out",
+                                  method={"type": "lora", "lora": {"r": 8, "alpha": 16,
+                                                                   "targetModules": ["query", "value"]}},
+                                  data={"maxSeqLength": 128}, hyperparameters={"batchSize": 16, "epochs": 3})
+        recipe = FineTuneRecipe(load_job(common.write_yaml(doc, work / "job.yaml")), work / "work")
+        recipe.setup()
+        recipe.ddp.train()
+        batches = epoch_batches(recipe.lengths, 16, 42, 0, 1, 0)
+        sample = batches[:10]
+
+        def padded(batch: list[int]) -> int:
+            return padded_length(max(recipe.lengths[i] for i in batch), args.multiple)
+
+        def timed(multiple: int) -> float:
+            recipe_module.length_multiple = lambda device: multiple  # what `_accumulate` pads to
+            started = time.perf_counter()
+            for batch in sample:
+                recipe._update([batch])
+            return time.perf_counter() - started
+
+        timed(1)  # warm-up
+        unpadded, padded_eager = [], []
+        for _ in range(3):
+            unpadded.append(timed(1))
+            padded_eager.append(timed(args.multiple))
+        torch._dynamo.config.recompile_limit = 64  # each shape (and train/eval) is a recompile; none may fall back
+        recipe.model.compile(dynamic=False)
+        shapes = sorted({padded(b) for b in batches})
+        compile_seconds = []
+        recipe_module.length_multiple = lambda device: args.multiple
+        for shape in shapes:
+            started = time.perf_counter()
+            recipe._update([next(b for b in batches if padded(b) == shape)])
+            compile_seconds.append(time.perf_counter() - started)
+        compiled = [timed(args.multiple) for _ in range(3)]
+        recipe.cleanup()
+    result = {
+        "benchmark": "compile_cpu", "machine": common.machine(), "precision": recipe.precision.name,
+        "threads": torch.get_num_threads(), "multiple": args.multiple, "shapes": shapes,
+        "compileSeconds": [round(s, 1) for s in compile_seconds],
+        "eagerSeconds": statistics.median(unpadded), "eagerPaddedSeconds": statistics.median(padded_eager),
+        "compiledSeconds": statistics.median(compiled),
+    }
+    result["speedupOverEager"] = result["eagerSeconds"] / result["compiledSeconds"]
+    result["speedupOverEagerPadded"] = result["eagerPaddedSeconds"] / result["compiledSeconds"]
+    print(json.dumps(result["machine"]), f"precision {result['precision']}")
+    print(f"10 steps: eager {result['eagerSeconds']:.2f} s, eager padded to {args.multiple} "
+          f"{result['eagerPaddedSeconds']:.2f} s, compiled {result['compiledSeconds']:.2f} s after "
+          f"{sum(compile_seconds):.0f} s compiling {len(shapes)} shapes: {result['speedupOverEager']:.2f}x eager")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
