@@ -107,6 +107,13 @@ def test_predict_refuses_an_unverified_output(sentiment_run: dict[str, Any], tmp
     result = kubetune("predict", str(tampered), "hello")
     assert result.returncode == 2, result.stderr
     assert "metrics.json" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("does not match its manifest.json") == 1, result.stderr  # said once, not twice
+
+    # Not a count of tokens: argparse's usage error (exit 2), not transformers' ValueError traceback (exit 1).
+    for bad in ("0", "-5", "many"):
+        result = kubetune("predict", str(sentiment_run["out"]), "hello", "--max-new-tokens", bad)
+        assert result.returncode == 2 and "--max-new-tokens" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
     missing = kubetune("evaluate", str(sentiment_run["out"]), "--data", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "nope.jsonl" in missing.stderr and "Traceback" not in missing.stderr

@@ -130,6 +130,13 @@ def _operator(args: argparse.Namespace) -> int:
     return run()
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (argparse prints the usage error, exit 2)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, not {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune pre-trained models from a manifest.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="texts to classify or prompts to complete")
     predict.add_argument("--input", help="jsonl file of inputs (textField / text / prompt per line)")
     predict.add_argument("--output", help="write jsonl predictions here (default: standard output)")
-    predict.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
+    predict.add_argument("--max-new-tokens", type=_positive_int, default=64, help="causal LM: tokens to generate")
     predict.set_defaults(handler=_predict)
 
     evaluate = commands.add_parser("evaluate", help="score a labelled file with the test split's metrics")

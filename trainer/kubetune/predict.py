@@ -40,7 +40,7 @@ def open_output(uri: str, storage: Storage, cache: Path) -> FinishedModel:
     try:
         folder = storage.fetch(uri, dest)  # verifies every file against the manifest
     except IntegrityError as exc:
-        raise UserError(f"{uri}: does not match its {contract.MANIFEST_NAME}: {exc}") from None
+        raise UserError(str(exc)) from None  # it names the output and every file that differs
     run = json.loads((folder / contract.RUN_FILE).read_text())
     spec = FineTuneJobSpec.model_validate(run["spec"])
     merged = folder / contract.MERGED_DIR
