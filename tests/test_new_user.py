@@ -257,6 +257,15 @@ def test_prompts_that_fill_max_seq_length_name_the_field(tmp_path: Path, tiny_gp
     assert "Traceback" not in log and not (tmp_path / "out").exists()
 
 
+def test_a_process_count_below_one_is_a_usage_error(tmp_path: Path) -> None:
+    """Before: 0 and -1 quietly trained in one process."""
+    job = write_job(classification_job("procs", "model", "train.jsonl", "out"), tmp_path / "job.yaml")
+    for bad in ("0", "-1"):
+        code, log = kubetune("run", "--nproc-per-node", bad, str(job))
+        assert code == EXIT_BAD_INPUT, log
+        assert f"--nproc-per-node: expected a whole number of 1 or more, not '{bad}'" in log, log
+
+
 def test_state_goes_beside_the_manifest_not_the_shell(tmp_path: Path, tiny_gpt2: Path, chat_data: Path) -> None:
     (tmp_path / "jobs").mkdir()
     job = write_job(tiny_causal("placed", tiny_gpt2, chat_data, tmp_path / "out"), tmp_path / "jobs" / "job.yaml")

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a FineTuneJob manifest on this machine")
     run.add_argument("file", help="FineTuneJob YAML")
-    run.add_argument("--nproc-per-node", type=int, default=1, help="local training processes (torchrun)")
+    run.add_argument("--nproc-per-node", type=_positive_int, default=1, help="local training processes (torchrun)")
     run.add_argument("--embedded-s3", action="store_true", help="serve every uri from a local SeaweedFS S3")
     run.add_argument("--dry-run", action="store_true", help="train briefly on a sample and estimate the full job "
                      "(time, memory, loss trend); publishes a report, not a model")
