@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -129,23 +128,36 @@ def culprit_seed(count: int, batch_size: int, rank: int) -> tuple[int, int]:
     raise AssertionError("no such seed")
 
 
+# A bug that strikes one process mid-run: rank 1's embedding raises on the one batch longer than {long} tokens
+# (a tokenizer with ids beyond the embedding did this for real, until setup learned to refuse one up front).
+FAULT = """
+import os
+if os.environ.get("RANK") == "1":
+    import torch
+    _forward = torch.nn.Embedding.forward
+    def forward(self, input):
+        if input.shape[-1] > {long}:
+            raise IndexError("index out of range in self")
+        return _forward(self, input)
+    torch.nn.Embedding.forward = forward
+"""
+
+
 def test_a_failing_rank_fails_the_run_with_its_own_message(tmp_path: Path, tiny_gpt2: Path, data: dict[str, Path],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rank 1 alone hits a token the model has no embedding for (its tokenizer has one token more than the model's
-    vocabulary); rank 0 waits in a collective."""
-    from transformers import AutoTokenizer
-
-    model = Path(shutil.copytree(tiny_gpt2, tmp_path / "model"))
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    tokenizer.add_tokens(["<not-in-the-model>"])
-    tokenizer.save_pretrained(model)
+    """Rank 1 alone fails in the forward of the batch holding the longest example (a fault injected through
+    sitecustomize, which every torchrun worker imports); rank 0 waits in a collective."""
     rows = data["train"].read_text().splitlines()
-    story = "<not-in-the-model> " + " ".join(["once upon a time"] * 150)  # the longest example
+    story = " ".join(["once upon a time"] * 150)  # the longest: 256 tokens (the model's positions), others < 200
     rows[0] = json.dumps({"prompt": "Tell a long story.", "completion": story})
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(rows) + "\n")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAULT.format(long=200))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH")) if p))
     seed, step = culprit_seed(len(rows), 8, rank=1)
-    doc = gpt2_job("crash", model, {**data, "train": train}, str(tmp_path / "out"), batch_size=8, epochs=1,
+    doc = gpt2_job("crash", tiny_gpt2, {**data, "train": train}, str(tmp_path / "out"), batch_size=8, epochs=1,
                    every_steps=100, seed=seed)
     doc["spec"]["data"].update(maxSeqLength=1024, cleaning={"dedupe": False, "dropEmpty": False})
     trainer = Trainer(write_job(doc, tmp_path / "job.yaml"), tmp_path / "state", nproc=2)
