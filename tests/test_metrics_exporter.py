@@ -114,6 +114,17 @@ def test_non_finite_losses_are_exported_as_such() -> None:
     assert 'kubetune_eval_loss{job="nan",namespace="local"} +Inf' in text
 
 
+def test_a_state_change_is_served_at_once_not_at_the_next_push() -> None:
+    """Periodic pushes are PUSH_SECONDS apart; three transitions in a row each show within 0.3 s. Before, a short
+    phase could pass unseen (a CI run's Prometheus test once saw no scrape in the training state)."""
+    metrics = telemetry.start("states", env={contract.ENV_METRICS_PORT: str(free_port())}, addr="127.0.0.1")
+    assert telemetry.PUSH_SECONDS >= 1.0  # else this proves nothing
+    for state in ("evaluating", "training", "uploading"):
+        metrics.set_state(state)
+        expected = f'{contract.METRIC_STATE}{{job="states",namespace="local",state="{state}"}} 1.0'
+        assert expected in served(expected, timeout=0.3), state
+
+
 def test_port_zero_turns_the_endpoint_off_and_updates_still_work() -> None:
     metrics = telemetry.start("off", env={contract.ENV_METRICS_PORT: "0"})
     metrics.record_step(step=1, total=1, epoch=1.0, loss=0.1, learning_rate=0.0, samples=1, tokens=1, seconds=0.1)

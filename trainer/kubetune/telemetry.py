@@ -93,6 +93,7 @@ class TrainerMetrics:
             setattr(self, name, getattr(self, name).labels(**self.labels))
         self.resumes.inc(0)
         self.first_step: tuple[int, float] | None = None
+        self.on_state_change: Callable[[], None] = lambda: None  # the endpoint pushes a snapshot at once
         self.set_state("setup")
 
     def set_memory_source(self, current: Callable[[], float], peak: Callable[[], float]) -> None:
@@ -103,6 +104,9 @@ class TrainerMetrics:
     def set_state(self, state: str) -> None:
         for name in contract.TRAINER_STATES:
             self.state.labels(**self.labels, state=name).set(1.0 if name == state else 0.0)
+        # A transition is served now, not up to PUSH_SECONDS later: a short phase (a quick evaluation, a few
+        # fast steps) would otherwise never show, and "failed" should show before the process is gone.
+        self.on_state_change()
 
     def set_total_steps(self, total: int, step: int) -> None:
         self.total_steps.set(total)
@@ -172,6 +176,7 @@ class _Exporter:
             self.process = None
             return reply.removeprefix("error ") or "the metrics server did not start"
         self.flush()
+        self.metrics.on_state_change = self.flush
         threading.Thread(target=self._push_loop, name="kubetune-metrics-push", daemon=True).start()
         return None
 
