@@ -2,7 +2,7 @@
 
 Model FLOPs of the trained tokens (padding and masked-out attention are waste, not counted):
 
-    matmul weights   6 x trainable x tokens + 4 x frozen x tokens
+    matmul weights   6 x trainable x tokens + 4 x frozen x tokens (a causal LM's output layer: target tokens)
     attention        12 x layers x width x sum over examples of length^2
 
 A weight that trains costs 2 FLOPs per token forward, 2 for the input gradient and 2 for its own gradient; a
@@ -51,12 +51,24 @@ def example_lengths(row: dict[str, Any]) -> list[int]:
     return [end - start for start, end in itertools.pairwise(starts)]
 
 
-def step_flops(model: Any, example_lengths: list[int]) -> float:
-    """Model FLOPs of forward + backward over examples of these lengths (see the module docstring)."""
+def row_targets(row: dict[str, Any]) -> int:
+    """Target tokens of a causal-LM training row (position t predicts labels[t + 1]); 0 for classification."""
+    labels = row.get("labels")
+    return sum(label != -100 for label in labels[1:]) if isinstance(labels, list) else 0
+
+
+def step_flops(model: Any, example_lengths: list[int], targets: int | None = None) -> float:
+    """Model FLOPs of forward + backward over examples of these lengths (see the module docstring). For a
+    causal LM, `targets` (its target tokens) are the only positions whose logits the trainer computes
+    (train/target_logits.py), so its output layer counts there and not at every token."""
     trainable, frozen = matmul_weights(model)
     layers, width = attention_shape(model)
     tokens = sum(example_lengths)
-    return (6 * trainable + 4 * frozen) * tokens + 12 * layers * width * sum(n * n for n in example_lengths)
+    flops = (6 * trainable + 4 * frozen) * tokens + 12 * layers * width * sum(n * n for n in example_lengths)
+    head = model.get_output_embeddings() if targets is not None else None
+    if head is not None:
+        flops -= (6 if head.weight.requires_grad else 4) * head.weight.numel() * (tokens - targets)
+    return flops
 
 
 def matmul_peak(dtype_name: str, size: int = 1024, seconds: float = 3.0) -> float:

@@ -19,11 +19,13 @@ from kubetune import procmem
 from kubetune.spec import FineTuneJob
 from kubetune.train.evaluate import summed_loss
 from kubetune.train.model import build_model
+from kubetune.train.target_logits import TargetLogits
 
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], task: str) -> float:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = summed_loss(logits, batch["labels"], task)
+    with TargetLogits(model, task, batch["labels"], batch["labels"]) as selection:  # as the trainer's step
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = summed_loss(logits, selection.labels_for(logits), task)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

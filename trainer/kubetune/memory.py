@@ -21,7 +21,8 @@ from kubetune.spec import FineTuneJob, FineTuneJobSpec
 GiB = 1 << 30
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit weights plus one fp32 absmax per block of 64 (bitsandbytes NF4)
 ADAMW_STATES = 2          # exp_avg and exp_avg_sq, fp32
-# Around the loss: the logits, their shifted copy, log-softmax's output, and two gradients of that size.
+# Around the loss: the logits, a copy, log-softmax's output, and two gradients of that size. The trainer computes
+# logits at target positions only (train/target_logits.py); before the data is read, every position counts.
 LOGIT_COPIES = 4
 LORA_DEFAULT_TARGETS = {"gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
                         "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}

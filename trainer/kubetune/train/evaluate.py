@@ -13,6 +13,7 @@ from kubetune.data.encode import IGNORE_INDEX
 from kubetune.train import distributed
 from kubetune.train.batching import collate, eval_batches, length_multiple
 from kubetune.train.precision import Precision
+from kubetune.train.target_logits import TargetLogits
 
 
 def classification_metrics(confusion: list[list[int]], labels: list[str]) -> dict[str, Any]:
@@ -47,7 +48,8 @@ def classification_metrics(confusion: list[list[int]], labels: list[str]) -> dic
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """Cross-entropy summed over the targets (see target_count), in fp32: training and evaluation share it."""
-    if task == "sequence-classification":
+    # Classification; or a causal LM's logits at its targets only (train/target_logits.py), `labels` the targets.
+    if task == "sequence-classification" or logits.dim() == 2:
         return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
     # Causal LM: position t predicts token t+1; only completion tokens are targets (labels = -100 elsewhere).
     shifted = logits[:, :-1].float()
@@ -89,10 +91,11 @@ def evaluate(
             spare = {k: v.to(device) for k, v in collate(examples[:1], pad_id, multiple).items()}
             model(input_ids=spare["input_ids"], attention_mask=spare["attention_mask"])
             continue
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in batches[round_]], pad_id, multiple).items()}
-        with precision.autocast():
+        host = collate([examples[i] for i in batches[round_]], pad_id, multiple)
+        batch = {k: v.to(device) for k, v in host.items()}
+        with precision.autocast(), TargetLogits(model, task, host["labels"], batch["labels"]) as selection:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        totals[0] += summed_loss(logits, batch["labels"], task).item()
+        totals[0] += summed_loss(logits, selection.labels_for(logits), task).item()
         totals[1] += target_count(batch["labels"], task)
         if task == "sequence-classification":
             flat = batch["labels"] * n_labels + logits.argmax(-1)

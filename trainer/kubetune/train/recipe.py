@@ -54,6 +54,7 @@ from kubetune.train.packing import pack_examples, packing_enabled
 from kubetune.train.position import EpochPlan, epoch_plan
 from kubetune.train.precision import choose_precision, precision_note
 from kubetune.train.progress import Progress
+from kubetune.train.target_logits import TargetLogits
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -393,9 +394,10 @@ class FineTuneRecipe:
             # Under DDP and FSDP, only the last micro-batch of a group reduces gradients.
             context = contextlib.nullcontext() if i == len(batches) - 1 else sharding.no_sync(self.ddp)
             with context, fast_dropout.enabled():  # backward too: checkpointing redraws the forward's masks
-                with self.precision.autocast():
+                with self.precision.autocast(), TargetLogits(self.model, task, cpu_batch["labels"],
+                                                             batch["labels"]) as selection:
                     logits = self.ddp(**model_inputs(batch)).logits
-                loss = summed_loss(logits, batch["labels"], task)
+                loss = summed_loss(logits, selection.labels_for(logits), task)
                 self.scaler.scale(loss * scale).backward()
             total_loss += loss.detach()  # stays on the device: one host sync per step, not per micro-batch
             samples += sum(self.train_set[j].get("examples", 1) for j in group[i])
