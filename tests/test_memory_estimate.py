@@ -176,7 +176,9 @@ def test_validate_prints_the_table_and_rejects_a_job_that_cannot_fit(minilm_path
     gpu = job("1Gi", gpus=1)
     assert "fit not checked" in _validate(gpu).stdout
     assert _validate(gpu, KUBETUNE_DEVICE_MEMORY="100Mi").returncode == 2
-    assert _validate(gpu, KUBETUNE_DEVICE_MEMORY="plenty").returncode == 2
+    for bad in ("plenty", "0", "0Gi"):  # 0 once read as a device of 0.00 GiB, with the advice for a big model
+        refused = _validate(gpu, KUBETUNE_DEVICE_MEMORY=bad)
+        assert refused.returncode == 2 and f"KUBETUNE_DEVICE_MEMORY: '{bad}' is not a memory size" in refused.stderr
 
 
 def test_the_trainer_refuses_a_job_that_cannot_fit_before_training(tiny_gpt2: Path, tmp_path: Path) -> None:

@@ -257,6 +257,21 @@ def test_prompts_that_fill_max_seq_length_name_the_field(tmp_path: Path, tiny_gp
     assert "Traceback" not in log and not (tmp_path / "out").exists()
 
 
+def test_a_validation_split_that_truncation_empties_names_the_split(tmp_path: Path, tiny_gpt2: Path) -> None:
+    """Before: the run trained without any evaluation (no eval loss, no best model, no early stopping), and the
+    only sign was a warning that did not say which split lost its examples."""
+    train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"question {i}", "completion": " yes"}) + "\n" for i in range(40)))
+    validation.write_text("".join(json.dumps({"prompt": f"question {i} " + "words " * 150, "completion": " no"})
+                                  + "\n" for i in range(10)))
+    job = write_job(tiny_causal("long-val", tiny_gpt2, train, tmp_path / "out", data={"validation": str(validation)}),
+                    tmp_path / "job.yaml")
+    code, log = kubetune("run", str(job))
+    assert code == EXIT_BAD_INPUT, log
+    assert "spec.data.maxSeqLength: 96 tokens leave no completion token in any of the 10 validation examples" in log
+    assert "Traceback" not in log and not (tmp_path / "out").exists()
+
+
 def test_a_process_count_below_one_is_a_usage_error(tmp_path: Path) -> None:
     """Before: 0 and -1 quietly trained in one process."""
     job = write_job(classification_job("procs", "model", "train.jsonl", "out"), tmp_path / "job.yaml")

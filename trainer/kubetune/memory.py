@@ -322,8 +322,8 @@ def device_memory(spec: FineTuneJobSpec, override: str | None = None) -> int | N
     for source, value in (("--device-memory", override), (ENV_DEVICE_MEMORY, os.environ.get(ENV_DEVICE_MEMORY))):
         if value:
             parsed = parse_quantity(value)
-            if parsed is None:
-                raise UserError(f"{source}: {value!r} is not a quantity like 80Gi")
+            if not parsed:  # 0 is no device size either: it would report every job as unable to fit
+                raise UserError(f"{source}: {value!r} is not a memory size like 80Gi")
             return parsed
     if spec.resources.gpus_per_node == 0:
         return parse_quantity(spec.resources.memory)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from kubetune.errors import UserError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 BATCH = 1000  # texts per tokenizer call: fast tokenizers parallelise a batch, memory stays bounded
-log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 Piece = tuple[str, bool, bool]  # (text, trained, append EOS after it)
@@ -55,8 +53,6 @@ def encode_causal_lm(records: list[Record], tokenizer: Any, max_length: int) -> 
             out.dropped += 1
             continue
         out.append({"input_ids": input_ids, "labels": labels})
-    if out.dropped:
-        log.warning("dropped %d examples with no target token left after truncation to %d", out.dropped, max_length)
     return out
 
 

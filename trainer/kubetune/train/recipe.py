@@ -132,19 +132,13 @@ class FineTuneRecipe:
         self.checkpoint_root = join_uri(spec.checkpoint_uri(), identity.digest(self.identity))
         if not spec.dry_run and self._finished_before():
             return
-        encode = encode_classification if spec.model.task == "sequence-classification" else encode_causal_lm
         max_length = max_sequence_length(spec.data.max_seq_length, inputs.model, self.tokenizer)
-        self.train_set = encode(self.data.train, self.tokenizer, max_length)
-        truncated = getattr(self.train_set, "dropped", 0)  # causal LM: examples left with no target token
-        if not self.train_set and truncated:
-            raise UserError(f"spec.data.maxSeqLength: {max_length} tokens leave no completion token in any of the "
-                            f"{truncated} training examples (prompts or earlier turns fill them); raise "
-                            "maxSeqLength or shorten them")
+        self.train_set = self._encode("training", self.data.train, max_length)
         self.packed = packing_enabled(spec.data.packing, spec.model.task)
         if self.packed:  # training rows only: evaluation scores examples one by one, packed or not
             self.train_set = pack_examples(self.train_set, max_length)
-        self.validation_set = encode(self.data.validation, self.tokenizer, max_length)
-        self.test_set = encode(self.data.test, self.tokenizer, max_length)
+        self.validation_set = self._encode("validation", self.data.validation, max_length)
+        self.test_set = self._encode("test", self.data.test, max_length)
         check_token_ids(inputs.model, spec.model.uri, self.tokenizer, self.train_set, self.validation_set,
                         self.test_set)  # before loading the weights: seconds, not minutes, into the job
         if spec.dry_run:
@@ -362,6 +356,23 @@ class FineTuneRecipe:
             self._validate(progress)
         if state.step != _step_of(self.last_checkpoint):
             self.save_checkpoint()
+
+    def _encode(self, split: str, records: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+        """Token ids of one split; for causal LM, an example truncation leaves without a target is dropped, and
+        a split left with none is bad input (training without evaluation, or no test metrics, is not what the
+        job asked for)."""
+        if self.spec.model.task == "sequence-classification":
+            return encode_classification(records, self.tokenizer, max_length)
+        encoded = encode_causal_lm(records, self.tokenizer, max_length)
+        if encoded.dropped and not encoded:
+            raise UserError(f"spec.data.maxSeqLength: {max_length} tokens leave no completion token in any of the "
+                            f"{encoded.dropped} {split} examples (prompts or earlier turns fill them); raise "
+                            "maxSeqLength or shorten them")
+        if encoded.dropped and self.is_main:
+            log.warning("spec.data.maxSeqLength: %d of the %d %s examples keep no completion token after "
+                        "truncation to %d tokens and are left out", encoded.dropped, len(records), split,
+                        max_length)
+        return encoded
 
     def _update(self, group: list[list[int]]) -> tuple[float, float, int]:
         """One optimizer step over a group of micro-batches (gradient accumulation)."""
