@@ -28,10 +28,12 @@ def matmul_weights(model: Any) -> tuple[int, int]:
     for module in model.modules():
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
             weight = module.weight
+            # From the shape, not weight.numel(): bitsandbytes' 4-bit Linear packs two weights per stored byte.
+            count = module.in_features * module.out_features if isinstance(module, nn.Linear) else weight.numel()
             if weight.requires_grad:
-                trainable += weight.numel()
+                trainable += count
             else:
-                frozen += weight.numel()
+                frozen += count
     return trainable, frozen
 
 
