@@ -86,3 +86,39 @@ def test_the_hook_is_gone_after_the_step_and_classification_is_untouched(tiny_gp
     with selection:
         assert selection.handle is None
     assert selection.labels_for(torch.zeros(2, 2)) is labels
+
+
+DECODER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 128}
+ARCHITECTURES = {  # model_type: config fields (tiny, random weights); the families users fine-tune most
+    "llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": {**DECODER, "head_dim": 16},
+    "gemma2": {**DECODER, "head_dim": 16},  # soft-capped logits
+    "phi3": {**DECODER, "pad_token_id": 0},
+    "gpt_neox": {k: DECODER[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "vocab_size")},
+    "opt": {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
+            "word_embed_proj_dim": 64},
+    "bloom": {"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": 300},
+    "falcon": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300},
+}
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_every_common_architecture_routes_its_logits_through_the_hooked_layer(model_type: str) -> None:
+    """Each model's forward must call its output layer on (batch, length, hidden) and return what it gives back:
+    otherwise the selection would be skipped (full logits) or break. Checked on the families users bring."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **ARCHITECTURES[model_type])).eval()
+    ids = torch.randint(1, 300, (3, 20))
+    labels = ids.clone()
+    labels[:, :7] = -100  # prompts
+    labels[2, 15:] = -100  # padding
+    batch = {"input_ids": ids, "attention_mask": (labels != -100) | (torch.arange(20) < 15), "labels": labels}
+    full_shape, full_loss, full_grads = loss_and_grads(model, batch, "full")
+    shape, loss, grads = loss_and_grads(model, batch, "causal-lm")
+    assert tuple(shape) == (int((labels[:, 1:] != -100).sum()), 300) and len(full_shape) == 3
+    assert loss == pytest.approx(full_loss, rel=RTOL)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[key], rtol=1e-4, atol=1e-6, msg=key)
