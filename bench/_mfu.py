@@ -53,10 +53,12 @@ def example_lengths(row: dict[str, Any]) -> list[int]:
     return [end - start for start, end in itertools.pairwise(starts)]
 
 
-def row_targets(row: dict[str, Any]) -> int:
-    """Target tokens of a causal-LM training row (position t predicts labels[t + 1]); 0 for classification."""
-    labels = row.get("labels")
-    return sum(label != -100 for label in labels[1:]) if isinstance(labels, list) else 0
+def causal_targets(recipe: Any, batches: list[list[int]]) -> int | None:
+    """Target tokens (position t predicts labels[t + 1]) of a causal LM's training rows in `batches`, for
+    step_flops; None for classification."""
+    if recipe.spec.model.task != "causal-lm":
+        return None
+    return sum(label != -100 for batch in batches for i in batch for label in recipe.train_set[i]["labels"][1:])
 
 
 def step_flops(model: Any, example_lengths: list[int], targets: int | None = None) -> float:

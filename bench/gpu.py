@@ -123,9 +123,8 @@ def run_case(config: dict[str, Any]) -> dict[str, Any]:
     summary = recipe.write_outputs()
     hp = recipe.spec.hyperparameters
     batches = epoch_batches(recipe.lengths, hp.batch_size, hp.seed, 0, 1, 0)[: recipe.state.step]
-    causal = recipe.spec.model.task == "causal-lm"
     step_flops = [_mfu.step_flops(recipe.model, [n for i in b for n in _mfu.example_lengths(recipe.train_set[i])],
-                                  sum(_mfu.row_targets(recipe.train_set[i]) for i in b) if causal else None)
+                                  _mfu.causal_targets(recipe, [b]))
                   for b in batches]
     step_seconds = [seconds for seconds, _ in recipe.step_times]
     steady = slice(WARMUP_STEPS, None) if len(step_seconds) > WARMUP_STEPS else slice(None)

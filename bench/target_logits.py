@@ -72,6 +72,8 @@ def build_model(dest: Path, vocab: int, torch: Any) -> Path:
 
 
 def measure(model: Path, packing: bool, rounds: int, work: Path) -> dict[str, Any]:
+    from trainer_throughput import padding_stats
+
     import kubetune.train.recipe as recipe_module
     from kubetune.jobfile import job_document, load_job
     from kubetune.samples import INSTRUCTIONS
@@ -109,8 +111,8 @@ def measure(model: Path, packing: bool, rounds: int, work: Path) -> dict[str, An
             seconds[way].append(timed(way))
     recipe_module.TargetLogits = TargetLogits  # type: ignore[misc]
     rows = [recipe.train_set[i] for batch in batches for i in batch]
-    positions = sum(len(batch) * max(len(recipe.train_set[i]["input_ids"]) for i in batch) for batch in batches)
-    targets = sum(sum(label != -100 for label in row["labels"][1:]) for row in rows)
+    positions = padding_stats(batches, recipe.lengths)["paddedTokens"]
+    targets = _mfu.causal_targets(recipe, batches) or 0
     vocab = recipe.model.config.vocab_size
     median = {way: statistics.median(values) for way, values in seconds.items()}
     lengths = [n for row in rows for n in _mfu.example_lengths(row)]

@@ -106,7 +106,7 @@ def run_kubetune(config: dict[str, Any]) -> dict[str, Any]:
     return {
         "trainFlops": _mfu.step_flops(recipe.model, [n for b in trained for i in b
                                                      for n in _mfu.example_lengths(recipe.train_set[i])],
-                                      causal_targets(recipe, trained)),
+                                      _mfu.causal_targets(recipe, trained)),
         "packed": recipe.packed,
         "samples": recipe.state.samples_seen,
         "steps": recipe.state.step,
@@ -120,12 +120,6 @@ def run_kubetune(config: dict[str, Any]) -> dict[str, Any]:
         "precision": recipe.precision.name,
         **padding_stats(batches[: recipe.state.step], recipe.lengths),
     }
-
-
-def causal_targets(recipe: Any, batches: list[list[int]]) -> int | None:
-    if recipe.spec.model.task != "causal-lm":
-        return None
-    return sum(_mfu.row_targets(recipe.train_set[i]) for b in batches for i in b)
 
 
 # ---- plain Hugging Face side (child process) -----------------------------------------------------

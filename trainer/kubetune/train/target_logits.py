@@ -35,9 +35,10 @@ class TargetLogits:
     def __init__(self, model: nn.Module, task: str, host_labels: torch.Tensor, labels: torch.Tensor) -> None:
         self.labels = labels
         output_layer = getattr(model, "get_output_embeddings", None) if task == "causal-lm" else None
-        self.head = output_layer() if callable(output_layer) else None  # transformers' models, through peft too
+        head = output_layer() if callable(output_layer) else None  # transformers' models, through peft too
+        self.head = head if isinstance(head, nn.Module) else None
         self.handle: Any = None
-        if isinstance(self.head, nn.Module):
+        if self.head is not None:
             following = host_labels[:, 1:]
             targets = following != IGNORE_INDEX
             # Position t predicts token t + 1: it is kept when labels[:, t + 1] is a target.
@@ -57,7 +58,7 @@ class TargetLogits:
         return self.targets if self.head is not None and logits.dim() == 2 else self.labels
 
     def __enter__(self) -> TargetLogits:
-        if isinstance(self.head, nn.Module):
+        if self.head is not None:
             self.handle = self.head.register_forward_pre_hook(self._select)
         return self
 
