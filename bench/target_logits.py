@@ -17,12 +17,12 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import _common as common
 import _mfu
+import _step_ab
 
 
 def main() -> None:
@@ -75,40 +75,18 @@ def measure(model: Path, packing: bool, rounds: int, work: Path) -> dict[str, An
     from trainer_throughput import padding_stats
 
     import kubetune.train.recipe as recipe_module
-    from kubetune.jobfile import job_document, load_job
-    from kubetune.samples import INSTRUCTIONS
-    from kubetune.train.batching import epoch_batches
-    from kubetune.train.recipe import FineTuneRecipe
     from kubetune.train.target_logits import TargetLogits
 
-    doc = job_document("target-logits", {
-        "model": {"uri": str(model), "task": "causal-lm"}, "method": {"type": "full"},
-        "data": {"train": str(common.sample_path(INSTRUCTIONS)), "maxSeqLength": 256, "packing": packing},
-        "hyperparameters": {"batchSize": 8, "epochs": 8, "learningRate": 1e-3}, "output": {"uri": str(work / "out")},
-    })
-    recipe = FineTuneRecipe(load_job(common.write_yaml(doc, work / "job.yaml")), work / "work")
-    recipe.setup()
-    recipe.ddp.train()
-    batches = epoch_batches(recipe.lengths, 8, 42, 0, 1, 0)[:8]
+    recipe = _step_ab.causal_recipe(model, packing, 256, work)
+    batches = _step_ab.first_batches(recipe, 8)
 
     def everywhere(model: Any, task: str, host_labels: Any, labels: Any) -> TargetLogits:
         return TargetLogits(model, "all positions", host_labels, labels)  # not causal-lm: nothing selected
 
-    ways = {"all": everywhere, "targets": TargetLogits}
+    def use(way: Any) -> Any:
+        return lambda: setattr(recipe_module, "TargetLogits", way)
 
-    def timed(way: str) -> float:
-        recipe_module.TargetLogits = ways[way]  # type: ignore[assignment,misc]
-        started = time.perf_counter()
-        for batch in batches:
-            recipe._update([batch])
-        return time.perf_counter() - started
-
-    for way in ways:  # warm-up: allocator pools, thread pool
-        timed(way)
-    seconds: dict[str, list[float]] = {way: [] for way in ways}
-    for round_ in range(rounds):
-        for way in ways if round_ % 2 == 0 else reversed(list(ways)):
-            seconds[way].append(timed(way))
+    seconds = _step_ab.alternate({"all": use(everywhere), "targets": use(TargetLogits)}, recipe, batches, rounds)
     recipe_module.TargetLogits = TargetLogits  # type: ignore[misc]
     rows = [recipe.train_set[i] for batch in batches for i in batch]
     positions = padding_stats(batches, recipe.lengths)["paddedTokens"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
@@ -16,6 +17,7 @@ from kubetune.cli import main
 from kubetune.data.encode import IGNORE_INDEX, encode_causal_lm
 from kubetune.jobfile import parse_job, write_job
 from kubetune.samples import INSTRUCTIONS, sample_path
+from kubetune.train import segment_attention
 from kubetune.train.batching import collate, model_inputs
 from kubetune.train.evaluate import summed_loss
 from kubetune.train.model import load_tokenizer
@@ -79,7 +81,10 @@ def per_example_losses(model: torch.nn.Module, rows: list[dict[str, Any]],
     return [float(token_loss[n, s : e - 1].sum()) for n, row in enumerate(rows) for s, e in segments(row)]
 
 
-def test_packed_batch_gives_each_example_its_unpacked_loss(tiny_gpt2: Path) -> None:
+@pytest.mark.parametrize("attention", ["dense", "per-example"])
+def test_packed_batch_gives_each_example_its_unpacked_loss(tiny_gpt2: Path, attention: str) -> None:
+    """dense: transformers' block-diagonal mask over the row; per-example: train/segment_attention.py, as the
+    trainer runs packed batches on a CPU."""
     tokenizer, examples = encoded_instructions(tiny_gpt2, 40)
     packed = pack_examples(examples, 128)
     rows = [r for r in packed if r["examples"] > 1][:4]
@@ -96,7 +101,9 @@ def test_packed_batch_gives_each_example_its_unpacked_loss(tiny_gpt2: Path) -> N
             with torch.no_grad():
                 logits = model(**model_inputs(alone)).logits
             expected.append(float(summed_loss(logits, alone["labels"], "causal-lm")))
-    assert per_example_losses(model, rows, batch) == pytest.approx(expected, rel=LOSS_RTOL)
+    per_example = attention == "per-example"
+    with segment_attention.within(model, batch, torch.device("cpu")) if per_example else contextlib.nullcontext():
+        assert per_example_losses(model, rows, batch) == pytest.approx(expected, rel=LOSS_RTOL)
     # The check can fail: one causal mask over the whole row (examples see each other; what a KV cache left on
     # did) moves the later examples' losses by about 4e-4 of their value on this random model, 40x the tolerance.
     leaky = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from kubetune.errors import UserError
 from kubetune.spec import FineTuneJobSpec
 from kubetune.train import distributed
+from kubetune.train.fused_gelu import fuse_tanh_gelu
 from kubetune.train.precision import Precision
 
 log = logging.getLogger("kubetune.trainer")
@@ -286,6 +287,7 @@ def build_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None
         model = load_base_model(spec, model_dir, pad_token_id)
     else:
         model = empty_base_model(spec, model_dir, pad_token_id, empty_like)
+    fuse_tanh_gelu(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model, lora=method in ("lora", "qlora"))
     if method in ("lora", "qlora"):

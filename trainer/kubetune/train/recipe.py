@@ -32,6 +32,7 @@ from kubetune.train import (
     identity,
     interrupts,
     outputs,
+    segment_attention,
     sharded_checkpoint,
     sharding,
 )
@@ -404,7 +405,8 @@ class FineTuneRecipe:
             batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
             # Under DDP and FSDP, only the last micro-batch of a group reduces gradients.
             context = contextlib.nullcontext() if i == len(batches) - 1 else sharding.no_sync(self.ddp)
-            with context, fast_dropout.enabled():  # backward too: checkpointing redraws the forward's masks
+            # Backward too: gradient checkpointing recomputes the forward (same dropout masks, same attention).
+            with context, fast_dropout.enabled(), segment_attention.within(self.model, cpu_batch, self.device):
                 with self.precision.autocast(), TargetLogits(self.model, task, cpu_batch["labels"],
                                                              batch["labels"]) as selection:
                     logits = self.ddp(**model_inputs(batch)).logits
