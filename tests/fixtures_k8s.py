@@ -4,9 +4,10 @@ The emulator stores objects and serves list/watch/get/create/patch/delete; it do
 schemas, run controllers or garbage-collect, and its lists lack `kind`. `MendedEmulator` adds what the
 operator, kubectl and Helm rely on and a real API server does (each mend says so: identity fields, 201 on
 create, 404 for unserved resources, status subresources, garbage collection, list kinds and selectors,
-server-side Tables for `kubectl get`, JSON watch streams, `/api/v1/namespaces` paths); the tests play the
-Job controller and the kubelet themselves, and `make cluster` (tests/devcluster.py) serves this same
-emulator. Every request is recorded as (method, path) for the RBAC test.
+server-side Tables for `kubectl get`, JSON watch streams that start at the requested resourceVersion,
+`watch=True` as a watch, `/api/v1/namespaces` paths); the tests play the Job controller and the kubelet
+themselves, and `make cluster` (tests/devcluster.py) serves this same emulator. Every request is recorded
+as (method, path) for the RBAC test.
 """
 
 from __future__ import annotations
@@ -96,6 +97,20 @@ def _parse_path(path: str) -> Any:
 
 parsing.parse_path = _parse_path  # module-wide: kmock's request parser looks it up there on each request
 
+_kmock_guess_k8s = parsing.guess_k8s
+_GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}  # what the API server's boolean query parameters accept
+
+
+def _guess_k8s(k8s: Any, method: Any, query: dict[str, str]) -> Any:
+    """kmock takes a GET as a watch only for `watch=true`; the Python client sends `watch=True`, which the
+    API server (Go's ParseBool) reads as true too, and kmock answered as a plain list."""
+    if query.get("watch") in _GO_TRUE:
+        query = {**query, "watch": "true"}
+    return _kmock_guess_k8s(k8s, method, query)
+
+
+parsing.guess_k8s = _guess_k8s
+
 
 # Server-side printing: kubectl get asks for a Table and shows its columns (a CRD's additionalPrinterColumns).
 PRINTER_COLUMNS = {"FineTuneJob": build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]}
@@ -137,6 +152,7 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         self.agents_seen = []
         self._keys_by_resource: dict[Any, list[Any]] = {}
         self._indexed = 0
+        self._created_version: dict[str, int] = {}  # uid -> resourceVersion at creation (see _as_watched_since)
         for (group, version, plural), info in RESOURCES.items():
             self.resources[kmock.resource(group, version, plural)] = kmock.ResourceInfo(verbs=VERBS, **info)
 
@@ -209,6 +225,7 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             meta.setdefault("namespace", request.namespace) if request.namespace else None
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1,
                         resourceVersion=str(time.monotonic_ns()))
+            self._created_version[meta["uid"]] = int(meta["resourceVersion"])
         elif action.endswith("UPDATE") and request.name:
             key = (request.resource, request.namespace, request.name)
             current = self.objects[key] if key in self.objects else None  # noqa: SIM401  (not a Mapping)
@@ -257,11 +274,32 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         return rendering.Response(headers={"Content-Type": "application/json"}, payload=self._watch_events(request))
 
     async def _watch_events(self, request: rendering.Request) -> AsyncIterator[Any]:
+        since = request.params.get("resourceVersion", "")
         async for event in super()._serve_watch(request):
+            if isinstance(event, dict) and since.isdigit() and int(since) > 0:
+                event = self._as_watched_since(event, int(since))
+                if event is None:
+                    continue
             if not isinstance(event, dict) or self._selected(request, event.get("object") or {}):
                 if isinstance(event, dict) and _wants_table(request):
                     event = {**event, "object": _table(self._kind(request.resource), [event["object"]])}
                 yield event
+
+    def _as_watched_since(self, event: dict[str, Any], since: int) -> dict[str, Any] | None:
+        """A watch from a resourceVersion (kopf and `kubectl get -w` pass their list's) streams only what
+        changed after it; kmock starts every watch with an ADDED event per stored object. Drop those the
+        watcher's list already showed, and call an object created before that version but changed since
+        MODIFIED, as a real API server does. Not mended: deletions between the list and the watch (kmock
+        keeps no event history; a real server would send them as DELETED)."""
+        if event.get("type") != "ADDED":
+            return event
+        meta = event.get("object", {}).get("metadata", {})
+        version = int(meta.get("resourceVersion") or 0)
+        if version <= since:
+            return None
+        if self._created_version.get(meta.get("uid", ""), version) <= since:
+            return {**event, "type": "MODIFIED"}
+        return event
 
     async def _serve_version(self, request: rendering.Request) -> Any:
         """Subresources carry no short names or categories (kmock copies them: kubectl warns on every `ftj`)."""

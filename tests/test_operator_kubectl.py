@@ -11,8 +11,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import kubernetes
 import pytest
+import urllib3
+import yaml
 
+from kubetune import contract
 from tests.fixtures_operator import Backend
 from tests.k8s_tools import binary
 from tests.operator_harness import NS, Api, Operator, wait_for
@@ -52,3 +56,37 @@ def test_kubectl_apply_get_and_wait_for_succeeded(backend: Backend, operator: Op
     assert "condition met" in out
     phase = kubectl(k8s_cluster, "get", "ftj", "reviews-sentiment", "-o", "jsonpath={.status.phase}")
     assert phase.stdout == "Succeeded", phase.stderr
+
+
+
+def test_a_watch_from_a_listed_version_streams_only_later_changes(backend: Backend, api: Api) -> None:
+    """What kopf does: list, then watch from the list's resourceVersion. A real API server then streams only
+    what changed after that version; kmock started every watch with an ADDED per stored object, and
+    tests/fixtures_k8s.py mends that. (kubectl's `get -w` watches from version 0, "any", so it cannot tell.)"""
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+
+    def create(name: str) -> None:
+        api.apply({**manifest, "metadata": {"name": name, "namespace": NS}})
+
+    create("watch-unchanged")
+    create("watch-changed")
+    listed = api.custom.list_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, NS, contract.PLURAL)
+    api.patch_ftj("watch-changed", {"metadata": {"labels": {"team": "ml"}}})
+    create("watch-new")
+    events: list[tuple[str, str]] = []
+    stream = kubernetes.watch.Watch().stream(
+        api.custom.list_namespaced_custom_object, contract.API_GROUP, contract.API_VERSION, NS, contract.PLURAL,
+        resource_version=listed["metadata"]["resourceVersion"], timeout_seconds=3, _request_timeout=5)
+    try:
+        for event in stream:
+            events.append((event["type"], event["object"]["metadata"]["name"]))
+    except urllib3.exceptions.ReadTimeoutError:
+        pass  # the emulator ignores timeoutSeconds; a real server closes the stream after it
+    finally:
+        for name in ("watch-unchanged", "watch-changed", "watch-new"):
+            api.custom.delete_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, NS,
+                                                       contract.PLURAL, name)
+    # A running operator may patch the jobs' status meanwhile (more MODIFIED events): only these are fixed.
+    assert ("ADDED", "watch-unchanged") not in events and ("ADDED", "watch-changed") not in events, events
+    assert events.count(("ADDED", "watch-new")) == 1, events
+    assert [e for e in events if e[1] == "watch-changed"][:1] == [("MODIFIED", "watch-changed")], events
