@@ -251,3 +251,27 @@ def test_restart_skips_incomplete_and_corrupt_checkpoints(tmp_path: Path, tiny_g
     assert [step_of(uri) for uri in run["resumedFrom"]] == [oldest]
     assert oldest < TOTAL
     assert_same_training(read_output(storage, output, "metrics.json", tmp_path / "fetched"), reference["metrics"])
+
+
+def test_a_checkpoint_from_another_kubetune_version_is_ignored_not_a_crash(
+        tmp_path: Path, tiny_gpt2: Path, data: dict[str, Path], reference: dict[str, Any]) -> None:
+    """An earlier trainer kept the data position as `batch_in_epoch`; resuming such a checkpoint crashed with a
+    TypeError on every retry. Now it is set aside with a warning and the run starts over (same losses)."""
+    storage, ckpt = Storage(), str(tmp_path / "ckpt")
+    shutil.copytree(reference["checkpoints"], ckpt)
+    root = identity_root(storage, ckpt)
+    oldest, *newer = complete_checkpoints(storage, root)
+    for step in newer:
+        shutil.rmtree(Path(root) / checkpoint_name(step))
+    state = checkpoint.load(Path(root) / checkpoint_name(oldest))
+    earlier = dict(state["train_state"])
+    earlier["batch_in_epoch"] = earlier.pop("samples_in_epoch") // BATCH
+    checkpoint.save(storage, root, {**state, "train_state": earlier}, tmp_path / "staging", KEEP)  # manifest too
+
+    output = str(tmp_path / "out")
+    doc = job_doc("upgraded", tiny_gpt2, data, output, checkpoint_uri=ckpt)
+    code, out = Trainer(write_job(doc, tmp_path / "job.yaml"), tmp_path / "state").run()
+    assert code == EXIT_OK, out
+    assert "written by another kubetune version" in out and "batch_in_epoch" in out and "Traceback" not in out
+    assert read_output(storage, output, "run.json", tmp_path / "fetched")["resumedFrom"] == []
+    assert_same_training(read_output(storage, output, "metrics.json", tmp_path / "fetched"), reference["metrics"])

@@ -10,7 +10,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +239,15 @@ class FineTuneRecipe:
         if saved.get("identity") != self.identity:  # its prefix says it is ours: only a copied-in folder lies
             if self.is_main:
                 log.warning("ignoring checkpoint %s: it was made for other inputs, spec or process count", name)
+            return
+        layout = set(saved.get("train_state", {})) - {f.name for f in fields(TrainState)}
+        if saved.get("format") != checkpoint.FORMAT_VERSION or layout:
+            # Written by another kubetune version (e.g. an upgrade between preemption and retry): its fields
+            # cannot be read as this trainer's, and guessing would resume at a wrong data position.
+            if self.is_main:
+                log.warning("ignoring checkpoint %s: written by another kubetune version (checkpoint format %s, "
+                            "fields this trainer does not know: %s); training starts over", name,
+                            saved.get("format"), ", ".join(sorted(layout)) or "none")
             return
         if saved.get("sharded"):
             self.best_weights = sharded_checkpoint.load(path, self.model, self.optimizer, saved["hasBest"])
