@@ -9,6 +9,27 @@ from pathlib import Path
 from typing import Any
 
 import _common as common
+import _mfu
+
+
+def machine_and_peak() -> tuple[dict[str, Any], str, float]:
+    """The machine, the precision the trainer picks on its CPU, and that precision's matmul peak (printed)."""
+    import torch
+
+    from kubetune.train.precision import choose_precision
+
+    machine = common.machine()
+    precision = choose_precision("auto", torch.device("cpu")).name  # what the trainer runs at here
+    peak = _mfu.matmul_peak(precision)
+    print(f"machine: {machine}; precision {precision}; {precision} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    return machine, precision, peak
+
+
+def step_model_flops(recipe: Any, batches: list[list[int]]) -> float:
+    """Model FLOPs of one step over these batches (the output layer at target tokens): what every way must do."""
+    rows = [recipe.train_set[i] for batch in batches for i in batch]
+    lengths = [n for row in rows for n in _mfu.example_lengths(row)]
+    return _mfu.step_flops(recipe.model, lengths, _mfu.causal_targets(recipe, batches)) / len(batches)
 
 
 def causal_recipe(model: Path, packing: bool, max_length: int, work: Path) -> Any:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import _common as common
-import _mfu
 import _step_ab
 
 
@@ -35,15 +34,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="timed passes over the batches per way")
     args = parser.parse_args()
     common.setup_env()
-    import torch
     from trainer_throughput import build_causal_model
 
-    from kubetune.train.precision import choose_precision
-
-    machine = common.machine()
-    precision = choose_precision("auto", torch.device("cpu")).name
-    peak = _mfu.matmul_peak(precision)
-    print(f"machine: {machine}; precision {precision}; {precision} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    machine, precision, peak = _step_ab.machine_and_peak()
     cases = [("per-example attention", True, length) for length in (256, 512, 1024)]
     cases += [("fused GELU", packing, 256) for packing in (True, False)]
     results = []
@@ -100,9 +93,7 @@ def measure(model: Path, change: str, packing: bool, length: int, rounds: int, w
         seconds = _step_ab.alternate(switches(recipe, change), recipe, batches, rounds)
     finally:
         segment_attention.within = real  # type: ignore[assignment]
-    rows = [recipe.train_set[i] for batch in batches for i in batch]
-    lengths = [n for row in rows for n in _mfu.example_lengths(row)]
-    step_flops = _mfu.step_flops(recipe.model, lengths, _mfu.causal_targets(recipe, batches)) / len(batches)
+    step_flops = _step_ab.step_model_flops(recipe, batches)
     median = {way: statistics.median(values) / len(batches) for way, values in seconds.items()}
     return {"change": change, "packed": packing, "maxLength": length, "steps": len(batches),
             "modelFlops": step_flops, "withoutSeconds": median["without"], "withSeconds": median["with"],

@@ -33,12 +33,7 @@ def main() -> None:
     common.setup_env()
     import torch
 
-    from kubetune.train.precision import choose_precision
-
-    machine = common.machine()
-    precision = choose_precision("auto", torch.device("cpu")).name  # what the trainer runs at here
-    peak = _mfu.matmul_peak(precision)
-    print(f"machine: {machine}; precision {precision}; {precision} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    machine, precision, peak = _step_ab.machine_and_peak()
     results = []
     with tempfile.TemporaryDirectory(prefix="kubetune-target-logits-") as tmp:
         for vocab in args.vocab:
@@ -88,13 +83,11 @@ def measure(model: Path, packing: bool, rounds: int, work: Path) -> dict[str, An
 
     seconds = _step_ab.alternate({"all": use(everywhere), "targets": use(TargetLogits)}, recipe, batches, rounds)
     recipe_module.TargetLogits = TargetLogits  # type: ignore[misc]
-    rows = [recipe.train_set[i] for batch in batches for i in batch]
     positions = padding_stats(batches, recipe.lengths)["paddedTokens"]
     targets = _mfu.causal_targets(recipe, batches) or 0
     vocab = recipe.model.config.vocab_size
     median = {way: statistics.median(values) for way, values in seconds.items()}
-    lengths = [n for row in rows for n in _mfu.example_lengths(row)]
-    step_flops = _mfu.step_flops(recipe.model, lengths, targets) / len(batches)  # what both ways must do
+    step_flops = _step_ab.step_model_flops(recipe, batches)
     return {"packed": packing, "steps": len(batches), "modelFlops": step_flops, "tokens": positions, "targets": targets,
             "targetShare": targets / positions, "allSeconds": median["all"] / len(batches),
             "targetsSeconds": median["targets"] / len(batches), "speedup": median["all"] / median["targets"],
