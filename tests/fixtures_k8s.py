@@ -153,6 +153,7 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         self._keys_by_resource: dict[Any, list[Any]] = {}
         self._indexed = 0
         self._created_version: dict[str, int] = {}  # uid -> resourceVersion at creation (see _as_watched_since)
+        self._deleted_version: dict[str, int] = {}  # uid -> resourceVersion of its deletion (see _deleted_since)
         for (group, version, plural), info in RESOURCES.items():
             self.resources[kmock.resource(group, version, plural)] = kmock.ResourceInfo(verbs=VERBS, **info)
 
@@ -208,7 +209,10 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                                       "resource"}, status=404)
         if request.resource is not None and isinstance(request.data, dict):
             self._mend_write(request)
+        key = (request.resource, request.namespace, request.name) if request.name else None
         response = await super()._handle(request)
+        if key is not None and key in self.objects:
+            self._note_deletion(self.objects[key])  # a DELETE, or an UPDATE that removed the last finalizer
         if str(request.action).endswith("CREATE") and response.status == 200 and not response.prepared:
             response.set_status(201)  # a real API server answers a create with 201 Created
         if request.resource is not None and str(request.action).endswith("DELETE") and request.name:
@@ -253,7 +257,12 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 for (resource, _, _), obj in orphans:
                     raw = obj.raw
                     obj.delete()
+                    self._note_deletion(obj)
                     await self._buses[resource].put({"type": "DELETED", "object": raw})
+
+    def _note_deletion(self, obj: Any) -> None:
+        if obj.deleted:
+            self._deleted_version.setdefault(obj.last.raw.get("metadata", {}).get("uid", ""), time.monotonic_ns())
 
     async def _serve_list(self, request: rendering.Request) -> Any:
         """Lists get their kind (kubectl get/wait need it) and honour label and field selectors."""
@@ -275,22 +284,33 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
 
     async def _watch_events(self, request: rendering.Request) -> AsyncIterator[Any]:
         since = request.params.get("resourceVersion", "")
+        from_version = since.isdigit() and int(since) > 0
+
+        def shown(event: dict[str, Any]) -> dict[str, Any]:
+            if _wants_table(request):
+                return {**event, "object": _table(self._kind(request.resource), [event["object"]])}
+            return event
+
+        replayed = not from_version
         async for event in super()._serve_watch(request):
-            if isinstance(event, dict) and since.isdigit() and int(since) > 0:
+            if not isinstance(event, dict):  # b"": kmock's start of the stream, before its replay of what exists
+                yield event
+                for deleted in [] if replayed else self._deleted_since(request, int(since)):
+                    yield shown(deleted)
+                replayed = True
+                continue
+            if from_version:
                 event = self._as_watched_since(event, int(since))
                 if event is None:
                     continue
-            if not isinstance(event, dict) or self._selected(request, event.get("object") or {}):
-                if isinstance(event, dict) and _wants_table(request):
-                    event = {**event, "object": _table(self._kind(request.resource), [event["object"]])}
-                yield event
+            if self._selected(request, event.get("object") or {}):
+                yield shown(event)
 
     def _as_watched_since(self, event: dict[str, Any], since: int) -> dict[str, Any] | None:
         """A watch from a resourceVersion (kopf and `kubectl get -w` pass their list's) streams only what
         changed after it; kmock starts every watch with an ADDED event per stored object. Drop those the
         watcher's list already showed, and call an object created before that version but changed since
-        MODIFIED, as a real API server does. Not mended: deletions between the list and the watch (kmock
-        keeps no event history; a real server would send them as DELETED)."""
+        MODIFIED, as a real API server does. Deletions since that version: see _deleted_since."""
         if event.get("type") != "ADDED":
             return event
         meta = event.get("object", {}).get("metadata", {})
@@ -300,6 +320,22 @@ class MendedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         if self._created_version.get(meta.get("uid", ""), version) <= since:
             return {**event, "type": "MODIFIED"}
         return event
+
+    def _deleted_since(self, request: rendering.Request, since: int) -> list[dict[str, Any]]:
+        """A watch from a version also streams, as DELETED, what its list showed and was deleted after it
+        (kmock's replay skips deleted objects, so the watcher would keep them forever). Objects both created
+        and deleted after the version are left out: a real server sends ADDED then DELETED, which nets out. Not
+        mended: an object deleted and created again under its name (kmock keeps one entry per name; the old
+        one's DELETED is lost)."""
+        events = []
+        for obj in self._KubernetesEmulator__get_objs(request, strict=False):
+            last = obj.last.raw if obj.deleted else None
+            uid = (last or {}).get("metadata", {}).get("uid", "")
+            if last is not None and self._created_version.get(uid, since + 1) <= since < \
+                    self._deleted_version.get(uid, 0) and self._selected(request, last):
+                events.append({"type": "DELETED", "object": {**last, "metadata": {
+                    **last["metadata"], "resourceVersion": str(self._deleted_version[uid])}}})
+        return events
 
     async def _serve_version(self, request: rendering.Request) -> Any:
         """Subresources carry no short names or categories (kmock copies them: kubectl warns on every `ftj`)."""

@@ -90,3 +90,33 @@ def test_a_watch_from_a_listed_version_streams_only_later_changes(backend: Backe
     assert ("ADDED", "watch-unchanged") not in events and ("ADDED", "watch-changed") not in events, events
     assert events.count(("ADDED", "watch-new")) == 1, events
     assert [e for e in events if e[1] == "watch-changed"][:1] == [("MODIFIED", "watch-changed")], events
+
+
+def test_a_watch_from_a_listed_version_streams_deletions_since(backend: Backend, api: Api) -> None:
+    """An object the list showed and that is deleted before the watch starts arrives as DELETED (kmock's
+    replay skips deleted objects, so a watcher would keep it forever; tests/fixtures_k8s.py mends that).
+    ConfigMaps: nothing in the suite's operator touches them, so the events are exactly these."""
+    selector = "kubetune-test=watch-deletions"
+
+    def create(name: str) -> None:
+        api.core.create_namespaced_config_map(NS, {"metadata": {"name": name, "labels": {
+            "kubetune-test": "watch-deletions"}}, "data": {"k": "v"}})
+
+    create("watch-kept")
+    create("watch-deleted")
+    listed = api.core.list_namespaced_config_map(NS, label_selector=selector)
+    api.core.delete_namespaced_config_map("watch-deleted", NS)
+    create("watch-added")
+    events: list[tuple[str, str]] = []
+    stream = kubernetes.watch.Watch().stream(api.core.list_namespaced_config_map, NS, label_selector=selector,
+                                             resource_version=listed.metadata.resource_version, timeout_seconds=3,
+                                             _request_timeout=5)
+    try:
+        for event in stream:
+            events.append((event["type"], event["object"].metadata.name))
+    except urllib3.exceptions.ReadTimeoutError:
+        pass  # the emulator ignores timeoutSeconds; a real server closes the stream after it
+    finally:
+        for name in ("watch-kept", "watch-added"):
+            api.core.delete_namespaced_config_map(name, NS)
+    assert sorted(events) == [("ADDED", "watch-added"), ("DELETED", "watch-deleted")], events
