@@ -321,7 +321,8 @@ def test_embedded_s3_leaves_a_verified_local_copy(tmp_path: Path, tiny_gpt2: Pat
     job = write_job(tiny_causal("embedded", tiny_gpt2, chat_data, out), tmp_path / "job.yaml")
     code, log = kubetune("run", str(job), "--embedded-s3", state=tmp_path / "state")
     assert code == EXIT_OK, log
-    assert f"verified copy of the output in {out}" in log
+    # trained against the embedded S3, then the verified output copied out of it, without the checkpoints
+    assert f"verified copy of the output in {out}" in log and not (out / "checkpoints").exists()
     Storage().fetch(str(out), tmp_path / "unused")  # verifies every file against manifest.json
     assert {"merged/config.json", "README.md", "run.json"} <= manifest_paths(out)
     assert "output -> s3://kubetune-outputs/embedded/" in log  # the run itself went through S3

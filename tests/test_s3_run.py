@@ -1,4 +1,4 @@
-"""A whole `kubetune run` with every uri on a real S3 server (SeaweedFS), and `--embedded-s3`."""
+"""A whole `kubetune run` with every uri on a real S3 server (SeaweedFS). `--embedded-s3`: test_new_user.py."""
 
 from __future__ import annotations
 
@@ -47,15 +47,3 @@ def test_run_with_every_uri_on_s3(tmp_path: Path, s3_server: SeaweedServer, s3_b
     assert run["data"]["objects"][0]["objects"][0]["etag"]  # the prefix lists each object's ETag
     checkpoints = s3_storage.list_prefixes(identity_root(s3_storage, f"s3://{s3_bucket}/ckpt/s3-run/"))
     assert checkpoints == ["checkpoint-00000003", "checkpoint-00000006"]
-
-
-def test_embedded_s3_run(tmp_path: Path, minilm_path: Path, reviews_subset: Path,
-                         capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "local-out"
-    doc = classification_job("embedded", minilm_path, reviews_subset, out, hyperparameters={"maxSteps": 2})
-    assert main(["run", str(write_job(doc, tmp_path / "job.yaml")), "--embedded-s3"]) == 0
-    printed = capsys.readouterr().out
-    assert "s3://kubetune-outputs/embedded/" in printed and "manifest.json" in printed
-    # trained against the embedded S3, then the verified output copied out of it (issue 7, item 10)
-    assert f"verified copy of the output in {out}" in printed
-    assert (out / "manifest.json").is_file() and not (out / "checkpoints").exists()
