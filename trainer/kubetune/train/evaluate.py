@@ -82,8 +82,9 @@ def evaluate(
     multiple = length_multiple(device)
     batches = eval_batches(len(examples), lengths, batch_size * 2, distributed.world_size(), distributed.rank())
     n_labels = max(len(labels), 1)
-    # [loss_sum, target_count, confusion...]: one all-reduce for everything.
-    totals = torch.zeros(2 + n_labels * n_labels, dtype=torch.float64)
+    # [loss_sum, target_count, confusion...]: one all-reduce for everything. Summed where the logits are and read
+    # back once at the end: on a GPU a read per batch would stall the queue of kernels each time.
+    totals = torch.zeros(2 + n_labels * n_labels, dtype=torch.float64, device=device)
     # A sharded model's forward is a collective: every rank runs as many as the busiest, extra ones unscored.
     rounds = distributed.max_over_ranks(len(batches)) if isinstance(model, FSDPModule) else len(batches)
     for round_ in range(rounds):
@@ -95,11 +96,12 @@ def evaluate(
         batch = {k: v.to(device) for k, v in host.items()}
         with precision.autocast(), TargetLogits(model, task, host["labels"], batch["labels"]) as selection:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        totals[0] += summed_loss(logits, selection.labels_for(logits), task).item()
-        totals[1] += target_count(batch["labels"], task)
+        totals[0] += summed_loss(logits, selection.labels_for(logits), task)
+        totals[1] += target_count(host["labels"], task)  # counted on the host copy: no device read
         if task == "sequence-classification":
             flat = batch["labels"] * n_labels + logits.argmax(-1)
-            totals[2:] += torch.bincount(flat.cpu(), minlength=n_labels * n_labels).double()
+            totals[2:] += torch.bincount(flat, minlength=n_labels * n_labels)
+    totals = totals.cpu()
     distributed.all_reduce_sum(totals)
     model.train(was_training)
     mean_loss = float(totals[0] / max(totals[1].item(), 1))
