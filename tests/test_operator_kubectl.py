@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import pytest
@@ -58,6 +59,20 @@ def test_kubectl_apply_get_and_wait_for_succeeded(backend: Backend, operator: Op
     assert phase.stdout == "Succeeded", phase.stderr
 
 
+def watch_events(list_call: Any, *args: Any, resource_version: str, **kwargs: Any) -> list[tuple[str, str]]:
+    """(type, name) of each event a watch from `resource_version` streams."""
+    events: list[tuple[str, str]] = []
+    stream = kubernetes.watch.Watch().stream(list_call, *args, resource_version=resource_version, timeout_seconds=3,
+                                             _request_timeout=5, **kwargs)
+    try:
+        for event in stream:
+            found = event["object"]  # a dict from the custom-objects API, a model object from the core one
+            events.append((event["type"], found["metadata"]["name"] if isinstance(found, dict) else
+                           found.metadata.name))
+    except urllib3.exceptions.ReadTimeoutError:
+        pass  # the emulator ignores timeoutSeconds; a real server closes the stream after it
+    return events
+
 
 def test_a_watch_from_a_listed_version_streams_only_later_changes(backend: Backend, api: Api) -> None:
     """What kopf does: list, then watch from the list's resourceVersion. A real API server then streams only
@@ -73,15 +88,9 @@ def test_a_watch_from_a_listed_version_streams_only_later_changes(backend: Backe
     listed = api.custom.list_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, NS, contract.PLURAL)
     api.patch_ftj("watch-changed", {"metadata": {"labels": {"team": "ml"}}})
     create("watch-new")
-    events: list[tuple[str, str]] = []
-    stream = kubernetes.watch.Watch().stream(
-        api.custom.list_namespaced_custom_object, contract.API_GROUP, contract.API_VERSION, NS, contract.PLURAL,
-        resource_version=listed["metadata"]["resourceVersion"], timeout_seconds=3, _request_timeout=5)
     try:
-        for event in stream:
-            events.append((event["type"], event["object"]["metadata"]["name"]))
-    except urllib3.exceptions.ReadTimeoutError:
-        pass  # the emulator ignores timeoutSeconds; a real server closes the stream after it
+        events = watch_events(api.custom.list_namespaced_custom_object, contract.API_GROUP, contract.API_VERSION, NS,
+                              contract.PLURAL, resource_version=listed["metadata"]["resourceVersion"])
     finally:
         for name in ("watch-unchanged", "watch-changed", "watch-new"):
             api.custom.delete_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, NS,
@@ -107,15 +116,9 @@ def test_a_watch_from_a_listed_version_streams_deletions_since(backend: Backend,
     listed = api.core.list_namespaced_config_map(NS, label_selector=selector)
     api.core.delete_namespaced_config_map("watch-deleted", NS)
     create("watch-added")
-    events: list[tuple[str, str]] = []
-    stream = kubernetes.watch.Watch().stream(api.core.list_namespaced_config_map, NS, label_selector=selector,
-                                             resource_version=listed.metadata.resource_version, timeout_seconds=3,
-                                             _request_timeout=5)
     try:
-        for event in stream:
-            events.append((event["type"], event["object"].metadata.name))
-    except urllib3.exceptions.ReadTimeoutError:
-        pass  # the emulator ignores timeoutSeconds; a real server closes the stream after it
+        events = watch_events(api.core.list_namespaced_config_map, NS, label_selector=selector,
+                              resource_version=listed.metadata.resource_version)
     finally:
         for name in ("watch-kept", "watch-added"):
             api.core.delete_namespaced_config_map(name, NS)
