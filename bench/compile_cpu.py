@@ -84,20 +84,14 @@ def main() -> None:
             compile_seconds.append(time.perf_counter() - started)
         compiled = [timed(args.multiple) for _ in range(3)]
         recipe.cleanup()
-    result = {
-        "benchmark": "compile_cpu", "machine": common.machine(), "precision": recipe.precision.name,
-        "threads": torch.get_num_threads(), "multiple": args.multiple, "shapes": shapes,
-        "compileSeconds": [round(s, 1) for s in compile_seconds],
-        "eagerSeconds": statistics.median(unpadded), "eagerPaddedSeconds": statistics.median(padded_eager),
-        "compiledSeconds": statistics.median(compiled),
-    }
-    result["speedupOverEager"] = result["eagerSeconds"] / result["compiledSeconds"]
-    result["speedupOverEagerPadded"] = result["eagerPaddedSeconds"] / result["compiledSeconds"]
-    print(json.dumps(result["machine"]), f"precision {result['precision']}")
-    print(f"10 steps: eager {result['eagerSeconds']:.2f} s, eager padded to {args.multiple} "
-          f"{result['eagerPaddedSeconds']:.2f} s, compiled {result['compiledSeconds']:.2f} s after "
-          f"{sum(compile_seconds):.0f} s compiling {len(shapes)} shapes: {result['speedupOverEager']:.2f}x eager")
-    print(json.dumps(result))
+    eager_padded, compiled_seconds = statistics.median(padded_eager), statistics.median(compiled)
+    report("compile_cpu", recipe, {
+        "multiple": args.multiple, "shapes": shapes, "compileSeconds": [round(s, 1) for s in compile_seconds],
+        "eagerSeconds": statistics.median(unpadded), "eagerPaddedSeconds": eager_padded,
+        "compiledSeconds": compiled_seconds, "speedupOverEagerPadded": eager_padded / compiled_seconds,
+    }, lambda r: f"10 steps: eager {r['eagerSeconds']:.2f} s, eager padded to {args.multiple} "
+                 f"{r['eagerPaddedSeconds']:.2f} s, compiled {r['compiledSeconds']:.2f} s after "
+                 f"{sum(compile_seconds):.0f} s compiling {len(shapes)} shapes: {r['speedupOverEager']:.2f}x eager")
 
 
 def regional(recipe: Any, timed: Callable[[], float]) -> None:
@@ -112,14 +106,23 @@ def regional(recipe: Any, timed: Callable[[], float]) -> None:
     first = timed()
     compiled = [timed() for _ in range(3)]
     recipe.cleanup()
-    result = {"benchmark": "compile_cpu_regional", "machine": common.machine(), "precision": recipe.precision.name,
-              "threads": torch.get_num_threads(), "layers": len(layers), "firstPassSeconds": first,
-              "eagerSeconds": statistics.median(eager), "compiledSeconds": statistics.median(compiled)}
+    report("compile_cpu_regional", recipe, {
+        "layers": len(layers), "firstPassSeconds": first, "eagerSeconds": statistics.median(eager),
+        "compiledSeconds": statistics.median(compiled),
+    }, lambda r: f"10 steps: eager {r['eagerSeconds']:.2f} s, {len(layers)} layers compiled "
+                 f"{r['compiledSeconds']:.2f} s (first pass, compiling: {first:.0f} s): "
+                 f"{r['speedupOverEager']:.2f}x eager")
+
+
+def report(benchmark: str, recipe: Any, figures: dict[str, Any], line: Callable[[dict[str, Any]], str]) -> None:
+    """The machine and precision, one line of figures, then everything as one JSON object (the last line)."""
+    import torch
+
+    result = {"benchmark": benchmark, "machine": common.machine(), "precision": recipe.precision.name,
+              "threads": torch.get_num_threads(), **figures}
     result["speedupOverEager"] = result["eagerSeconds"] / result["compiledSeconds"]
     print(json.dumps(result["machine"]), f"precision {result['precision']}")
-    print(f"10 steps: eager {result['eagerSeconds']:.2f} s, {len(layers)} layers compiled "
-          f"{result['compiledSeconds']:.2f} s (first pass, compiling: {first:.0f} s): "
-          f"{result['speedupOverEager']:.2f}x eager")
+    print(line(result))
     print(json.dumps(result))
 
 
