@@ -40,10 +40,19 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServe
 
 
 @pytest.fixture
-def s3_bucket(s3_server: SeaweedServer) -> str:
+def s3_bucket(s3_server: SeaweedServer) -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:12]}"
-    s3_client(s3_server.endpoint).create_bucket(Bucket=name)
-    return name
+    client = s3_client(s3_server.endpoint)
+    client.create_bucket(Bucket=name)
+    yield name
+    # Dropped afterwards: each bucket is a SeaweedFS collection holding volumes of its own, and `weed mini` allows
+    # as many volumes as the free disk holds (12 with 13 GB free), so one server for the whole suite ran out of
+    # them mid-suite on a fuller disk ("No writable volumes and no free volumes left").
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+    client.delete_bucket(Bucket=name)
 
 
 @pytest.fixture
