@@ -64,7 +64,7 @@ def causal_targets(recipe: Any, batches: list[list[int]]) -> int | None:
 def step_flops(model: Any, example_lengths: list[int], targets: int | None = None) -> float:
     """Model FLOPs of forward + backward over examples of these lengths (see the module docstring). For a
     causal LM, `targets` (its target tokens) are the only positions whose logits the trainer computes
-    (train/target_logits.py), so its output layer counts there and not at every token."""
+    (train/speedups/target_logits.py), so its output layer counts there and not at every token."""
     trainable, frozen = matmul_weights(model)
     layers, width = attention_shape(model)
     tokens = sum(example_lengths)

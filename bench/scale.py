@@ -54,9 +54,10 @@ def worker(model_dir: str, strategy: str, steps: int, out: str, checkpointing: b
     import torch
 
     from kubetune.spec import FineTuneJob
-    from kubetune.train import distributed, fast_dropout, sharding
+    from kubetune.train import distributed, sharding
     from kubetune.train.loading import load_model
     from kubetune.train.precision import choose_precision
+    from kubetune.train.speedups import fast_dropout
 
     distributed.init()
     doc = common.job_document("scale", "unused.jsonl", "unused", method={"type": "full"},

@@ -1,8 +1,8 @@
 """Causal LM: two changes to the trainer's step, each against the step without it, in one process.
 
-- per-example attention (train/segment_attention.py): packed rows attend per example instead of over the whole
+- per-example attention (train/speedups/segment_attention.py): packed rows attend per example instead of over the whole
   row through transformers' block-diagonal mask; packed batches at max length 256, 512 and 1024.
-- fused GELU (train/fused_gelu.py): torch's one-kernel tanh GELU instead of GPT-2's spelled-out `gelu_new`;
+- fused GELU (train/speedups/fused_gelu.py): torch's one-kernel tanh GELU instead of GPT-2's spelled-out `gelu_new`;
   packed and padded batches at max length 256.
 
 The trainer's own optimizer step (`FineTuneRecipe._update`) on bench/trainer_throughput.py's causal-LM case
@@ -62,8 +62,8 @@ def _dense_attention(*args: Any) -> Iterator[None]:
 def switches(recipe: Any, change: str) -> dict[str, Callable[[], None]]:
     from transformers.activations import NewGELUActivation
 
-    from kubetune.train import segment_attention
-    from kubetune.train.fused_gelu import TanhGELU
+    from kubetune.train.speedups import segment_attention
+    from kubetune.train.speedups.fused_gelu import TanhGELU
 
     if change == "per-example attention":  # the trainer calls segment_attention.within per micro-batch
         def attention(way: Any) -> Callable[[], None]:
@@ -84,7 +84,7 @@ def switches(recipe: Any, change: str) -> dict[str, Callable[[], None]]:
 
 
 def measure(model: Path, change: str, packing: bool, length: int, rounds: int, work: Path) -> dict[str, Any]:
-    from kubetune.train import segment_attention
+    from kubetune.train.speedups import segment_attention
 
     recipe = _step_ab.causal_recipe(model, packing, length, work)
     batches = _step_ab.first_batches(recipe, 8)

@@ -1,4 +1,4 @@
-"""Causal LM: logits at target positions only (train/target_logits.py) against logits at every position.
+"""Causal LM: logits at target positions only (train/speedups/target_logits.py) against logits at every position.
 
 The trainer's own optimizer step (`FineTuneRecipe._update`: forward, loss, backward, clipping, AdamW) on the
 first 8 batches of the instruction samples, full fine-tuning of the benchmark's GPT-2 (n_embd 256, 4 layers,
@@ -70,7 +70,7 @@ def measure(model: Path, packing: bool, rounds: int, work: Path) -> dict[str, An
     from trainer_throughput import padding_stats
 
     import kubetune.train.recipe as recipe_module
-    from kubetune.train.target_logits import TargetLogits
+    from kubetune.train.speedups.target_logits import TargetLogits
 
     recipe = _step_ab.causal_recipe(model, packing, 256, work)
     batches = _step_ab.first_batches(recipe, 8)

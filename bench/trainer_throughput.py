@@ -78,7 +78,7 @@ def run_kubetune(config: dict[str, Any]) -> dict[str, Any]:
 
     setup_logging(0)
     if config.get("torchDropout"):  # the same trainer with torch's own dropout: what fast_dropout buys
-        from kubetune.train import fast_dropout
+        from kubetune.train.speedups import fast_dropout
 
         fast_dropout.enabled = contextlib.nullcontext  # type: ignore[assignment]
     job = load_job(config["job"])

@@ -12,8 +12,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kubetune.train import gloo_overlap, sharding
+from kubetune.train import sharding
 from kubetune.train.precision import choose_precision
+from kubetune.train.speedups import gloo_overlap
 
 calls = {"all_gather": 0, "reduce_scatter": 0}
 

@@ -19,7 +19,7 @@ from kubetune import procmem
 from kubetune.spec import FineTuneJob
 from kubetune.train.evaluate import summed_loss
 from kubetune.train.model import build_model
-from kubetune.train.target_logits import TargetLogits
+from kubetune.train.speedups.target_logits import TargetLogits
 
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], task: str) -> float:

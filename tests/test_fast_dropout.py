@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kubetune.train import fast_dropout
+from kubetune.train.speedups import fast_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

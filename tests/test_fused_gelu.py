@@ -1,4 +1,4 @@
-"""GPT-2's spelled-out tanh GELU swapped for torch's fused one (train/fused_gelu.py): same function within
+"""GPT-2's spelled-out tanh GELU swapped for torch's fused one (train/speedups/fused_gelu.py): same function within
 float rounding, the trainer's models use it, and nothing of the saved model changes."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassi
 from transformers.activations import NewGELUActivation
 
 from kubetune.jobfile import parse_job
-from kubetune.train.fused_gelu import TanhGELU, fuse_tanh_gelu
 from kubetune.train.model import build_model
+from kubetune.train.speedups.fused_gelu import TanhGELU, fuse_tanh_gelu
 from tests.fixtures_models import causal_job
 
 

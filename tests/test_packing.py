@@ -17,12 +17,12 @@ from kubetune.cli import main
 from kubetune.data.encode import IGNORE_INDEX, encode_causal_lm
 from kubetune.jobfile import parse_job, write_job
 from kubetune.samples import INSTRUCTIONS, sample_path
-from kubetune.train import segment_attention
 from kubetune.train.batching import collate, model_inputs
 from kubetune.train.evaluate import summed_loss
 from kubetune.train.model import load_tokenizer
 from kubetune.train.packing import pack_examples, pack_rows
 from kubetune.train.recipe import FineTuneRecipe
+from kubetune.train.speedups import segment_attention
 from tests.fixtures_models import causal_job, classification_job
 
 # fp32 sums of ~50 token losses, packed vs alone: only the summation order and the mask's shape differ.
@@ -83,7 +83,7 @@ def per_example_losses(model: torch.nn.Module, rows: list[dict[str, Any]],
 
 @pytest.mark.parametrize("attention", ["dense", "per-example"])
 def test_packed_batch_gives_each_example_its_unpacked_loss(tiny_gpt2: Path, attention: str) -> None:
-    """dense: transformers' block-diagonal mask over the row; per-example: train/segment_attention.py, as the
+    """dense: transformers' block-diagonal mask over the row; per-example: train/speedups/segment_attention.py, as the
     trainer runs packed batches on a CPU."""
     tokenizer, examples = encoded_instructions(tiny_gpt2, 40)
     packed = pack_examples(examples, 128)

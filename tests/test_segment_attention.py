@@ -1,4 +1,4 @@
-"""Packed rows' attention per example on CPU (train/segment_attention.py): same numbers as the dense
+"""Packed rows' attention per example on CPU (train/speedups/segment_attention.py): same numbers as the dense
 block-diagonal mask, the fallbacks, and the model's configuration left as it was."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from kubetune.train import segment_attention
+from kubetune.train.speedups import segment_attention
 
 CPU = torch.device("cpu")
 

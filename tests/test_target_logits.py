@@ -16,7 +16,7 @@ from kubetune.train.batching import collate, collate_packed, model_inputs
 from kubetune.train.evaluate import summed_loss
 from kubetune.train.model import build_model, load_tokenizer
 from kubetune.train.packing import pack_examples
-from kubetune.train.target_logits import TargetLogits
+from kubetune.train.speedups.target_logits import TargetLogits
 from tests.fixtures_models import causal_job
 
 # fp32 sums of a few hundred token losses: the kept rows go through the same matmul, in a smaller batch.

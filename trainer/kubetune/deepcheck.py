@@ -22,6 +22,7 @@ from typing import Any
 from kubetune.data.clean import check_columns, clean_files
 from kubetune.data.read import EXTENSIONS, file_format, read_file
 from kubetune.errors import UserError
+from kubetune.memory import device_memory, plan, world_size
 from kubetune.spec import FineTuneJob
 from kubetune.storage import Storage, is_s3, join_uri
 
@@ -243,8 +244,6 @@ def _model_files(storage: Storage, uri: str, work: Path) -> Path:
 
 def estimate(job: FineTuneJob, model: dict[str, Any], train_rows: int, device_memory: int | None) -> dict[str, Any]:
     """Steps on the job's devices, and the memory plan (kubetune.memory, the trainer's own estimate)."""
-    from kubetune.memory import plan, world_size
-
     spec, hp = job.spec, job.spec.hyperparameters
     world = world_size(spec)
     fraction = spec.data.split.train if spec.data.validation is None or spec.data.test is None else 1.0
@@ -261,19 +260,7 @@ def _check_fits(job: FineTuneJob, estimate: dict[str, Any]) -> None:
 
 
 def _device_memory(job: FineTuneJob) -> int | None:
-    from kubetune.memory import device_memory
-
     return device_memory(job.spec)
-
-
-def parse_quantity(value: str) -> int | None:
-    """Kubernetes memory quantities: 32Gi, 512Mi, 1G, 1000000."""
-    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9,
-             "T": 10**12}
-    for suffix, factor in units.items():
-        if value.endswith(suffix) and value[: -len(suffix)].replace(".", "", 1).isdigit():
-            return int(float(value[: -len(suffix)]) * factor)
-    return int(value) if value.isdigit() else None
 
 
 def render(report: DeepReport) -> str:

@@ -22,7 +22,7 @@ GiB = 1 << 30
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit weights plus one fp32 absmax per block of 64 (bitsandbytes NF4)
 ADAMW_STATES = 2          # exp_avg and exp_avg_sq, fp32
 # Around the loss: the logits, a copy, log-softmax's output, and two gradients of that size. The trainer computes
-# logits at target positions only (train/target_logits.py); before the data is read, every position counts.
+# logits at target positions only (train/speedups/target_logits.py); before the data is read, every position counts.
 LOGIT_COPIES = 4
 LORA_DEFAULT_TARGETS = {"gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
                         "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
@@ -315,10 +315,18 @@ def world_size(spec: FineTuneJobSpec) -> int:
     return max(spec.resources.nodes * max(spec.resources.gpus_per_node, 1), 1)
 
 
+def parse_quantity(value: str) -> int | None:
+    """Kubernetes memory quantities: 32Gi, 512Mi, 1G, 1000000."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9,
+             "T": 10**12}
+    for suffix, factor in units.items():
+        if value.endswith(suffix) and value[: -len(suffix)].replace(".", "", 1).isdigit():
+            return int(float(value[: -len(suffix)]) * factor)
+    return int(value) if value.isdigit() else None
+
+
 def device_memory(spec: FineTuneJobSpec, override: str | None = None) -> int | None:
     """Per-device bytes for validate: --device-memory, $KUBETUNE_DEVICE_MEMORY, or resources.memory on CPU."""
-    from kubetune.deepcheck import parse_quantity
-
     for source, value in (("--device-memory", override), (ENV_DEVICE_MEMORY, os.environ.get(ENV_DEVICE_MEMORY))):
         if value:
             parsed = parse_quantity(value)

@@ -13,7 +13,7 @@ from kubetune.data.encode import IGNORE_INDEX
 from kubetune.train import distributed
 from kubetune.train.batching import collate, eval_batches, length_multiple
 from kubetune.train.precision import Precision
-from kubetune.train.target_logits import TargetLogits
+from kubetune.train.speedups.target_logits import TargetLogits
 
 
 def classification_metrics(confusion: list[list[int]], labels: list[str]) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def classification_metrics(confusion: list[list[int]], labels: list[str]) -> dic
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """Cross-entropy summed over the targets (see target_count), in fp32: training and evaluation share it."""
-    # Classification; or a causal LM's logits at its targets only (train/target_logits.py), `labels` the targets.
+    # Classification; or a causal LM's logits at its targets only (speedups/target_logits.py), `labels` the targets.
     if task == "sequence-classification" or logits.dim() == 2:
         return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
     # Causal LM: position t predicts token t+1; only completion tokens are targets (labels = -100 elsewhere).

@@ -9,7 +9,7 @@ import torch
 
 from kubetune.contract import ENV_DEVICE_MEMORY
 from kubetune.errors import UserError
-from kubetune.memory import MemoryPlan, host_available_bytes, plan, read_config
+from kubetune.memory import MemoryPlan, host_available_bytes, parse_quantity, plan, read_config
 from kubetune.spec import FineTuneJobSpec
 from kubetune.train import distributed
 
@@ -18,8 +18,6 @@ def device_bytes(device: torch.device) -> int:
     """$KUBETUNE_DEVICE_MEMORY, else the GPU's memory, else this process's share of the host's free memory."""
     configured = os.environ.get(ENV_DEVICE_MEMORY)
     if configured:
-        from kubetune.deepcheck import parse_quantity
-
         parsed = parse_quantity(configured)
         if parsed is None:
             raise UserError(f"{ENV_DEVICE_MEMORY}: {configured!r} is not a quantity like 80Gi")

@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from kubetune.errors import UserError
 from kubetune.spec import FineTuneJobSpec
 from kubetune.train import distributed
-from kubetune.train.fused_gelu import fuse_tanh_gelu
 from kubetune.train.precision import Precision
+from kubetune.train.speedups.fused_gelu import fuse_tanh_gelu
 
 log = logging.getLogger("kubetune.trainer")
 OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "xmod", "data2vec-text",

@@ -28,11 +28,9 @@ from kubetune.train import (
     checkpoint,
     distributed,
     dryrun,
-    fast_dropout,
     identity,
     interrupts,
     outputs,
-    segment_attention,
     sharded_checkpoint,
     sharding,
 )
@@ -55,7 +53,8 @@ from kubetune.train.packing import pack_examples, packing_enabled
 from kubetune.train.position import EpochPlan, epoch_plan
 from kubetune.train.precision import choose_precision, precision_note
 from kubetune.train.progress import Progress
-from kubetune.train.target_logits import TargetLogits
+from kubetune.train.speedups import fast_dropout, segment_attention
+from kubetune.train.speedups.target_logits import TargetLogits
 
 log = logging.getLogger("kubetune.trainer")
 

@@ -15,9 +15,10 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from kubetune.train import distributed, gloo_overlap
+from kubetune.train import distributed
 from kubetune.train.model import layer_stack
 from kubetune.train.precision import Precision
+from kubetune.train.speedups import gloo_overlap
 
 log = logging.getLogger("kubetune.trainer")
 
