@@ -10,7 +10,8 @@ import torch
 MEGA_BATCHES = 50  # sort by length inside windows of 50 batches: low padding, still well shuffled
 # On GPUs every new sequence length costs a new attention plan (cuDNN's SDPA: 0.1-2.5 s each on an H100, measured
 # with bench/gpu.py); batches padded to a multiple of 64 tokens see at most maxSeqLength / 64 lengths. On a CPU
-# padding is only more work: there batches stay at their longest example.
+# padding is only more work: there batches stay at their longest example. Never past the model's position limit
+# (`limit`, the clamped maxSeqLength): 300 positions and a 290-token batch pad to 300, not 320 (a CUDA assert).
 GPU_LENGTH_MULTIPLE = 64
 
 
@@ -34,15 +35,17 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, wo
     return batches[rank:usable:world] if world > 1 else batches
 
 
-def padded_length(longest: int, multiple: int) -> int:
-    return -(-longest // multiple) * multiple
+def padded_length(longest: int, multiple: int, limit: int | None = None) -> int:
+    rounded = -(-longest // multiple) * multiple
+    return rounded if limit is None else max(longest, min(rounded, limit))
 
 
-def collate(examples: list[dict[str, Any]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Pad to the longest example in the batch, rounded up to `multiple` (right padding)."""
+def collate(examples: list[dict[str, Any]], pad_id: int, multiple: int = 1,
+            limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest example in the batch, rounded up to `multiple` but not past `limit` (right padding)."""
     if "position_ids" in examples[0]:
-        return collate_packed(examples, pad_id, multiple)
-    longest = padded_length(max(len(e["input_ids"]) for e in examples), multiple)
+        return collate_packed(examples, pad_id, multiple, limit)
+    longest = padded_length(max(len(e["input_ids"]) for e in examples), multiple, limit)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
     labels: torch.Tensor | None = None
@@ -62,10 +65,11 @@ def collate(examples: list[dict[str, Any]], pad_id: int, multiple: int = 1) -> d
     return batch
 
 
-def collate_packed(rows: list[dict[str, Any]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[dict[str, Any]], pad_id: int, multiple: int = 1,
+                   limit: int | None = None) -> dict[str, torch.Tensor]:
     """Packed rows (train/packing.py): no attention mask, so transformers derives the block-diagonal one from
     position_ids; a short row's tail is one more segment of its own (positions from 0, no targets)."""
-    longest = padded_length(max(len(r["input_ids"]) for r in rows), multiple)
+    longest = padded_length(max(len(r["input_ids"]) for r in rows), multiple, limit)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), -100, dtype=torch.long)
     positions = torch.zeros((len(rows), longest), dtype=torch.long)

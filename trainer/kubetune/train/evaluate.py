@@ -74,8 +74,9 @@ def evaluate(
     pad_id: int,
     precision: Precision,
     device: torch.device,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
-    """Loss plus task metrics over `examples`, each rank scoring its shard."""
+    """Loss plus task metrics over `examples`, each rank scoring its shard; batches never pad past max_length."""
     was_training = model.training
     model.eval()
     lengths = [len(e["input_ids"]) for e in examples]
@@ -89,10 +90,10 @@ def evaluate(
     rounds = distributed.max_over_ranks(len(batches)) if isinstance(model, FSDPModule) else len(batches)
     for round_ in range(rounds):
         if round_ >= len(batches):
-            spare = {k: v.to(device) for k, v in collate(examples[:1], pad_id, multiple).items()}
+            spare = {k: v.to(device) for k, v in collate(examples[:1], pad_id, multiple, max_length).items()}
             model(input_ids=spare["input_ids"], attention_mask=spare["attention_mask"])
             continue
-        host = collate([examples[i] for i in batches[round_]], pad_id, multiple)
+        host = collate([examples[i] for i in batches[round_]], pad_id, multiple, max_length)
         batch = {k: v.to(device) for k, v in host.items()}
         with precision.autocast(), TargetLogits(model, task, host["labels"], batch["labels"]) as selection:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -20,8 +20,10 @@ from kubetune.train.precision import Precision
 from kubetune.train.speedups.fused_gelu import fuse_tanh_gelu
 
 log = logging.getLogger("kubetune.trainer")
-OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "xmod", "data2vec-text",
-                    "longformer", "ibert"}
+# Families that number positions from pad_token_id + 1 (transformers' create_position_ids_from_input_ids), so that
+# many fewer are usable; tests/test_positions.py checks the list against the installed transformers.
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "xmod",
+                    "data2vec-text", "longformer", "ibert", "mpnet", "luke", "esm", "markuplm", "lilt", "layoutlmv3"}
 
 
 @dataclass
@@ -116,9 +118,7 @@ def max_sequence_length(requested: int, model_dir: Path, tokenizer: Any) -> int:
     limits = [int(tokenizer.model_max_length)] if tokenizer.model_max_length < 1e9 else []  # 1e30 means unset
     positions = getattr(config, "max_position_embeddings", None)
     if positions:
-        # RoBERTa-style models number positions from pad_token_id + 1, so that many fewer are usable.
-        offset = (config.pad_token_id or 0) + 1 if config.model_type in OFFSET_POSITIONS else 0
-        limits.append(int(positions) - offset)
+        limits.append(int(positions) - position_offset(config))
     limit = min(limits, default=requested)
     if requested > limit:
         if distributed.is_main():
@@ -126,6 +126,13 @@ def max_sequence_length(requested: int, model_dir: Path, tokenizer: Any) -> int:
                         limit, limit)
         return limit
     return requested
+
+
+def position_offset(config: Any) -> int:
+    """Positions a model cannot use: RoBERTa-style ones start at pad_token_id + 1 (MPNet's padding index is 1)."""
+    if config.model_type not in OFFSET_POSITIONS:
+        return 0
+    return (1 if config.model_type == "mpnet" else config.pad_token_id or 0) + 1
 
 
 def check_token_ids(model_dir: Path, uri: str, tokenizer: Any, *example_sets: list[dict[str, Any]]) -> None:

@@ -133,6 +133,7 @@ class FineTuneRecipe:
         if not spec.dry_run and self._finished_before():
             return
         max_length = max_sequence_length(spec.data.max_seq_length, inputs.model, self.tokenizer)
+        self.max_length = max_length  # batches padded for the GPU stop here too: past it, positions run out
         self.train_set = self._encode("training", self.data.train, max_length)
         self.packed = packing_enabled(spec.data.packing, spec.model.task)
         if self.packed:  # training rows only: evaluation scores examples one by one, packed or not
@@ -403,8 +404,8 @@ class FineTuneRecipe:
         and examples."""
         task = self.spec.model.task
         multiple = length_multiple(self.device)
-        batches = [collate([self.train_set[j] for j in indices], self.tokenizer.pad_token_id, multiple)
-                   for indices in group]
+        batches = [collate([self.train_set[j] for j in indices], self.tokenizer.pad_token_id, multiple,
+                           self.max_length) for indices in group]
         targets = float(sum(target_count(b["labels"], task) for b in batches))
         global_targets = float(distributed.all_reduce_sum(torch.tensor([targets]))[0])
         scale = distributed.world_size() / max(global_targets, 1.0)  # DDP averages gradients over ranks
@@ -427,7 +428,7 @@ class FineTuneRecipe:
     def _evaluate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         return evaluate(self.model, examples, self.spec.model.task, self.spec.model.labels or [],
                         self.spec.hyperparameters.batch_size, self.tokenizer.pad_token_id, self.precision,
-                        self.device)
+                        self.device, self.max_length)
 
     def _validate(self, progress: Progress) -> None:
         """Validation, best-model tracking and early stopping on spec.evaluation.metric."""
