@@ -61,12 +61,17 @@ def test_qlora_without_cuda_is_bad_input(command: str, tiny_gpt2: Path, tmp_path
 
 
 def test_qlora_merged_output_folds_the_adapter_into_a_bf16_base(tiny_gpt2: Path, tmp_path: Path) -> None:
-    """merged/ of a qlora job: the base reloaded in bf16 (never the 4-bit weights) plus the adapter's delta.
+    """merged/ of a qlora job: the base reloaded in the bf16 it is stored in (never the 4-bit weights) plus the
+    adapter's delta.
 
     A LoRA model stands in for the 4-bit one (the merge reads only the adapter and the base folder)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    stored = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.bfloat16).save_pretrained(stored)
+    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(stored)
+    tiny_gpt2 = stored
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.float32)
     model: Any = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False))
@@ -74,9 +79,10 @@ def test_qlora_merged_output_folds_the_adapter_into_a_bf16_base(tiny_gpt2: Path,
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False))
-    written = save_model(model, AutoTokenizer.from_pretrained(tiny_gpt2), "qlora", True, tmp_path, base_dir=tiny_gpt2)
+    out = tmp_path / "out"
+    written = save_model(model, AutoTokenizer.from_pretrained(tiny_gpt2), "qlora", True, out, base_dir=tiny_gpt2)
     assert written == [contract.ADAPTER_DIR, contract.MERGED_DIR]
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / contract.MERGED_DIR, dtype="auto")
+    merged = AutoModelForCausalLM.from_pretrained(out / contract.MERGED_DIR, dtype="auto")
     assert merged.dtype == torch.bfloat16 and not hasattr(merged.config, "quantization_config")
     weight = "transformer.h.0.attn.c_attn.weight"
     state = merged.state_dict()

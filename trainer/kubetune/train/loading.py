@@ -10,16 +10,18 @@ from torch import nn
 from kubetune.spec import FineTuneJobSpec
 from kubetune.train import distributed
 from kubetune.train.model import ParamCounts, build_model
+from kubetune.train.precision import Precision
 
 
 def load_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None, gradient_checkpointing: bool = False,
-               frozen_dtype: torch.dtype | None = None
+               frozen_dtype: torch.dtype | None = None, precision: Precision | None = None
                ) -> tuple[nn.Module, ParamCounts, dict[str, torch.Tensor] | None]:
     """(model, counts, rank 0's full state dict). On other ranks the model is empty (meta) and the state None:
     sharding.wrap fills it from rank 0, so a node never holds more than one loaded copy of the weights."""
     if not distributed.is_distributed() or spec.method.type == "qlora":
         # QLoRA: bitsandbytes quantises while loading, so each rank loads its own (4-bit, small) copy.
-        model, counts = build_model(spec, model_dir, pad_token_id, gradient_checkpointing, frozen_dtype=frozen_dtype)
+        model, counts = build_model(spec, model_dir, pad_token_id, gradient_checkpointing, frozen_dtype=frozen_dtype,
+                                    precision=precision)
         return model, counts, None
     new_modules: list[str] | None = None
     if distributed.is_main():

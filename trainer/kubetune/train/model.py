@@ -95,6 +95,27 @@ def _damaged_weights(model_dir: Path) -> str:
     return "a weights file"
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the base's floating weights are stored in (most tensors of the safetensors headers; else the
+    config's dtype; else fp32): what merged/ is written in, so it is the size the base was."""
+    counts: dict[torch.dtype, int] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as weights:
+            for key in weights.keys():  # noqa: SIM118  # safe_open has keys(), no iteration
+                dtype = SAFETENSORS_DTYPES.get(weights.get_slice(key).get_dtype())
+                if dtype is not None:
+                    counts[dtype] = counts.get(dtype, 0) + 1
+    if counts:
+        return max(counts, key=lambda d: counts[d])
+    config = AutoConfig.from_pretrained(model_dir)
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    named = getattr(torch, named, None) if isinstance(named, str) else named
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
+
+
 def new_module_roots(model: nn.Module, missing: set[str]) -> list[str]:
     """Full names of the outermost modules whose parameters are all new: `classifier`, not `classifier.dense`.
 
@@ -231,8 +252,10 @@ def require_cuda_for_qlora(spec: FineTuneJobSpec, device: torch.device) -> None:
                         f"runs on {device.type}: use method.type lora here, or run on a GPU")
 
 
-def load_quantized_base(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None) -> nn.Module:
-    """The base in 4-bit NF4 (double-quantised, bf16 compute), prepared for k-bit training."""
+def load_quantized_base(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None,
+                        precision: Precision | None = None) -> nn.Module:
+    """The base in 4-bit NF4 (double-quantised), computing in the run's precision (bf16, or fp16 before Ampere:
+    autocast and the 4-bit matmuls must agree), prepared for k-bit training."""
     try:
         import bitsandbytes  # noqa: F401  # the [qlora] extra; imported here so other methods never need it
         from peft import prepare_model_for_kbit_training
@@ -240,14 +263,22 @@ def load_quantized_base(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: in
     except ImportError as exc:
         raise UserError(f"spec.method.type: qlora needs bitsandbytes (pip install 'kubetune[qlora]'): {exc}"
                         ) from None
+    compute = quantized_compute_dtype(precision)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
+                                      bnb_4bit_compute_dtype=compute)
     model = load_base_model(spec, model_dir, pad_token_id,
-                            {"quantization_config": quantization, "dtype": torch.bfloat16,
+                            {"quantization_config": quantization, "dtype": compute,
                              "device_map": {"": distributed.device()}})
     # Casts norms and the head to fp32 and makes the inputs require grad; checkpointing is ours to switch.
     prepared: nn.Module = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return prepared
+
+
+def quantized_compute_dtype(precision: Precision | None) -> torch.dtype:
+    """bitsandbytes' compute dtype: the autocast dtype (fp32 when the run is fp32); bf16 when none is known."""
+    if precision is None:
+        return torch.bfloat16
+    return precision.dtype or torch.float32
 
 
 def enable_gradient_checkpointing(model: nn.Module, lora: bool) -> None:
@@ -284,12 +315,14 @@ def empty_base_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int |
 
 def build_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None = None,
                 gradient_checkpointing: bool = False, empty_like: list[str] | None = None,
-                frozen_dtype: torch.dtype | None = None) -> tuple[nn.Module, ParamCounts]:
+                frozen_dtype: torch.dtype | None = None,
+                precision: Precision | None = None) -> tuple[nn.Module, ParamCounts]:
     """The model with its trainable parameters chosen; empty_like (rank 0's new modules) builds it on meta;
-    frozen_dtype (see frozen_weights_dtype) holds the weights that do not train in half precision."""
+    frozen_dtype (see frozen_weights_dtype) holds the weights that do not train in half precision; precision
+    is the run's (QLoRA computes in it)."""
     method = spec.method.type
     if method == "qlora":
-        model = load_quantized_base(spec, model_dir, pad_token_id)
+        model = load_quantized_base(spec, model_dir, pad_token_id, precision)
     elif empty_like is None:
         model = load_base_model(spec, model_dir, pad_token_id)
     else:

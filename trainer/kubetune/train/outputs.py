@@ -48,7 +48,10 @@ def hardware(device: torch.device, precision: str, world: int) -> dict[str, Any]
 
 def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Path,
                base_dir: Path | None = None) -> list[str]:
-    """adapter/ (PEFT format) for LoRA and QLoRA; merged/ is always a standalone model (LoRA folded in)."""
+    """adapter/ (PEFT format) for LoRA and QLoRA; merged/ is always a standalone model (LoRA folded in), in the
+    dtype the base was stored in (training's fp32 master weights would double its size and serving memory)."""
+    from kubetune.train.model import stored_dtype
+
     written = []
     use_cache = getattr(model, "kubetune_use_cache", None)  # training turned the KV cache off; inference wants it
     if method in ("lora", "qlora"):
@@ -65,6 +68,8 @@ def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Pa
             model = model.merge_and_unload()
     if use_cache is not None:
         model.config.use_cache = use_cache
+    if base_dir is not None:
+        model.to(stored_dtype(base_dir))  # in place: the trained model's last use
     model.save_pretrained(staging / contract.MERGED_DIR, safe_serialization=True)
     tokenizer.save_pretrained(staging / contract.MERGED_DIR)
     written.append(contract.MERGED_DIR)
@@ -72,16 +77,17 @@ def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Pa
 
 
 def merge_onto_dequantised_base(model: Any, adapter_dir: Path, base_dir: Path) -> Any:
-    """QLoRA's merged/: the adapter folded into the base's original weights in bf16, not into 4-bit ones
-    (rounding the merged weights to NF4 again would lose most of what the adapter learned)."""
-    import torch
+    """QLoRA's merged/: the adapter folded into the base's original weights in their stored dtype, not into
+    4-bit ones (rounding the merged weights to NF4 again would lose most of what the adapter learned)."""
     from peft import PeftModel
+
+    from kubetune.train.model import stored_dtype
 
     trained = model.get_base_model()
     config = type(trained.config).from_dict(trained.config.to_dict())
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    base = type(trained).from_pretrained(base_dir, config=config, dtype=torch.bfloat16,
+    base = type(trained).from_pretrained(base_dir, config=config, dtype=stored_dtype(base_dir),
                                          ignore_mismatched_sizes=True)  # a fresh head comes from the adapter
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
@@ -104,6 +110,15 @@ def _metric_table(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> 
     return "\n".join(rows) + "\n"
 
 
+def _qlora_note(method: str, folders: list[str]) -> str:
+    """merged/ of a QLoRA run is not the model that was tested: say so where the test results are."""
+    if method != "qlora" or contract.MERGED_DIR not in folders:
+        return ""
+    return (f"\nThese test results are those of the 4-bit (NF4) base with the adapter (`{contract.ADAPTER_DIR}/`). "
+            f"`{contract.MERGED_DIR}/` folds the adapter into the base's original, unquantised weights, so its "
+            f"scores can differ slightly from these (`kubetune evaluate` scores `{contract.MERGED_DIR}/`).\n")
+
+
 def model_card(job: dict[str, Any], metrics: dict[str, Any], run: dict[str, Any], folders: list[str],
                use: str = "") -> str:
     spec = job["spec"]
@@ -122,7 +137,7 @@ trained).
 Best checkpoint: step {metrics.get('bestStep')} by `{spec['evaluation']['metric']}`
 (stopped early: {metrics.get('stoppedEarly')}). Steps: {metrics.get('steps')}.
 Ties on the metric go to the lower validation loss, then to the later step.
-
+{_qlora_note(spec['method']['type'], folders)}
 ![training curves]({contract.CURVES_FILE})
 
 ## Data

@@ -149,7 +149,8 @@ class FineTuneRecipe:
         self.model, self.counts, full_state = load_model(spec, inputs.model, self.tokenizer.pad_token_id,
                                                          gradient_checkpointing=self.memory.gradient_checkpointing,
                                                          frozen_dtype=frozen_weights_dtype(
-                                                             spec.method.type, self.strategy, self.precision))
+                                                             spec.method.type, self.strategy, self.precision),
+                                                         precision=self.precision)
         self.loaded_weights = full_state is not None or not distributed.is_distributed()  # read from disk here
         self.ddp: nn.Module = sharding.wrap(self.model, full_state, self.strategy, self.device, self.precision,
                                             hp.offload_optimizer)
