@@ -357,13 +357,15 @@ def test_chat_masking_with_template(tiny_tokenizer: Any) -> None:
     assert trained(example) == [*ids(tokenizer, "four"), end, *newline, *ids(tokenizer, "paris"), end, *newline]
     assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(CHAT, tokenize=False)
 
-    # a template without an end token trains on exactly what it renders: no EOS appended
+    # a template without an end-of-turn token: EOS follows each answer and trains, or the model never stops
     bare = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
     bare.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    (plain,) = encode_causal_lm([{"messages": CHAT[1:3]}], bare, max_length=256)
-    assert bare.eos_token_id not in plain["input_ids"]
-    assert bare.decode(plain["input_ids"]) == bare.apply_chat_template(CHAT[1:3], tokenize=False)
+    encoded = encode_causal_lm([{"messages": CHAT[1:3]}], bare, max_length=256)
+    (plain,) = encoded
+    assert plain["input_ids"][-1] == plain["labels"][-1] == bare.eos_token_id
+    assert bare.decode(plain["input_ids"]) == bare.apply_chat_template(CHAT[1:3], tokenize=False) + "<|endoftext|>"
     assert plain["labels"].count(IGNORE_INDEX) == len(ids(bare, "[user] what is two plus two?\n"))
+    assert encoded.stop_ids == {bare.eos_token_id}
 
 
 def test_encode_classification_minilm() -> None:

@@ -10,13 +10,18 @@ IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 BATCH = 1000  # texts per tokenizer call: fast tokenizers parallelise a batch, memory stays bounded
 
 Record = dict[str, Any]
-Piece = tuple[str, bool, bool]  # (text, trained, append EOS after it)
+# (text, trained, end): end is EOS to append EOS after it, TURN for an assistant turn of a chat template (EOS
+# appended unless the template ends the turn with a special token of its own), None for nothing.
+Piece = tuple[str, bool, str | None]
+EOS, TURN = "eos", "turn"
 
 
 class Encoded(list[Record]):
-    """Encoded examples; `dropped` counts the examples truncation left without a trainable token."""
+    """Encoded examples; `dropped` counts the examples truncation left without a trainable token, `stop_ids` the
+    tokens that end a trained answer (EOS, a chat template's end-of-turn token): generation must stop on them."""
 
     dropped: int = 0
+    stop_ids: frozenset[int] = frozenset()
 
 
 def encode_classification(records: list[Record], tokenizer: Any, max_length: int) -> list[Record]:
@@ -41,11 +46,18 @@ def encode_causal_lm(records: list[Record], tokenizer: Any, max_length: int) -> 
 
     texts = [text for _, pieces in examples for text, _, _ in pieces]
     ids_of = iter(_tokenize(tokenizer, texts, add_special_tokens=False))
-    out = Encoded()
+    special = set(tokenizer.all_special_ids)
+    out, stops = Encoded(), set()
     for prefix, pieces in examples:
         input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
-        for _, trained, add_eos in pieces:
-            ids = next(ids_of) + ([eos] if add_eos else [])
+        for _, trained, end in pieces:
+            ids = next(ids_of)
+            own = [i for i in ids if i in special] if end == TURN else []
+            if own:
+                stops.add(own[-1])  # the template's end-of-turn token (<|im_end|>, <|eot_id|>, <end_of_turn>)
+            elif end is not None:
+                ids = [*ids, eos]  # without a stop token to learn, a model never learns to stop
+                stops.add(eos)
             input_ids += ids
             labels += ids if trained else [IGNORE_INDEX] * len(ids)
         input_ids, labels = input_ids[:max_length], labels[:max_length]
@@ -53,6 +65,7 @@ def encode_causal_lm(records: list[Record], tokenizer: Any, max_length: int) -> 
             out.dropped += 1
             continue
         out.append({"input_ids": input_ids, "labels": labels})
+    out.stop_ids = frozenset(stops)
     return out
 
 
@@ -73,7 +86,7 @@ def _tokenize(tokenizer: Any, texts: list[str], **options: Any) -> list[list[int
 def _prompt_pieces(prompt: str, completion: str) -> list[Piece]:
     # tokenized apart so the mask boundary is exact; the separator keeps the two from gluing into one word
     sep = " " if prompt and not prompt[-1].isspace() and not completion[:1].isspace() else ""
-    return [(prompt, False, False), (sep + completion, True, True)]
+    return [(prompt, False, None), (sep + completion, True, EOS)]
 
 
 def fallback_template(with_bos: bool) -> str:
@@ -109,14 +122,14 @@ def _template_pieces(messages: list[Record], tokenizer: Any, number: int) -> lis
                 "cannot be masked exactly; use prompt/completion rows instead"
             )
         if message["role"] != "assistant":
-            pieces.append((full[len(prev) :], False, False))
+            pieces.append((full[len(prev) :], False, None))
         else:
             # the generation prompt (e.g. "<|im_start|>assistant\n") is input, not something to learn;
             # transformers cannot render an empty conversation, so an opening assistant turn keeps its header
             header = render(i, generation_prompt=True) if i else prev
             if not (header.startswith(prev) and full.startswith(header)):
                 header = prev
-            # exactly what the template renders: its own end-of-turn token (ChatML <|im_end|>), no extra EOS
-            pieces += [(header[len(prev) :], False, False), (full[len(header) :], True, False)]
+            # what the template renders, with its own end-of-turn token (ChatML <|im_end|>); EOS only if it has none
+            pieces += [(header[len(prev) :], False, None), (full[len(header) :], True, TURN)]
         prev = full
     return pieces

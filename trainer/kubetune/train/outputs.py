@@ -6,6 +6,7 @@ import json
 import platform
 import shutil
 import time
+from collections.abc import Collection
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,9 +48,10 @@ def hardware(device: torch.device, precision: str, world: int) -> dict[str, Any]
 
 
 def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Path,
-               base_dir: Path | None = None) -> list[str]:
+               base_dir: Path | None = None, stop_ids: Collection[int] = ()) -> list[str]:
     """adapter/ (PEFT format) for LoRA and QLoRA; merged/ is always a standalone model (LoRA folded in), in the
-    dtype the base was stored in (training's fp32 master weights would double its size and serving memory)."""
+    dtype the base was stored in (training's fp32 master weights would double its size and serving memory), whose
+    generation stops on every token training ended answers with (stop_ids)."""
     from kubetune.train.model import stored_dtype
 
     written = []
@@ -70,10 +72,23 @@ def save_model(model: Any, tokenizer: Any, method: str, merge: bool, staging: Pa
         model.config.use_cache = use_cache
     if base_dir is not None:
         model.to(stored_dtype(base_dir))  # in place: the trained model's last use
+    add_stop_tokens(model, stop_ids)
     model.save_pretrained(staging / contract.MERGED_DIR, safe_serialization=True)
     tokenizer.save_pretrained(staging / contract.MERGED_DIR)
     written.append(contract.MERGED_DIR)
     return written
+
+
+def add_stop_tokens(model: Any, stop_ids: Collection[int]) -> None:
+    """generate() stops at the config's EOS only: a ChatML base learns to end turns with <|im_end|>, which
+    generation would run past, so every trained stop token joins generation_config.eos_token_id."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not stop_ids:
+        return
+    known = config.eos_token_id
+    ids = [] if known is None else [known] if isinstance(known, int) else list(known)
+    ids += sorted(set(stop_ids) - set(ids))
+    config.eos_token_id = ids[0] if len(ids) == 1 else ids
 
 
 def merge_onto_dequantised_base(model: Any, adapter_dir: Path, base_dir: Path) -> Any:

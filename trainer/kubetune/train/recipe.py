@@ -135,6 +135,7 @@ class FineTuneRecipe:
         max_length = max_sequence_length(spec.data.max_seq_length, inputs.model, self.tokenizer)
         self.max_length = max_length  # batches padded for the GPU stop here too: past it, positions run out
         self.train_set = self._encode("training", self.data.train, max_length)
+        self.stop_ids: frozenset[int] = getattr(self.train_set, "stop_ids", frozenset())  # generation stops on them
         self.packed = packing_enabled(spec.data.packing, spec.model.task)
         if self.packed:  # training rows only: evaluation scores examples one by one, packed or not
             self.train_set = pack_examples(self.train_set, max_length)
@@ -548,7 +549,7 @@ class FineTuneRecipe:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             folders = outputs.save_model(model, self.tokenizer, spec.method.type, spec.output.merge_adapter,
-                                         staging, base_dir=self.model_dir)
+                                         staging, base_dir=self.model_dir, stop_ids=self.stop_ids)
             example = self.data.train[0] if self.data.train else None  # for the model card's snippets
             outputs.write_reports(staging, metrics, run, job, folders, example)
             outputs.publish_outputs(self.storage, staging, spec)
