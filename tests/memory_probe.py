@@ -1,9 +1,10 @@
 """Measure one configuration's peak memory in a fresh process: `python -m tests.memory_probe JOB.json MODEL_DIR`.
 
 Peak RSS (VmHWM) minus the RSS just before the model is built, after a throwaway build has loaded the
-library code: what the model, its gradients, AdamW's state and the activations of two training steps (the
-trainer's model builder, optimizer and loss) add to the process. Run it with MALLOC_MMAP_THRESHOLD_ fixed, so
-glibc returns freed tensors at once and RSS follows what torch holds. Prints one JSON object.
+library code: what the model, its gradients, AdamW's state, the activations of two training steps (the
+trainer's model builder, optimizer and loss) and the best weights' copy the trainer keeps add to the
+process. Run it with MALLOC_MMAP_THRESHOLD_ fixed, so glibc returns freed tensors at once and RSS follows what
+torch holds. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from kubetune import procmem
 from kubetune.spec import FineTuneJob
 from kubetune.train.evaluate import summed_loss
-from kubetune.train.model import build_model
+from kubetune.train.model import build_model, trainable_state
 from kubetune.train.speedups.target_logits import TargetLogits
 
 
@@ -51,9 +52,11 @@ def main(job_file: str, model_dir: str) -> None:
     ids = torch.randint(1, vocab, (b, s))
     labels = ids.clone() if spec.model.task == "causal-lm" else torch.randint(0, 2, (b,))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    losses = [step(model, optimizer, batch, spec.model.task) for _ in range(2)]
+    losses = [step(model, optimizer, batch, spec.model.task)]
+    best = trainable_state(model)  # the trainer's copy of the best weights, held after the first validation
+    losses.append(step(model, optimizer, batch, spec.model.task))
     peak = procmem.peak_rss_bytes()  # VmHWM: this process's own, not the pytest parent's
-    print(json.dumps({"peakBytes": peak - before, "baselineBytes": before, "losses": losses,
+    print(json.dumps({"peakBytes": peak - before, "baselineBytes": before, "losses": losses, "bestTensors": len(best),
                       "checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}))
 
 

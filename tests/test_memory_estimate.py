@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from kubetune.jobfile import write_job
 from kubetune.memory import model_shape, plan
@@ -113,9 +114,12 @@ def test_auto_shards_when_a_replica_does_not_fit() -> None:
     replicated = plan(_llama("full", 2, 8, 1, 512, strategy="ddp"), world_size=16, device_bytes=80 * GiB,
                       config=LLAMA_7B)
     assert not replicated.fits and replicated.weights + replicated.gradients + replicated.optimizer > 80 * GiB
-    # Sharded by world size, plus two unsharded layers in flight (computing, prefetched): 202,383,360 parameters
-    # per Llama-7B layer (4 x 4096^2 attention, 3 x 4096 x 11008 MLP, two norms), fp32.
-    assert one.weights == pytest.approx(replicated.weights / 16 + 2 * 202_383_360 * 4, rel=1e-6)
+    # Sharded by world size; gathered apart: the root unit (embeddings, norm, head) and two layers (computing,
+    # prefetched) in bf16, the root's and one layer's gradients in fp32. 202,383,360 parameters per Llama-7B layer
+    # (4 x 4096^2 attention, 3 x 4096 x 11008 MLP, two norms); root 2 x 32000 x 4096 + 4096.
+    assert one.weights == pytest.approx(replicated.weights / 16, rel=1e-6)
+    root, layer = 2 * 32000 * 4096 + 4096, 202_383_360
+    assert one.gathered == (root + 2 * layer) * 2 + (root + layer) * 4
     lora = plan(_llama("lora", 1, 1, 1, 512), world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
     assert lora.strategy == "ddp" and lora.fits and lora.trainable < lora.parameters / 100
     # On a GPU, LoRA's frozen base is held in bf16 (model.frozen_weights_dtype), the adapters in fp32.
@@ -201,3 +205,65 @@ def test_the_estimate_needs_no_torch() -> None:
             "model_shape({'model_type': 'gpt2', 'n_embd': 64, 'n_layer': 2}); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+LLAMA3_8B = {**LLAMA_7B, "intermediate_size": 14336, "num_key_value_heads": 8, "vocab_size": 128256,
+             "max_position_embeddings": 8192}
+
+
+def test_the_plan_counts_the_precision_resolved_for_the_device(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25, item 10: `auto` on a GPU that runs bf16 holds LoRA's frozen base in bf16; counted as fp32 (the
+    unresolved spec's worst case), 8B LoRA on 8 x 40 GiB went to fsdp though bf16 ddp fits."""
+    from kubetune.train.memcheck import check_memory
+
+    assert model_shape(LLAMA3_8B).parameters("causal-lm", 0) == 8_030_261_248  # Llama-3-8B's published count
+    spec = _llama("lora", 1, 8, 1, 2048, precision="auto")
+    unresolved = plan(spec, world_size=8, device_bytes=40 * GiB, config=LLAMA3_8B)
+    assert unresolved.strategy == "fsdp" and unresolved.precision == "auto"
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    monkeypatch.setenv("KUBETUNE_DEVICE_MEMORY", "40Gi")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    resolved = check_memory(spec, tmp_path, torch.device("cpu"), "bf16")  # what the trainer passes on an H100
+    assert resolved.strategy == "ddp" and resolved.fits and resolved.precision == "bf16"
+    assert resolved.weights == resolved.parameters * 2 + resolved.trainable * 4
+    assert resolved.needed < 36 * GiB
+
+
+def test_the_fit_keeps_headroom_and_fsdp_counts_the_gathered_root() -> None:
+    """Issue 25, item 5: 10% + 2 GiB on a GPU (context, NCCL, fragmentation), 10% on a CPU; a job whose tensors
+    fill the device exactly does not fit. Under fsdp the root unit (1.05 B parameters of Llama-3-8B) stays
+    gathered from forward to backward, with its gradients: not one layer's worth."""
+    spec = _llama("full", 1, 8, 1, 2048, gradientAccumulationSteps=4, gradientCheckpointing=False)
+    full = plan(spec, world_size=8, device_bytes=80 * GiB, config=LLAMA3_8B, precision="bf16")
+    assert full.strategy == "fsdp" and full.fits
+    assert full.headroom == int(full.total * 0.10 + 2 * GiB) and full.needed == full.total + full.headroom
+    root = 2 * 128256 * 4096 + 4096
+    assert model_shape(LLAMA3_8B).root_parameters("causal-lm", 0) == root
+    assert full.gathered > root * (2 + 4)  # bf16 weights and fp32 gradients of the root, plus two layers
+    exact = plan(spec, world_size=8, device_bytes=full.total, config=LLAMA3_8B, precision="bf16")
+    assert not exact.fits  # it once fitted: 100% of the device
+    assert plan(spec, world_size=8, device_bytes=full.needed, config=LLAMA3_8B, precision="bf16").fits
+    # Accumulation adds nothing under fsdp: the trainer reduce-scatters every micro-batch (tests/test_fsdp_memory.py).
+    single = plan(_llama("full", 1, 8, 1, 2048, gradientCheckpointing=False), world_size=8, device_bytes=80 * GiB, config=LLAMA3_8B,
+                  precision="bf16")
+    assert single.gradients == full.gradients and single.gathered == full.gathered
+    cpu = plan(_llama("lora", 1, 0, 1, 512, precision="fp32"), world_size=1, device_bytes=64 * GiB, config=LLAMA_7B)
+    assert cpu.headroom == int(cpu.total * 0.10)
+
+
+def test_the_best_model_copy_is_counted_where_it_lives() -> None:
+    """Issue 25, item 4: the best weights are copied to host memory; on a CPU that is the device."""
+    gpu = plan(_llama("full", 2, 8, 1, 512), world_size=16, device_bytes=80 * GiB, config=LLAMA_7B)
+    assert gpu.best == 0 and any("best model's copy" in note for note in gpu.notes)
+    cpu = plan(_llama("lora", 1, 0, 1, 512, precision="fp32"), world_size=1, device_bytes=64 * GiB, config=LLAMA_7B)
+    assert cpu.best == cpu.trainable * 4 and "best copy" in cpu.table()
+
+
+def test_the_dry_run_reports_reserved_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a GPU runs out of is the caching allocator's reserve, not what tensors hold at the moment."""
+    from kubetune.train import dryrun
+
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 30 * GiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 20 * GiB)
+    assert dryrun.peak_memory_bytes(torch.device("cuda", 0)) == 30 * GiB

@@ -24,6 +24,10 @@ ADAMW_STATES = 2          # exp_avg and exp_avg_sq, fp32
 # Around the loss: the logits, a copy, log-softmax's output, and two gradients of that size. The trainer computes
 # logits at target positions only (train/speedups/target_logits.py); before the data is read, every position counts.
 LOGIT_COPIES = 4
+# Beyond the plan's tensors a device needs room for what no formula here counts: the caching allocator's
+# fragmentation (reserved over allocated), and on a GPU the CUDA context, cuBLAS workspaces and NCCL buffers.
+HEADROOM_FRACTION = 0.10
+GPU_HEADROOM_BYTES = 2 * GiB
 LORA_DEFAULT_TARGETS = {"gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
                         "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
 
@@ -80,6 +84,10 @@ class ModelShape:
             return pooler + self.hidden * labels + (labels if self.model_type in ("bert", "roberta") else 0)
         return 0 if self.tied else self.vocab * self.hidden
 
+    def root_parameters(self, task: str, labels: int) -> int:
+        """Outside the blocks: embeddings, final norm, head. FSDP's root unit, gathered from forward to backward."""
+        return self.parameters(task, labels) - self.layers * self.layer_parameters()
+
     def parameters(self, task: str, labels: int) -> int:
         final_norm = 2 * self.hidden if self.model_type == "gpt2" else (self.hidden if not self.biases else 0)
         embedding_norm = 2 * self.hidden if self.model_type in ("bert", "roberta") else 0
@@ -120,7 +128,7 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
 class MemoryPlan:
     """Bytes per device, and the strategy and checkpointing the trainer will use."""
 
-    weights: int
+    weights: int                  # held all along: the replica (ddp) or this rank's shards (fsdp)
     gradients: int
     optimizer: int
     activations: int
@@ -131,25 +139,36 @@ class MemoryPlan:
     world_size: int
     parameters: int
     trainable: int
+    gathered: int = 0             # fsdp: unsharded in flight (root unit, two blocks, their gradients)
+    best: int = 0                 # the best model's copy when the device is the host (a GPU's is in host memory)
+    headroom: int = 0             # allocator fragmentation; a GPU's context and NCCL buffers
+    precision: str = "fp32"       # what the bytes were counted for (the resolved precision, or the spec's)
     notes: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gathered + self.gradients + self.optimizer + self.activations + self.best
+
+    @property
+    def needed(self) -> int:
+        """What the device must have: the plan's tensors plus the headroom; the fit is judged on this."""
+        return self.total + self.headroom
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "notes": list(self.notes), "total": self.total}
+        return {**asdict(self), "notes": list(self.notes), "total": self.total, "needed": self.needed}
 
     def table(self) -> str:
-        rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer", self.optimizer),
-                ("activations", self.activations), ("total", self.total)]
+        rows = [("weights", self.weights), ("gathered", self.gathered), ("gradients", self.gradients),
+                ("optimizer", self.optimizer), ("activations", self.activations), ("best copy", self.best),
+                ("total", self.total), ("headroom", self.headroom), ("needed", self.needed)]
+        rows = [(name, value) for name, value in rows if value or name not in ("gathered", "best copy")]
         lines = [f"memory per device ({self.world_size} device(s), {self.parameters:,} parameters, "
                  f"{self.trainable:,} trainable):"]
         lines += [f"  {name:<12}{_gib(value):>10}" for name, value in rows]
         device = _gib(self.device_bytes) if self.device_bytes is not None else "unknown (fit not checked)"
         lines.append(f"  {'device':<12}{device:>10}")
         checkpointing = "on" if self.gradient_checkpointing else "off"
-        lines.append(f"  strategy {self.strategy}, gradient checkpointing {checkpointing}"
+        lines.append(f"  strategy {self.strategy}, gradient checkpointing {checkpointing}, {self.precision}"
                      + ("" if self.fits else ", DOES NOT FIT"))
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -169,9 +188,9 @@ class MemoryPlan:
         if not self.gradient_checkpointing:
             options.append("spec.hyperparameters.gradientCheckpointing: true (or null)")
         options.append(f"a shorter spec.data.maxSeqLength than {spec.data.max_seq_length}")
-        return (f"spec.resources: the job needs about {_gib(self.total)} per device (weights {_gib(self.weights)}, "
+        return (f"spec.resources: the job needs about {_gib(self.needed)} per device (weights {_gib(self.weights)}, "
                 f"gradients {_gib(self.gradients)}, optimizer {_gib(self.optimizer)}, activations "
-                f"{_gib(self.activations)}; {self.strategy}, checkpointing "
+                f"{_gib(self.activations)}, headroom {_gib(self.headroom)}; {self.strategy}, checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}) but a device has "
                 f"{_gib(self.device_bytes or 0)}: use " + "; or ".join(options))
 
@@ -190,10 +209,12 @@ def read_config(folder: str | Path) -> dict[str, Any]:
 
 
 def plan(spec: FineTuneJobSpec | FineTuneJob, *, world_size: int, device_bytes: int | None,
-         config: dict[str, Any] | None = None) -> MemoryPlan:
+         config: dict[str, Any] | None = None, precision: str | None = None) -> MemoryPlan:
     """The estimate for `world_size` processes on devices of `device_bytes` (None: do not check the fit).
 
     `config` is the model's config.json; when absent it is read from spec.model.uri (a local folder).
+    `precision` is the one the trainer resolved for its device (fp32, bf16, fp16); None counts the spec's,
+    where `auto` on a GPU may be either half type and is counted as the costlier.
     """
     spec = spec.spec if isinstance(spec, FineTuneJob) else spec
     shape = model_shape(config if config is not None else read_config(spec.model.uri))
@@ -204,32 +225,38 @@ def plan(spec: FineTuneJobSpec | FineTuneJob, *, world_size: int, device_bytes: 
     strategies = ["ddp", "fsdp"] if hp.strategy == "auto" else [hp.strategy]
     if hp.strategy == "auto" and world == 1:
         strategies = ["ddp"]  # one process: sharding saves nothing
-    candidates = [_estimate(spec, shape, world, s, c) for s in strategies for c in checkpointing_options]
+    counted = precision or hp.precision
+    candidates = [_estimate(spec, shape, world, s, c, counted) for s in strategies for c in checkpointing_options]
     if device_bytes is None:
         chosen = candidates[0]
         notes.append("device memory unknown: fit not checked (set KUBETUNE_DEVICE_MEMORY or --device-memory, "
                      "or resources.gpusPerNode: 0 with resources.memory)")
     else:
-        fitting = [c for c in candidates if c.total <= device_bytes]
+        fitting = [c for c in candidates if c.needed <= device_bytes]
         # Prefer replication (no gather traffic), then no recomputation; else the smallest.
-        chosen = fitting[0] if fitting else min(candidates, key=lambda c: c.total)
+        chosen = fitting[0] if fitting else min(candidates, key=lambda c: c.needed)
     if shape.model_type not in ("gpt2", "bert", "roberta", "llama", "mistral", "qwen2"):
         notes.append(f"model_type {shape.model_type!r}: parameters counted as a llama-style decoder")
     if spec.method.type == "partial" and spec.method.partial and spec.method.partial.train_modules:
         notes.append("partial.trainModules: counted as full fine-tuning (an upper bound)")
-    fits = device_bytes is None or chosen.total <= device_bytes
+    if spec.resources.gpus_per_node > 0 and chosen.trainable:
+        best = chosen.trainable * 4 // (world if chosen.strategy == "fsdp" else 1)
+        notes.append(f"host memory per process: {_gib(best)} for the best model's copy (kept off the GPU)")
+    fits = device_bytes is None or chosen.needed <= device_bytes
     return replace(chosen, fits=fits, device_bytes=device_bytes, notes=tuple(notes))
 
 
-def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: str, checkpointing: bool) -> MemoryPlan:
-    hp, method = spec.hyperparameters, spec.method.type
+def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: str, checkpointing: bool,
+              precision: str) -> MemoryPlan:
+    hp, method, task = spec.hyperparameters, spec.method.type, spec.model.task
     labels = len(spec.model.labels or [])
-    total = shape.parameters(spec.model.task, labels)
+    total = shape.parameters(task, labels)
     trainable = _trainable(spec, shape, total, labels)
+    gpu = spec.resources.gpus_per_node > 0
     # The trainer keeps fp32 master weights for every method; qlora's quantised linears take ~0.56 B/param, and
-    # LoRA's frozen base on a bf16 GPU 2 B/param (model.frozen_weights_dtype). `auto` counts fp32: it is bf16 from
-    # Ampere on but fp16 (frozen base kept fp32) before, which the spec alone cannot tell: never an underestimate.
-    bf16_gpu = spec.resources.gpus_per_node > 0 and hp.precision == "bf16"
+    # LoRA's frozen base on a bf16 GPU 2 B/param (model.frozen_weights_dtype). Unresolved `auto` counts fp32: it is
+    # bf16 from Ampere on but fp16 (frozen base kept fp32) before, which the spec alone cannot tell.
+    bf16_gpu = gpu and precision == "bf16"
     weights: float
     if method == "qlora":
         linears = [v for k, v in shape.linear_shapes().items() if shape.gated or k != "gate_proj"]
@@ -241,18 +268,33 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: st
         weights = total * 4 + (trainable * 4 if method == "lora" else 0)
     gradients: float = trainable * 4
     optimizer: float = trainable * 4 * ADAMW_STATES
+    best: float = trainable * 4 if not gpu else 0  # on a GPU the copy is in host memory, not on the device
+    gathered: float = 0
     if strategy == "fsdp":
-        weights, gradients, optimizer = weights / world, gradients / world, optimizer / world
-        # Unsharded while in flight: the block computing and the next one, prefetched, and one block's gradients
-        # before their reduce-scatter (fp32: an upper bound where mixed precision gathers bf16).
-        layer = shape.layer_parameters()
-        weights += 2 * layer * 4
-        gradients += min(trainable, layer) * 4
+        weights, gradients, optimizer, best = weights / world, gradients / world, optimizer / world, best / world
+        gathered = _gathered(spec, shape, trainable, precision)
     if hp.offload_optimizer and strategy == "fsdp":  # FSDP's CPU offload; DDP keeps the state on the device
         optimizer = 0
-    activations = activation_bytes(spec, shape, checkpointing)
+    activations = activation_bytes(spec, shape, checkpointing, precision)
+    held = weights + gathered + gradients + optimizer + activations + best
+    headroom = held * HEADROOM_FRACTION + (GPU_HEADROOM_BYTES if gpu else 0)
     return MemoryPlan(int(weights), int(gradients), int(optimizer), int(activations), strategy, checkpointing,
-                      True, None, world, total, trainable)
+                      True, None, world, total, trainable, gathered=int(gathered), best=int(best),
+                      headroom=int(headroom), precision=precision)
+
+
+def _gathered(spec: FineTuneJobSpec, shape: ModelShape, trainable: int, precision: str) -> float:
+    """What FSDP holds unsharded besides its shards. The root unit (embeddings, final norm, head: 1.05 B
+    parameters for Llama-3-8B) is gathered at the forward's start and kept until backward ends, its gradients
+    from the head's backward on; of the blocks, the one computing and the next one (prefetched), and one block's
+    gradients before their reduce-scatter. The trainer reduce-scatters every micro-batch, so accumulation adds
+    nothing. Gathered weights are in the compute dtype on a GPU (the mixed-precision policy), fp32 on a CPU."""
+    labels = len(spec.model.labels or [])
+    half = spec.resources.gpus_per_node > 0 and precision in ("bf16", "fp16", "auto")
+    weight_bytes = 2 if half else 4
+    root, layer = shape.root_parameters(spec.model.task, labels), shape.layer_parameters()
+    root_trainable = min(trainable, _root_trainable(spec, shape, labels))
+    return (root + 2 * layer) * weight_bytes + (root_trainable + min(trainable - root_trainable, layer)) * 4
 
 
 def _trainable(spec: FineTuneJobSpec, shape: ModelShape, total: int, labels: int) -> int:
@@ -280,7 +322,20 @@ def _trainable(spec: FineTuneJobSpec, shape: ModelShape, total: int, labels: int
     return shape.layers * per_layer + new_head
 
 
-def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, checkpointing: bool) -> int:
+def _root_trainable(spec: FineTuneJobSpec, shape: ModelShape, labels: int) -> int:
+    """Trainable parameters of the root unit: all of it (full), the head (partial), a fresh classifier (LoRA)."""
+    method, task = spec.method.type, spec.model.task
+    if method == "full" or (method == "partial" and (spec.method.partial is None
+                                                      or spec.method.partial.train_last_layers is None)):
+        return shape.root_parameters(task, labels)
+    head = shape.vocab * shape.hidden if task == "causal-lm" and shape.tied else shape.head_parameters(task, labels)
+    if method == "partial":
+        return head
+    return head if task == "sequence-classification" else 0
+
+
+def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, checkpointing: bool,
+                     precision: str | None = None) -> int:
     """Peak activation memory of one micro-batch of maxSeqLength tokens.
 
     Korthikanti et al. 2022 (eq. 2) count per layer, in 16-bit, 34*s*b*h + 5*a*s^2*b bytes for an MLP of 4h:
@@ -290,9 +345,10 @@ def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, checkpointing: bo
     the bytes per element.
     """
     hp = spec.hyperparameters
+    precision = precision or hp.precision
     s, b, h, a, i = spec.data.max_seq_length, hp.batch_size, shape.hidden, shape.heads, shape.intermediate
-    half = hp.precision in ("bf16", "fp16") or spec.method.type == "qlora" or (
-        hp.precision == "auto" and spec.resources.gpus_per_node > 0)
+    half = precision in ("bf16", "fp16") or spec.method.type == "qlora" or (
+        precision == "auto" and spec.resources.gpus_per_node > 0)
     per_element = 2 if half else 4
     mlp = 4 if shape.gated else (5 if shape.python_gelu else 2)
     # On GPUs attention runs fused (SDPA's flash / cuDNN / memory-efficient kernels): no s x s scores, softmax or

@@ -27,10 +27,11 @@ def sample(examples: list[dict[str, Any]], fraction: float, minimum: int, seed: 
 
 
 def peak_memory_bytes(device: Any) -> int:
+    """Reserved, not allocated: the caching allocator's blocks are what a device runs out of."""
     if device.type == "cuda":
         import torch
 
-        return int(torch.cuda.max_memory_allocated(device))
+        return int(torch.cuda.max_memory_reserved(device))
     return procmem.peak_rss_bytes()
 
 

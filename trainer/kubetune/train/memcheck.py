@@ -28,10 +28,13 @@ def device_bytes(device: torch.device) -> int:
     return host_available_bytes() // max(local, 1)
 
 
-def check_memory(spec: FineTuneJobSpec, model_dir: Path, device: torch.device) -> MemoryPlan:
+def check_memory(spec: FineTuneJobSpec, model_dir: Path, device: torch.device, precision: str) -> MemoryPlan:
+    """The plan for this device and the precision resolved for it (`auto` is bf16 or fp16 by now: LoRA's base
+    counts 2 bytes, not 4, where it is held in bf16, which decides between ddp and fsdp)."""
     # The smallest device decides, on every rank alike: ranks must agree on checkpointing and on failing.
     smallest = min(distributed.gather_objects(device_bytes(device)))
-    memory = plan(spec, world_size=distributed.world_size(), device_bytes=smallest, config=read_config(model_dir))
+    memory = plan(spec, world_size=distributed.world_size(), device_bytes=smallest, config=read_config(model_dir),
+                  precision=precision)
     if not memory.fits:
         raise UserError(memory.advice(spec))
     return memory

@@ -110,9 +110,9 @@ class FineTuneRecipe:
         if note and self.is_main:
             log.warning("%s", note)
         require_cuda_for_qlora(spec, self.device)  # bad input on a machine without CUDA, before any download
-        if self.device.type == "cuda":  # observability: device memory instead of the process's RSS
-            self.metrics.set_memory_source(lambda: torch.cuda.memory_allocated(self.device),
-                                           lambda: torch.cuda.max_memory_allocated(self.device))
+        if self.device.type == "cuda":  # observability: what the caching allocator holds (what runs out)
+            self.metrics.set_memory_source(lambda: torch.cuda.memory_reserved(self.device),
+                                           lambda: torch.cuda.max_memory_reserved(self.device))
         torch.manual_seed(hp.seed)
 
         inputs = fetch_inputs(self.storage, spec, self.work_dir / "inputs")
@@ -120,7 +120,8 @@ class FineTuneRecipe:
         self.data = prepare_data(spec, inputs.data)
         self.data.report["objects"] = inputs.objects
         self.model_dir = inputs.model  # qlora's merged/ is rebuilt from the base's own weights
-        self.memory = check_memory(spec, inputs.model, self.device)  # exit 2 here when the job cannot fit
+        # Exit 2 here when the job cannot fit, counted for the precision just resolved for this device.
+        self.memory = check_memory(spec, inputs.model, self.device, self.precision.name)
         if self.is_main:
             log.info("%s", self.memory.table())
         self.strategy = self.memory.strategy  # ddp or fsdp: the spec's, or for auto what the estimate says fits
