@@ -102,3 +102,34 @@ def test_only_packed_batches_on_a_cpu_switch_and_the_switch_is_undone_on_error()
     model.config._attn_implementation = "eager"  # a model that needs eager attention is left alone
     with segment_attention.within(model, packed_batch(100), CPU):
         assert model.config._attn_implementation == "eager"
+
+
+def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     max_q: int, max_k: int, *, scale: float | None, window_size: tuple[int, int],
+                     enable_gqa: bool) -> torch.Tensor:
+    """torch.nn.attention.varlen.varlen_attn's contract, on a CPU: (tokens, heads, dim) in and out, causal
+    attention within each [cu[i], cu[i + 1]) span. The kernel itself needs CUDA (bench/gpu.py runs it)."""
+    assert window_size == (-1, 0) and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
+    spans = list(zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True))
+    assert max(b - a for a, b in spans) == max_q
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale,
+        enable_gqa=enable_gqa).transpose(0, 1) for a, b in spans])
+
+
+def test_the_varlen_layout_gives_the_dense_masks_attention() -> None:
+    """Packed rows flattened for the GPU's variable-length kernel (4 query heads over 2 key/value heads): the
+    output of transformers' sdpa with the block-diagonal causal mask, reshaped as transformers expects."""
+    positions = packed_batch(100)["position_ids"]
+    torch.manual_seed(2)
+    query, key, value = torch.randn(2, 4, 64, 16), torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
+    segment = torch.stack([torch.cumsum(row == 0, 0) for row in positions])  # which example each token is in
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    mask = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
+    module = llama_gqa().model.layers[0].self_attn  # 4 heads over 2 key/value heads, as transformers repeats them
+    dense, _ = segment_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    segments = segment_attention.cumulative_lengths(positions)
+    assert segments[0].tolist() == [0, 20, 50, 59, 64, 104, 128] and segments[1] == 40
+    flat = segment_attention.varlen_forward(query, key, value, segments, 0.25, kernel=reference_varlen)
+    assert flat.shape == dense.shape == (2, 64, 4, 16)
+    torch.testing.assert_close(flat, dense, rtol=1e-5, atol=1e-5)

@@ -82,6 +82,19 @@ def collate_packed(rows: list[dict[str, Any]], pad_id: int, multiple: int = 1,
     return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device. To a GPU from pinned memory without blocking: a copy from pageable memory
+    makes the host wait until the GPU has run everything queued before it, once per micro-batch. (torch's pinned
+    allocator keeps the buffer until the copy is done.)"""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: to_device(v, device) for k, v in batch.items()}
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """What the model's forward takes from a collated batch (labels stay out: the loss is ours)."""
     inputs: dict[str, Any] = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}

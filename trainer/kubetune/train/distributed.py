@@ -43,9 +43,13 @@ def init() -> None:
     if world_size() <= 1 or is_distributed():
         return
     seconds = int(os.environ.get(contract.ENV_COLLECTIVE_TIMEOUT, contract.DEFAULT_COLLECTIVE_TIMEOUT_SECONDS))
+    options: dict[str, Any] = {}
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend(), timeout=timedelta(seconds=seconds))
+        # NCCL then binds each rank's communicator to its own GPU at once, not by guessing on the first collective
+        # (a guess that can put two ranks on one GPU and hang, and that torch warns about).
+        options["device_id"] = device()
+    dist.init_process_group(backend=backend(), timeout=timedelta(seconds=seconds), **options)
 
 
 def backend() -> str:

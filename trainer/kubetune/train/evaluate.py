@@ -11,7 +11,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from kubetune.data.encode import IGNORE_INDEX
 from kubetune.train import distributed
-from kubetune.train.batching import collate, eval_batches, length_multiple
+from kubetune.train.batching import batch_to, collate, eval_batches, length_multiple
 from kubetune.train.precision import Precision
 from kubetune.train.speedups.target_logits import TargetLogits
 
@@ -90,11 +90,11 @@ def evaluate(
     rounds = distributed.max_over_ranks(len(batches)) if isinstance(model, FSDPModule) else len(batches)
     for round_ in range(rounds):
         if round_ >= len(batches):
-            spare = {k: v.to(device) for k, v in collate(examples[:1], pad_id, multiple, max_length).items()}
+            spare = batch_to(collate(examples[:1], pad_id, multiple, max_length), device)
             model(input_ids=spare["input_ids"], attention_mask=spare["attention_mask"])
             continue
         host = collate([examples[i] for i in batches[round_]], pad_id, multiple, max_length)
-        batch = {k: v.to(device) for k, v in host.items()}
+        batch = batch_to(host, device)
         with precision.autocast(), TargetLogits(model, task, host["labels"], batch["labels"]) as selection:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         totals[0] += summed_loss(logits, selection.labels_for(logits), task)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from kubetune.errors import UserError
@@ -361,8 +362,19 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changes: the rest is rebuilt from the base model on resume."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Only what training changes (the rest is rebuilt from the base model on resume), copied to host memory:
+    the best model's copy and a checkpoint's weights on the GPU cost 4 bytes per trained parameter each."""
+    return {n: host_copy(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory, pinned where CUDA is (copies back are then fast); a DTensor stays one (this rank's
+    shard, as FSDP's CPU offload keeps its shards), so sharded checkpoints save it as before."""
+    if isinstance(tensor, DTensor):
+        return DTensor.from_local(host_copy(tensor.to_local()), tensor.device_mesh, tensor.placements,
+                                  run_check=False, shape=tensor.shape, stride=tensor.stride())
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    return copy.copy_(tensor)
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -372,4 +384,8 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         raise RuntimeError(f"checkpoint does not fit the model: unknown parameters {missing[:3]}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            _local(params[name]).copy_(_local(value))  # shard to shard: a host copy comes back to the device
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

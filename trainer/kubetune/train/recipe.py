@@ -34,7 +34,7 @@ from kubetune.train import (
     sharded_checkpoint,
     sharding,
 )
-from kubetune.train.batching import collate, epoch_batches, length_multiple, model_inputs
+from kubetune.train.batching import batch_to, collate, epoch_batches, length_multiple, model_inputs
 from kubetune.train.evaluate import evaluate, prefixed, summed_loss, target_count
 from kubetune.train.inputs import fetch_inputs
 from kubetune.train.loading import load_model
@@ -154,8 +154,10 @@ class FineTuneRecipe:
                                                              spec.method.type, self.strategy, self.precision),
                                                          precision=self.precision)
         self.loaded_weights = full_state is not None or not distributed.is_distributed()  # read from disk here
+        # partial.trainModules may select parameters the forward never uses: DDP must then look for them.
+        by_pattern = spec.method.type == "partial" and bool(spec.method.partial and spec.method.partial.train_modules)
         self.ddp: nn.Module = sharding.wrap(self.model, full_state, self.strategy, self.device, self.precision,
-                                            hp.offload_optimizer)
+                                            hp.offload_optimizer, find_unused=by_pattern)
         del full_state  # rank 0's loaded weights now live in the shards (fsdp) or the replica (ddp)
 
         world = distributed.world_size()
@@ -414,7 +416,7 @@ class FineTuneRecipe:
         scale = distributed.world_size() / max(global_targets, 1.0)  # DDP averages gradients over ranks
         total_loss, samples = torch.zeros((), device=self.device), 0
         for i, cpu_batch in enumerate(batches):
-            batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
+            batch = batch_to(cpu_batch, self.device)
             # Under DDP and FSDP, only the last micro-batch of a group reduces gradients.
             context = contextlib.nullcontext() if i == len(batches) - 1 else sharding.no_sync(self.ddp)
             # Backward too: gradient checkpointing recomputes the forward (same dropout masks, same attention).
@@ -528,7 +530,9 @@ class FineTuneRecipe:
         self.metrics.set_state("uploading")  # observability
         memory = distributed.gather_objects({"rank": distributed.rank(), "loadedWeights": self.loaded_weights,
                                              **sharding.state_bytes(self.model, self.optimizer)})
-        model = sharding.full_model(self.model, self._empty_model)  # every rank joins the gather (fsdp)
+        adapter_only = spec.method.type in ("lora", "qlora") and not spec.output.merge_adapter
+        # Every rank joins the gather (fsdp); only the adapter's weights when the adapter is all that is saved.
+        model = sharding.full_model(self.model, self._empty_model, trained_only=adapter_only)
         if self.is_main:
             job = self.job.model_dump(mode="json", by_alias=True, exclude_none=True)
             run = {

@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+from transformers import PretrainedConfig
 
 from kubetune.train import distributed
 from kubetune.train.model import layer_stack
@@ -55,34 +56,57 @@ def shard(model: nn.Module, precision: Precision, offload_optimizer: bool) -> nn
 
 
 def wrap(model: nn.Module, full_state: dict[str, torch.Tensor] | None, strategy: str, device: torch.device,
-         precision: Precision, offload_optimizer: bool) -> nn.Module:
+         precision: Precision, offload_optimizer: bool, find_unused: bool = False) -> nn.Module:
     """The training module. Rank 0 holds the loaded weights (full_state); the other ranks' model is on meta
-    until this call gives it its shard (fsdp) or its replica (ddp) from rank 0."""
+    until this call gives it its shard (fsdp) or its replica (ddp) from rank 0. find_unused: some trainable
+    parameter may get no gradient in a step (see skipped_parameters; also detected here from the model)."""
     if not distributed.is_distributed():
         return model.to(device)  # one process: nothing to shard (fsdp checkpoints keep the sharded format)
     main = distributed.is_main()
     if strategy == "fsdp":
-        if main:
-            model.to(device)
+        # Rank 0 too shards an empty (meta) model and then receives its shards one tensor at a time: moving its
+        # whole fp32 model onto the GPU first took 4 bytes per parameter (263 GiB for 70B) before any sharding.
+        buffers = dict(model.named_buffers()) if main else {}  # non-persistent ones too: not in full_state
+        if main and full_state is not None:
+            model.to("meta")
+            _tie(model)
         shard(model, precision, offload_optimizer)
-        if not main:
-            _materialize(model, device)  # allocates this rank's shards only
+        _materialize(model, device)  # allocates this rank's shards only
         state: dict[str, Any] = full_state if main and full_state is not None else {}
         set_model_state_dict(model, state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        _broadcast(list(model.buffers()))  # unsharded, non-persistent ones included (not in the state dict)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers() if buffers else ():
+                buffer.copy_(buffers[name])
+        _broadcast(list(model.buffers()))  # unsharded: every rank gets rank 0's
         return model
     lean = full_state is not None if main else _on_meta(model)  # not for QLoRA: every rank loaded its own copy
     if main or not lean:
         model.to(device)
     else:
-        _materialize(model, device)
-    if lean:
-        _broadcast([*model.parameters(), *model.buffers()])  # a replica is the full model: DDP needs it
+        _materialize(model, device)  # DDP's construction broadcasts rank 0's parameters and buffers into it
     device_ids = [device.index] if device.type == "cuda" else None
+    reason = skipped_parameters(model)
+    if (find_unused or reason) and main:
+        log.info("ddp looks for parameters without gradients every step: %s", reason or "partial.trainModules")
     # Gradients as views into DDP's all-reduce buckets: no second copy of them, no copy in and out per step
     # (202 M parameters, 2 CPU processes: peak RSS 4839 -> 4165 MiB per rank at the same samples/s).
-    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                   find_unused_parameters=find_unused or reason is not None)
+
+
+def skipped_parameters(model: nn.Module) -> str | None:
+    """Why some parameter of this model may get no gradient in a step, or None. DDP then has to look for such
+    parameters every step (a graph walk), else it waits for their gradients and fails the next step."""
+    config = getattr(model, "config", None)
+    towers = sorted(k for k, v in vars(config or {}).items()
+                    if k.endswith("_config") and k != "text_config" and isinstance(v, PretrainedConfig))
+    if towers:  # e.g. Gemma 3's vision tower: text-only batches never run it
+        return f"towers for other inputs ({', '.join(towers)}) get none from text"
+    experts = [n for n, m in model.named_modules() if n.endswith("experts") and isinstance(m, nn.ModuleList)]
+    if experts:  # one module per expert (transformers 5 mostly fuses them into one tensor, which always gets one)
+        return "an expert no token was routed to gets none"
+    return None
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -90,9 +114,14 @@ def _on_meta(model: nn.Module) -> bool:
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:
-    """Storage for a meta model's tensors; to_empty replaces each module's parameter on its own, so tied weights
-    (GPT-2's lm_head and wte) come out as two tensors unless tied again."""
+    """Storage for a meta model's tensors."""
     model.to_empty(device=device)
+    _tie(model)
+
+
+def _tie(model: nn.Module) -> None:
+    """Moving to or from meta replaces each module's parameter on its own, so tied weights (GPT-2's lm_head and
+    wte) come out as two tensors unless tied again."""
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()
@@ -106,16 +135,12 @@ def _broadcast(tensors: list[torch.Tensor]) -> None:
 
 @contextlib.contextmanager
 def no_sync(module: nn.Module) -> Iterator[None]:
-    """No gradient reduction for this micro-batch (accumulation): DDP and FSDP spell it differently."""
+    """No gradient reduction for this micro-batch (accumulation) under DDP. FSDP reduce-scatters every micro-batch
+    (as torchtitan does): with sync off it would hold every parameter's unsharded fp32 gradient until the last
+    one, 4 bytes per parameter of the whole model on each GPU (Llama-3-8B: +30 GiB)."""
     if isinstance(module, DistributedDataParallel):
         with module.no_sync():
             yield
-    elif isinstance(module, FSDPModule):
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
     else:
         yield
 
@@ -136,12 +161,14 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     return {"parameterBytes": local_bytes(list(model.parameters())), "optimizerBytes": local_bytes(optimizer_tensors)}
 
 
-def full_model(model: nn.Module, rebuild: Callable[[], nn.Module]) -> nn.Module | None:
+def full_model(model: nn.Module, rebuild: Callable[[], nn.Module], trained_only: bool = False) -> nn.Module | None:
     """The whole model on rank 0's host (None elsewhere) for save_pretrained: every rank joins the gather, and
-    rank 0 assigns the gathered tensors into an empty (meta) copy, so there is never a second full copy."""
+    rank 0 assigns the gathered tensors into an empty (meta) copy, so there is never a second full copy.
+    trained_only gathers only what trains (an adapter to save): the frozen weights stay on meta."""
     if not is_sharded(model):
         return model if distributed.is_main() else None
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
+    full = get_model_state_dict(model, options=options)
     if not distributed.is_main():
         return None
     plain = rebuild()
@@ -154,7 +181,7 @@ def full_model(model: nn.Module, rebuild: Callable[[], nn.Module]) -> nn.Module 
     tie = getattr(plain, "tie_weights", None)
     if callable(tie):
         tie()
-    empty = [n for n, p in plain.named_parameters() if p.is_meta]
+    empty = [n for n, p in plain.named_parameters() if p.is_meta and (p.requires_grad or not trained_only)]
     if empty:
         raise RuntimeError(f"gathered state dict misses parameters {empty[:3]}")
     return plain

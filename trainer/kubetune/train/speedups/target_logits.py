@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kubetune.data.encode import IGNORE_INDEX
+from kubetune.train.batching import to_device
 
 
 class TargetLogits:
@@ -43,8 +44,8 @@ class TargetLogits:
             targets = following != IGNORE_INDEX
             # Position t predicts token t + 1: it is kept when labels[:, t + 1] is a target.
             keep = torch.cat([targets, torch.zeros((len(host_labels), 1), dtype=torch.bool)], dim=1)
-            self.rows = keep.flatten().nonzero().squeeze(1).to(labels.device)
-            self.targets = following[targets].to(labels.device)  # row-major, the order of `rows`
+            self.rows = to_device(keep.flatten().nonzero().squeeze(1), labels.device)
+            self.targets = to_device(following[targets], labels.device)  # row-major, the order of `rows`
             self.width = host_labels.shape[1]
 
     def _select(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
