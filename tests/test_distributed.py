@@ -175,6 +175,38 @@ def test_a_failing_rank_fails_the_run_with_its_own_message(tmp_path: Path, tiny_
     assert "ChildFailedError" not in out
 
 
+# Rank 0 alone uploads slowly (a large checkpoint or merged model): every publish sleeps {seconds} s there.
+SLOW_UPLOAD = """
+import os, time
+if os.environ.get("RANK") == "0":
+    from kubetune.storage import Storage
+    _publish = Storage.publish
+    def publish(self, *args, **kwargs):
+        time.sleep({seconds})
+        return _publish(self, *args, **kwargs)
+    Storage.publish = publish
+"""
+
+
+def test_the_other_ranks_wait_out_rank_0s_slow_uploads(tmp_path: Path, tiny_gpt2: Path, data: dict[str, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25, item 3: rank 0's checkpoint and output uploads took longer than the collective timeout, so the
+    waiting rank raised, torchrun killed rank 0 mid-upload, and every retry failed the same way. Collective
+    timeout 15 s, each of rank 0's two publishes (the last checkpoint, the outputs) 20 s."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SLOW_UPLOAD.format(seconds=20))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv(ENV_COLLECTIVE_TIMEOUT, "15")
+    doc = gpt2_job("slow", tiny_gpt2, data, str(tmp_path / "out"), batch_size=8, epochs=1, every_steps=100)
+    doc["spec"]["hyperparameters"]["maxSteps"] = 2
+    trainer = Trainer(write_job(doc, tmp_path / "job.yaml"), tmp_path / "state", nproc=2)
+    code, out = trainer.run(timeout=240)
+    assert code == EXIT_OK, out
+    assert out.count("INFO model written to") == 1
+    assert trainer.result()["outcome"] == "Succeeded"
+
+
 def test_bad_input_on_every_rank_exits_2_without_a_traceback(tmp_path: Path, tiny_gpt2: Path,
                                                              data: dict[str, Path]) -> None:
     train = tmp_path / "train.jsonl"

@@ -38,8 +38,12 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+_io_group: Any = None  # gloo, long timeout: for waiting on rank 0's I/O (see init)
+
+
 def init() -> None:
     """Join the torchrun group: nccl on GPUs, gloo on CPU, with a timeout so a dead rank fails the run."""
+    global _io_group
     if world_size() <= 1 or is_distributed():
         return
     seconds = int(os.environ.get(contract.ENV_COLLECTIVE_TIMEOUT, contract.DEFAULT_COLLECTIVE_TIMEOUT_SECONDS))
@@ -50,6 +54,12 @@ def init() -> None:
         # (a guess that can put two ranks on one GPU and hang, and that torch warns about).
         options["device_id"] = device()
     dist.init_process_group(backend=backend(), timeout=timedelta(seconds=seconds), **options)
+    # The other ranks wait while rank 0 alone downloads and hashes the model, loads the weights, fetches a
+    # checkpoint, saves and uploads one, merges and uploads the outputs: for a large model far past the training
+    # collectives' timeout, after which they raised and torchrun killed rank 0 mid-upload on every retry. Those
+    # waits use their own group; a rank that dies still ends them at once (its connections close).
+    io_seconds = int(os.environ.get(contract.ENV_IO_TIMEOUT, contract.DEFAULT_IO_TIMEOUT_SECONDS))
+    _io_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=io_seconds))
 
 
 def backend() -> str:
@@ -58,26 +68,31 @@ def backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
-def barrier() -> None:
+def _group(io: bool) -> Any:
+    """io: some rank may still be in slow I/O (rank 0's downloads, loading, uploads): wait as long as it takes."""
+    return _io_group if io else None
+
+
+def barrier(io: bool = False) -> None:
     if is_distributed():
-        dist.barrier()
+        dist.barrier(group=_group(io))
 
 
-def broadcast_object(value: Any) -> Any:
+def broadcast_object(value: Any, io: bool = False) -> Any:
     """Rank 0's value on every rank."""
     if not is_distributed():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_group(io))
     return box[0]
 
 
-def gather_objects(value: Any) -> list[Any]:
+def gather_objects(value: Any, io: bool = False) -> list[Any]:
     """Every rank's value, in rank order, on every rank."""
     if not is_distributed():
         return [value]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, value)
+    dist.all_gather_object(out, value, group=_group(io))
     return out
 
 
@@ -95,15 +110,17 @@ def max_over_ranks(value: int) -> int:
     return int(tensor.item())
 
 
-def any_rank(flag: bool) -> bool:
+def any_rank(flag: bool, io: bool = False) -> bool:
     """True when the flag is set on any rank (e.g. SIGTERM seen), so all ranks act together."""
     if not is_distributed():
         return flag
     tensor = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_group(io))
     return bool(tensor.item() > 0)
 
 
 def shutdown() -> None:
+    global _io_group
     if is_distributed():
         dist.destroy_process_group()
+    _io_group = None

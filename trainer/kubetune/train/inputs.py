@@ -62,7 +62,7 @@ def fetch_inputs(storage: Storage, spec: FineTuneJobSpec, dest: Path) -> Inputs:
         except Exception as exc:  # re-raised after the barrier so the other ranks do not wait forever
             error = exc
     # Any rank's failure must stop every rank, not leave them at the barrier.
-    failed = distributed.any_rank(error is not None)
+    failed = distributed.any_rank(error is not None, io=True)  # local rank 0 may download for long
     if error is not None:
         raise error
     if failed:

@@ -27,7 +27,7 @@ def load_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None,
     if distributed.is_main():
         model, counts = build_model(spec, model_dir, pad_token_id, gradient_checkpointing, frozen_dtype=frozen_dtype)
         new_modules = list(getattr(model, "kubetune_new_modules", []))
-    new_modules = distributed.broadcast_object(new_modules)  # a fresh head's names decide what trains
+    new_modules = distributed.broadcast_object(new_modules, io=True)  # a fresh head's names decide what trains
     if not distributed.is_main():
         model, counts = build_model(spec, model_dir, pad_token_id, gradient_checkpointing, empty_like=new_modules,
                                    frozen_dtype=frozen_dtype)

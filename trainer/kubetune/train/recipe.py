@@ -220,7 +220,7 @@ class FineTuneRecipe:
             newest = next(iter(checkpoint.complete(self.storage, self.checkpoint_root)), None)
             published = identity.finished_output(self.storage, self.job, newest, self.work_dir / "published")
             found = (newest, published) if newest and published else None
-        found = distributed.broadcast_object(found)
+        found = distributed.broadcast_object(found, io=True)
         if found is None:
             return False
         self.last_checkpoint, self.published = found
@@ -232,14 +232,14 @@ class FineTuneRecipe:
     def _resume(self) -> None:
         root = self.checkpoint_root
         found = checkpoint.find_latest(self.storage, root, self.work_dir / "resume") if self.is_main else None
-        name: str | None = distributed.broadcast_object(found[0] if found else None)
+        name: str | None = distributed.broadcast_object(found[0] if found else None, io=True)
         if name is None:
             return
         # Local checkpoints are read in place; S3 ones are fetched once per node into the work dir.
         path = self.work_dir / "resume" / name.rstrip("/").rsplit("/", 1)[-1] if is_s3(name) else Path(name)
         if not self.is_main and distributed.local_rank() == 0 and is_s3(name):
             self.storage.fetch(name, path)
-        distributed.barrier()
+        distributed.barrier(io=True)
         saved = checkpoint.load(path)
         if saved.get("identity") != self.identity:  # its prefix says it is ours: only a copied-in folder lies
             if self.is_main:
@@ -496,8 +496,8 @@ class FineTuneRecipe:
         if self.is_main:
             log.info("checkpoint %s", uri)
             self.metrics.record_checkpoint(self.state.step, time.monotonic() - started)  # observability
-        self.last_checkpoint = distributed.broadcast_object(uri)
-        distributed.barrier()
+        self.last_checkpoint = distributed.broadcast_object(uri, io=True)  # rank 0 may upload for long (ddp)
+        distributed.barrier(io=True)
 
     # ---- outputs -----------------------------------------------------------------------------
     def write_outputs(self) -> dict[str, Any]:
@@ -559,7 +559,7 @@ class FineTuneRecipe:
             outputs.write_reports(staging, metrics, run, job, folders, example)
             outputs.publish_outputs(self.storage, staging, spec)
             log.info("model written to %s", spec.output.uri)
-        distributed.barrier()
+        distributed.barrier(io=True)  # rank 0 merges, saves and uploads
         return {"outputUri": spec.output.uri, "lastCheckpoint": self.last_checkpoint, **metrics}
 
     def _empty_model(self) -> nn.Module:
@@ -587,7 +587,7 @@ class FineTuneRecipe:
             self.storage.publish(staging, uri, extra={"kind": "dry-run"})
             shutil.rmtree(staging, ignore_errors=True)
             log.info("%s", dryrun.describe(result))
-        distributed.barrier()
+        distributed.barrier(io=True)
         return {"outputUri": uri, "dryRun": result, "steps": self.state.step, "totalSteps": self.total_steps}
 
     def cleanup(self) -> None:

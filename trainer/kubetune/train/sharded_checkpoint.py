@@ -48,7 +48,7 @@ def save(storage: Storage, root_uri: str, model: nn.Module, optimizer: torch.opt
         if remote:
             storage.delete(join_uri(uri, MANIFEST_NAME))
         (folder / MANIFEST_NAME).unlink(missing_ok=True)  # never vouch for files being rewritten
-    distributed.barrier()
+    distributed.barrier(io=True)
     tensors: dict[str, Any] = {"model": get_model_state_dict(model, options=TRAINABLE),
                                "optimizer": get_optimizer_state_dict(model, optimizer)}
     if best is not None:
@@ -57,7 +57,7 @@ def save(storage: Storage, root_uri: str, model: nn.Module, optimizer: torch.opt
     if distributed.is_main():
         torch.save({**state, "format": FORMAT_VERSION, "sharded": True, "hasBest": best is not None},
                    folder / STATE_FILE)
-    distributed.barrier()
+    distributed.barrier(io=True)
     extra = {"kind": "checkpoint", "step": state["step"], "worldSize": distributed.world_size()}
     if remote:
         _upload_in_parallel(storage, folder, uri, extra)
@@ -65,7 +65,7 @@ def save(storage: Storage, root_uri: str, model: nn.Module, optimizer: torch.opt
         storage.publish(folder, uri, extra=extra)  # files are in place: this adds the manifest
     if distributed.is_main():
         prune(storage, root_uri, keep_last)
-    distributed.barrier()
+    distributed.barrier(io=True)
     return uri
 
 
@@ -84,14 +84,14 @@ def _upload_in_parallel(storage: Storage, folder: Path, uri: str, extra: dict[st
         rel = path.relative_to(folder).as_posix()
         storage.s3().upload_file(path, join_uri(uri, rel))
         entries.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
-    every = distributed.gather_objects(entries)  # after this every rank's uploads have finished
+    every = distributed.gather_objects(entries, io=True)  # after this every rank's uploads have finished
     if distributed.is_main():
         manifest = {"version": 1, "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "files": sorted((e for rank in every for e in rank), key=lambda e: e["path"]), **extra}
         bucket, key = split_uri(join_uri(uri, MANIFEST_NAME))
         storage.s3().client.put_object(Bucket=bucket, Key=key, Body=manifest_bytes(manifest),
                                        ContentType="application/json")
-    distributed.barrier()
+    distributed.barrier(io=True)
     if distributed.local_rank() == 0:
         shutil.rmtree(folder, ignore_errors=True)
 
