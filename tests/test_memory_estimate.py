@@ -224,7 +224,7 @@ def test_the_plan_counts_the_precision_resolved_for_the_device(tmp_path: Path,
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     monkeypatch.setenv("KUBETUNE_DEVICE_MEMORY", "40Gi")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    resolved = check_memory(spec, tmp_path, torch.device("cpu"), "bf16")  # what the trainer passes on an H100
+    resolved = check_memory(spec, tmp_path, torch.device("cuda", 0), "bf16")  # what the trainer passes on an H100
     assert resolved.strategy == "ddp" and resolved.fits and resolved.precision == "bf16"
     assert resolved.weights == resolved.parameters * 2 + resolved.trainable * 4
     assert resolved.needed < 36 * GiB
@@ -244,9 +244,9 @@ def test_the_fit_keeps_headroom_and_fsdp_counts_the_gathered_root() -> None:
     exact = plan(spec, world_size=8, device_bytes=full.total, config=LLAMA3_8B, precision="bf16")
     assert not exact.fits  # it once fitted: 100% of the device
     assert plan(spec, world_size=8, device_bytes=full.needed, config=LLAMA3_8B, precision="bf16").fits
-    # Accumulation adds nothing under fsdp: the trainer reduce-scatters every micro-batch (tests/test_fsdp_memory.py).
-    single = plan(_llama("full", 1, 8, 1, 2048, gradientCheckpointing=False), world_size=8, device_bytes=80 * GiB, config=LLAMA3_8B,
-                  precision="bf16")
+    # Accumulation adds nothing under fsdp: the trainer reduce-scatters every micro-batch (tests/test_sharding.py).
+    single = plan(_llama("full", 1, 8, 1, 2048, gradientCheckpointing=False), world_size=8, device_bytes=80 * GiB,
+                  config=LLAMA3_8B, precision="bf16")
     assert single.gradients == full.gradients and single.gathered == full.gathered
     cpu = plan(_llama("lora", 1, 0, 1, 512, precision="fp32"), world_size=1, device_bytes=64 * GiB, config=LLAMA_7B)
     assert cpu.headroom == int(cpu.total * 0.10)
@@ -267,3 +267,16 @@ def test_the_dry_run_reports_reserved_device_memory(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 30 * GiB)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 20 * GiB)
     assert dryrun.peak_memory_bytes(torch.device("cuda", 0)) == 30 * GiB
+
+
+def test_the_trainer_plans_for_the_device_it_runs_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec written for GPUs (gpusPerNode defaults to 1) run on a CPU: no GPU headroom, fp32 everywhere."""
+    from kubetune.train.memcheck import check_memory
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_7B))
+    monkeypatch.setenv("KUBETUNE_DEVICE_MEMORY", "64Gi")
+    spec = _llama("lora", 1, 1, 1, 512, precision="fp32")
+    cpu = check_memory(spec, tmp_path, torch.device("cpu"), "fp32")
+    assert cpu.headroom == int(cpu.total * 0.10) and cpu.best == cpu.trainable * 4
+    gpu = check_memory(spec, tmp_path, torch.device("cuda", 0), "fp32")
+    assert gpu.headroom == int(gpu.total * 0.10 + 2 * GiB) and gpu.best == 0

@@ -132,6 +132,20 @@ def test_find_latest_skips_incomplete_then_corrupt(store: tuple[Storage, str], t
     assert checkpoint.find_latest(storage, root, tmp_path / "dest-4") is None
 
 
+def test_a_checkpoint_is_memory_mapped_not_read_into_each_rank(tmp_path: Path) -> None:
+    """Issue 25, item 12: every DDP rank read the whole state.pt into its own memory; mapped, a node's ranks
+    share the file's pages. Rewriting the checkpoint meanwhile replaces the file, so the mapping stays whole."""
+    storage = Storage()
+    uri = save_fake(storage, str(tmp_path / "ckpt"), 10, tmp_path / "staging")
+    state = checkpoint.load(Path(uri))
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(Path(uri) / STATE_FILE) in mapped
+    rewritten = {"step": 10, "weights": torch.full((256,), 99.0)}  # the same step saved again: same path
+    checkpoint.save(storage, str(tmp_path / "ckpt"), rewritten, tmp_path / "staging", 10)
+    # Renamed over, never truncated under the mapping: the loaded tensors keep what was loaded.
+    assert state["weights"].eq(10.0).all() and checkpoint.load(Path(uri))["weights"].eq(99.0).all()
+
+
 def test_only_keep_last_complete_checkpoints_are_kept(store: tuple[Storage, str], tmp_path: Path) -> None:
     storage, root = store
     save_fake(storage, root, 10, tmp_path / "staging", keep_last=2)

@@ -9,9 +9,12 @@ count) and land near the reference: test loss within 0.15 absolute, while traini
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -139,3 +142,22 @@ def test_one_process_checkpoint_resumes_on_two_processes(reference: dict[str, An
     assert len(result["run"]["resumedFrom"]) == 1 and result["run"]["hardware"]["worldSize"] == 2
     assert metrics["steps"] == step + (SPLIT["train"] // 4 - step) // 2  # 4 examples per step, then 8
     assert metrics["test"]["loss"] == pytest.approx(reference["test"]["loss"], abs=WORLD_CHANGE_TOLERANCE)
+
+
+def test_each_node_fetches_only_the_shards_its_ranks_read(s3_server: SeaweedServer, s3_bucket: str,
+                                                          tmp_path: Path) -> None:
+    """Issue 25, item 12: each node's first rank downloaded the whole checkpoint (about 128 GB per node for an 8B
+    FSDP run). Two ranks playing two nodes (tests/resume_probe.py): each fetches state.pt, the shards' metadata
+    and its own shard file, not the other's, and resumes to the saved weights, moments and best copy."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(29900 + os.getpid() % 90), "-m", "tests.resume_probe",
+                           s3_server.endpoint, s3_bucket, str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert "error" not in found, found.get("trace")
+        assert found["fetched"] == ["shards/.metadata", f"shards/__{rank}_0.distcp", "state.pt"], found
+        assert found["weights"] and found["optimizer"] and found["best"]

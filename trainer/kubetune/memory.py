@@ -209,12 +209,13 @@ def read_config(folder: str | Path) -> dict[str, Any]:
 
 
 def plan(spec: FineTuneJobSpec | FineTuneJob, *, world_size: int, device_bytes: int | None,
-         config: dict[str, Any] | None = None, precision: str | None = None) -> MemoryPlan:
+         config: dict[str, Any] | None = None, precision: str | None = None, gpu: bool | None = None) -> MemoryPlan:
     """The estimate for `world_size` processes on devices of `device_bytes` (None: do not check the fit).
 
     `config` is the model's config.json; when absent it is read from spec.model.uri (a local folder).
     `precision` is the one the trainer resolved for its device (fp32, bf16, fp16); None counts the spec's,
-    where `auto` on a GPU may be either half type and is counted as the costlier.
+    where `auto` on a GPU may be either half type and is counted as the costlier. `gpu`: whether the devices
+    are GPUs (the trainer knows; None: the spec's resources.gpusPerNode says).
     """
     spec = spec.spec if isinstance(spec, FineTuneJob) else spec
     shape = model_shape(config if config is not None else read_config(spec.model.uri))
@@ -226,7 +227,8 @@ def plan(spec: FineTuneJobSpec | FineTuneJob, *, world_size: int, device_bytes: 
     if hp.strategy == "auto" and world == 1:
         strategies = ["ddp"]  # one process: sharding saves nothing
     counted = precision or hp.precision
-    candidates = [_estimate(spec, shape, world, s, c, counted) for s in strategies for c in checkpointing_options]
+    gpu = spec.resources.gpus_per_node > 0 if gpu is None else gpu
+    candidates = [_estimate(spec, shape, world, s, c, counted, gpu) for s in strategies for c in checkpointing_options]
     if device_bytes is None:
         chosen = candidates[0]
         notes.append("device memory unknown: fit not checked (set KUBETUNE_DEVICE_MEMORY or --device-memory, "
@@ -239,7 +241,7 @@ def plan(spec: FineTuneJobSpec | FineTuneJob, *, world_size: int, device_bytes: 
         notes.append(f"model_type {shape.model_type!r}: parameters counted as a llama-style decoder")
     if spec.method.type == "partial" and spec.method.partial and spec.method.partial.train_modules:
         notes.append("partial.trainModules: counted as full fine-tuning (an upper bound)")
-    if spec.resources.gpus_per_node > 0 and chosen.trainable:
+    if gpu and chosen.trainable:
         best = chosen.trainable * 4 // (world if chosen.strategy == "fsdp" else 1)
         notes.append(f"host memory per process: {_gib(best)} for the best model's copy (kept off the GPU)")
     fits = device_bytes is None or chosen.needed <= device_bytes
@@ -247,12 +249,11 @@ def plan(spec: FineTuneJobSpec | FineTuneJob, *, world_size: int, device_bytes: 
 
 
 def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: str, checkpointing: bool,
-              precision: str) -> MemoryPlan:
+              precision: str, gpu: bool) -> MemoryPlan:
     hp, method, task = spec.hyperparameters, spec.method.type, spec.model.task
     labels = len(spec.model.labels or [])
     total = shape.parameters(task, labels)
     trainable = _trainable(spec, shape, total, labels)
-    gpu = spec.resources.gpus_per_node > 0
     # The trainer keeps fp32 master weights for every method; qlora's quantised linears take ~0.56 B/param, and
     # LoRA's frozen base on a bf16 GPU 2 B/param (model.frozen_weights_dtype). Unresolved `auto` counts fp32: it is
     # bf16 from Ampere on but fp16 (frozen base kept fp32) before, which the spec alone cannot tell.
@@ -272,10 +273,10 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: st
     gathered: float = 0
     if strategy == "fsdp":
         weights, gradients, optimizer, best = weights / world, gradients / world, optimizer / world, best / world
-        gathered = _gathered(spec, shape, trainable, precision)
+        gathered = _gathered(spec, shape, trainable, precision, gpu)
     if hp.offload_optimizer and strategy == "fsdp":  # FSDP's CPU offload; DDP keeps the state on the device
         optimizer = 0
-    activations = activation_bytes(spec, shape, checkpointing, precision)
+    activations = activation_bytes(spec, shape, checkpointing, precision, gpu)
     held = weights + gathered + gradients + optimizer + activations + best
     headroom = held * HEADROOM_FRACTION + (GPU_HEADROOM_BYTES if gpu else 0)
     return MemoryPlan(int(weights), int(gradients), int(optimizer), int(activations), strategy, checkpointing,
@@ -283,14 +284,14 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: st
                       headroom=int(headroom), precision=precision)
 
 
-def _gathered(spec: FineTuneJobSpec, shape: ModelShape, trainable: int, precision: str) -> float:
+def _gathered(spec: FineTuneJobSpec, shape: ModelShape, trainable: int, precision: str, gpu: bool) -> float:
     """What FSDP holds unsharded besides its shards. The root unit (embeddings, final norm, head: 1.05 B
     parameters for Llama-3-8B) is gathered at the forward's start and kept until backward ends, its gradients
     from the head's backward on; of the blocks, the one computing and the next one (prefetched), and one block's
     gradients before their reduce-scatter. The trainer reduce-scatters every micro-batch, so accumulation adds
     nothing. Gathered weights are in the compute dtype on a GPU (the mixed-precision policy), fp32 on a CPU."""
     labels = len(spec.model.labels or [])
-    half = spec.resources.gpus_per_node > 0 and precision in ("bf16", "fp16", "auto")
+    half = gpu and precision in ("bf16", "fp16", "auto")
     weight_bytes = 2 if half else 4
     root, layer = shape.root_parameters(spec.model.task, labels), shape.layer_parameters()
     root_trainable = min(trainable, _root_trainable(spec, shape, labels))
@@ -335,7 +336,7 @@ def _root_trainable(spec: FineTuneJobSpec, shape: ModelShape, labels: int) -> in
 
 
 def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, checkpointing: bool,
-                     precision: str | None = None) -> int:
+                     precision: str | None = None, gpu: bool | None = None) -> int:
     """Peak activation memory of one micro-batch of maxSeqLength tokens.
 
     Korthikanti et al. 2022 (eq. 2) count per layer, in 16-bit, 34*s*b*h + 5*a*s^2*b bytes for an MLP of 4h:
@@ -346,15 +347,16 @@ def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, checkpointing: bo
     """
     hp = spec.hyperparameters
     precision = precision or hp.precision
+    gpu = spec.resources.gpus_per_node > 0 if gpu is None else gpu
     s, b, h, a, i = spec.data.max_seq_length, hp.batch_size, shape.hidden, shape.heads, shape.intermediate
     half = precision in ("bf16", "fp16") or spec.method.type == "qlora" or (
-        precision == "auto" and spec.resources.gpus_per_node > 0)
+        precision == "auto" and gpu)
     per_element = 2 if half else 4
     mlp = 4 if shape.gated else (5 if shape.python_gelu else 2)
     # On GPUs attention runs fused (SDPA's flash / cuDNN / memory-efficient kernels): no s x s scores, softmax or
     # dropout mask is kept for backward. Measured on an H100 (bench/gpu.py, LoRA, 16 x 1024 tokens): 683 M
     # parameters 24528 MiB, 973 M 30397 MiB, where counting the scores gave 41404 and 73828 (now 24271, 30625).
-    scores = 0 if spec.resources.gpus_per_node > 0 else a * s * s * b
+    scores = 0 if gpu else a * s * s * b
     masks = (2 * s * b * h + scores) if shape.dropout else 0
     # QLoRA: peft's prepare_model_for_kbit_training upcasts the norms, so the residual stream, the norms' inputs
     # and outputs (4 of the 8 s*b*h tensors) are fp32 (H100, 683 M, 8 x 1024: measured 16763 MiB, estimate 13521).

@@ -28,6 +28,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def node_ranks() -> range:
+    """The ranks on this node (torchrun numbers a node's processes consecutively)."""
+    first = rank() - local_rank()
+    return range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

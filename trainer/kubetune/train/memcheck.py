@@ -34,7 +34,7 @@ def check_memory(spec: FineTuneJobSpec, model_dir: Path, device: torch.device, p
     # The smallest device decides, on every rank alike: ranks must agree on checkpointing and on failing.
     smallest = min(distributed.gather_objects(device_bytes(device)))
     memory = plan(spec, world_size=distributed.world_size(), device_bytes=smallest, config=read_config(model_dir),
-                  precision=precision)
+                  precision=precision, gpu=device.type == "cuda")
     if not memory.fits:
         raise UserError(memory.advice(spec))
     return memory

@@ -23,7 +23,7 @@ from kubetune.cpus import usable_cpus
 from kubetune.data import encode_causal_lm, encode_classification, prepare_data
 from kubetune.errors import PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
-from kubetune.storage import Storage, is_s3, join_uri
+from kubetune.storage import Storage, join_uri
 from kubetune.train import (
     checkpoint,
     distributed,
@@ -230,16 +230,12 @@ class FineTuneRecipe:
         return True
 
     def _resume(self) -> None:
-        root = self.checkpoint_root
-        found = checkpoint.find_latest(self.storage, root, self.work_dir / "resume") if self.is_main else None
-        name: str | None = distributed.broadcast_object(found[0] if found else None, io=True)
-        if name is None:
+        # Local checkpoints are read in place; of S3 ones each node fetches what its ranks read into the work dir.
+        found = checkpoint.find_latest(self.storage, self.checkpoint_root, self.work_dir / "resume",
+                                       needs=self._shards_to_read)
+        if found is None:
             return
-        # Local checkpoints are read in place; S3 ones are fetched once per node into the work dir.
-        path = self.work_dir / "resume" / name.rstrip("/").rsplit("/", 1)[-1] if is_s3(name) else Path(name)
-        if not self.is_main and distributed.local_rank() == 0 and is_s3(name):
-            self.storage.fetch(name, path)
-        distributed.barrier(io=True)
+        name, path = found
         saved = checkpoint.load(path)
         if saved.get("identity") != self.identity:  # its prefix says it is ours: only a copied-in folder lies
             if self.is_main:
@@ -255,7 +251,7 @@ class FineTuneRecipe:
                             saved.get("format"), ", ".join(sorted(layout)) or "none")
             return
         if saved.get("sharded"):
-            self.best_weights = sharded_checkpoint.load(path, self.model, self.optimizer, saved["hasBest"])
+            self.best_weights = sharded_checkpoint.load(path, self.model, self.optimizer, saved)
         else:
             load_trainable_state(self.model, saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -273,6 +269,13 @@ class FineTuneRecipe:
         self.metrics.last_checkpoint_step.set(self.state.step)
         log.info("resumed from %s at step %d (epoch %d, %d examples in)", name, self.state.step, self.state.epoch,
                  self.state.samples_in_epoch)
+
+    def _shards_to_read(self, path: Path) -> list[str]:
+        """The shard files this rank reads from the checkpoint at path (a DDP checkpoint is its state.pt)."""
+        saved = checkpoint.load(path)  # memory-mapped: reading a key or two reads no more
+        if not saved.get("sharded") or saved.get("format") != checkpoint.FORMAT_VERSION:
+            return []  # another version's is set aside by _resume, unread
+        return sharded_checkpoint.needed_files(path, self.model, self.optimizer, saved["hasBest"])
 
     def _fit_schedule(self) -> None:
         """Resumed on another world size, the remaining epochs take another number of steps: end the LR schedule
