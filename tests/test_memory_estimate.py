@@ -129,6 +129,9 @@ def test_auto_shards_when_a_replica_does_not_fit() -> None:
     assert auto.weights == auto.parameters * 4 + auto.trainable * 4
     qlora = plan(_llama("qlora", 1, 1, 1, 512), world_size=1, device_bytes=80 * GiB, config=LLAMA_7B)
     assert qlora.weights < lora.weights / 2  # 4-bit layers: ~0.56 B/parameter instead of 2
+    # auto never picks fsdp for qlora: the trainer refuses to shard 4-bit weights (validate said it would fit).
+    tight = plan(_llama("qlora", 1, 8, 8, 4096), world_size=8, device_bytes=24 * GiB, config=LLAMA_7B)
+    assert tight.strategy == "ddp" and not tight.fits
     offloaded = plan(_llama("full", 2, 8, 1, 512, offloadOptimizer=True), world_size=16, device_bytes=80 * GiB,
                      config=LLAMA_7B)
     assert offloaded.optimizer == 0

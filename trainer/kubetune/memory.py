@@ -224,8 +224,8 @@ def plan(spec: FineTuneJobSpec | FineTuneJob, *, world_size: int, device_bytes: 
     notes: list[str] = []
     checkpointing_options = [False, True] if hp.gradient_checkpointing is None else [hp.gradient_checkpointing]
     strategies = ["ddp", "fsdp"] if hp.strategy == "auto" else [hp.strategy]
-    if hp.strategy == "auto" and world == 1:
-        strategies = ["ddp"]  # one process: sharding saves nothing
+    if hp.strategy == "auto" and (world == 1 or spec.method.type == "qlora"):
+        strategies = ["ddp"]  # one process: sharding saves nothing; qlora: the trainer does not shard 4-bit weights
     counted = precision or hp.precision
     gpu = spec.resources.gpus_per_node > 0 if gpu is None else gpu
     candidates = [_estimate(spec, shape, world, s, c, counted, gpu) for s in strategies for c in checkpointing_options]
