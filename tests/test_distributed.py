@@ -19,6 +19,7 @@ import pytest
 from kubetune.contract import (
     DEFAULT_GRACE_SECONDS,
     ENV_COLLECTIVE_TIMEOUT,
+    ENV_IO_TIMEOUT,
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
     EXIT_OK,
@@ -292,3 +293,15 @@ def test_pod_entrypoint_takes_its_topology_from_the_operator_env(
     metrics = read_output(Storage(), str(tmp_path / "out"), "metrics.json", tmp_path / "fetched")
     # Same spec, same world size, fp32: the pod path is the `kubetune run --nproc-per-node 2` path.
     assert metrics["test"]["loss"] == pytest.approx(two_processes["metrics"]["test"]["loss"], rel=RESUME_REL)
+
+
+@pytest.mark.parametrize("name", [ENV_COLLECTIVE_TIMEOUT, ENV_IO_TIMEOUT])
+def test_a_timeout_that_is_not_a_number_is_bad_input(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read before the group is joined: exit 2 naming the variable, not a ValueError's traceback."""
+    from kubetune.errors import UserError
+    from kubetune.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(name, "soon")
+    with pytest.raises(UserError, match=f"{name}: 'soon' is not a whole number of seconds"):
+        distributed.init()

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from kubetune import contract
+from kubetune.errors import UserError
 
 
 def world_size() -> int:
@@ -52,7 +53,8 @@ def init() -> None:
     global _io_group
     if world_size() <= 1 or is_distributed():
         return
-    seconds = int(os.environ.get(contract.ENV_COLLECTIVE_TIMEOUT, contract.DEFAULT_COLLECTIVE_TIMEOUT_SECONDS))
+    seconds = _seconds(contract.ENV_COLLECTIVE_TIMEOUT, contract.DEFAULT_COLLECTIVE_TIMEOUT_SECONDS)
+    io_seconds = _seconds(contract.ENV_IO_TIMEOUT, contract.DEFAULT_IO_TIMEOUT_SECONDS)
     options: dict[str, Any] = {}
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
@@ -64,8 +66,14 @@ def init() -> None:
     # checkpoint, saves and uploads one, merges and uploads the outputs: for a large model far past the training
     # collectives' timeout, after which they raised and torchrun killed rank 0 mid-upload on every retry. Those
     # waits use their own group; a rank that dies still ends them at once (its connections close).
-    io_seconds = int(os.environ.get(contract.ENV_IO_TIMEOUT, contract.DEFAULT_IO_TIMEOUT_SECONDS))
     _io_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=io_seconds))
+
+
+def _seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UserError(f"{name}: {value!r} is not a whole number of seconds (1 or more)")
+    return int(value)
 
 
 def backend() -> str:
