@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-llm cluster test test-all lint crd docs monitoring test-tools clean
+.PHONY: setup demo demo-llm cluster test test-all lint crd docs monitoring test-tools k8s-binaries clean
 
 $(VENV)/.installed: pyproject.toml .ci/install-k8s-tools
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ demo: setup
 demo-llm: setup
 	$(PY) -m kubetune.demo --llm
 
-# A dev cluster on this machine: emulated API, the real operator, pods as local processes (README).
-cluster: setup
+# The Kubernetes control plane the tests and `make cluster` run, built with Go from the k8s.io/kubernetes
+# module (first time: minutes; then taken from ~/.cache/kubetune/controlplane).
+k8s-binaries:
+	tests/k8s-binaries/build.sh
+
+# A dev cluster on this machine: the real control plane, two nodes whose pods run as processes, S3 (README).
+cluster: setup k8s-binaries
 	$(PY) -m tests.devcluster
 
 lint: setup
@@ -36,10 +41,10 @@ test-tools:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: setup lint test-tools
+test: setup lint test-tools k8s-binaries
 	$(VENV)/bin/pytest
 
-test-all: setup lint test-tools
+test-all: setup lint test-tools k8s-binaries
 	$(VENV)/bin/pytest -m ''
 
 crd: setup

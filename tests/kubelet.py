@@ -1,32 +1,26 @@
-"""The Job controller, scheduler and kubelet of a one-node dev cluster: pods run as local subprocesses.
+"""A node agent for the test control plane (tests/control_plane.py): Nodes whose pods run as local processes.
 
-It watches (polls) Jobs and Pods over the Kubernetes API like the real components, creates one pod per
-completion index, runs each pod's real container command (`kubetune trainer`, `kubetune validate --deep`)
-with the pod's env and volumes, and writes Pod and Job statuses as a kubelet and the Job controller would:
-Running, then Succeeded/Failed with the exit code and the termination message file's content.
-
-What differs from a real node, each for a reason:
-- pods share this machine's network: the pod IP is 127.0.0.1, the trainer's metrics port is the one the dev
-  cluster gave the operator, and a single-node job's master address (its own DNS name) is 127.0.0.1;
-- one trainer pod runs at a time (a one-GPU node); multi-node jobs are Unschedulable here;
-- the image is this virtual environment (its `bin/` leads PATH) and the image's WORKDIR is `<node>/examples`,
-  so relative paths in a spec mean what they mean beside the examples (`make demo`'s layout);
-- a subPath file from a ConfigMap is written into that WORKDIR while the pod lives, so the trainer (relative
-  to its working dir) and the pre-flight (relative to the spec file) resolve relative paths alike.
+Each configured node is registered with its own identity (a `system:node:<name>` certificate, so the Node
+authorizer and NodeRestriction hold), keeps its Lease and Ready condition, and watches the pods the real
+scheduler binds to it. A bound pod's containers run as processes (tests/pod_process.py: volumes, env, ports,
+what differs from a real node and why); the agent writes Pod status as a kubelet does (phase, container
+states, exit code, termination message, restart count, Ready from probes), restarts containers by
+restartPolicy, stops them on deletion with SIGTERM and the grace period, then removes the pod object; and it
+serves `kubectl logs` (tests/kubelet_server.py). The real Job controller, scheduler and garbage collector do
+the rest.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
+import itertools
+import json
 import logging
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
-import uuid
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,321 +28,498 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
-from kubetune import contract
+from tests.control_plane import ControlPlane
+from tests.kubelet_server import LogServer, PortForwarder
+from tests.pod_process import Image, NotReady, PodApi, PodRun, Process, now
 
-log = logging.getLogger("kubetune.devcluster")
-COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-MESSAGE_LIMIT = 4096  # a real kubelet keeps at most 4096 bytes of a termination message
-LOG_TAIL_LINES = 80  # FallbackToLogsOnError: the last 80 lines (or 2048 bytes) of the log
+log = logging.getLogger("kubetune.node-agent")
+LEASE_SECONDS = 40
+RENEW_SECONDS = 10
+RESTART_BACKOFF = (1, 2, 4, 8, 10)  # seconds before the n-th restart of a container (a kubelet caps at 300)
+NODE_VERSION = "v1.37.2"
+STRATEGIC = "application/strategic-merge-patch+json"  # conditions merge by type (PodScheduled, DisruptionTarget)
+MERGE = "application/merge-patch+json"
 
 
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    cpu: str = "16"
+    memory: str = "64Gi"
+    gpus: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    taints: tuple[dict[str, str], ...] = ()
 
 
 @dataclass
-class RunningPod:
-    namespace: str
-    name: str
-    job: str
-    trainer: bool
-    process: subprocess.Popen[bytes]
-    folder: Path
-    started: str
-    termination_log: Path
-    cleanup: list[Path] = field(default_factory=list)
+class ContainerState:
+    restarts: int = 0
+    ready: bool = False
+    status: dict[str, Any] = field(default_factory=dict)  # state / lastState as the API shows them
+    restart_at: float | None = None
+    probe_failures: dict[str, int] = field(default_factory=dict)
+    probe_next: dict[str, float] = field(default_factory=dict)
 
 
-class Kubelet:
-    def __init__(self, kubeconfig: Path, node: Path, state: Path, metrics_port: int, poll_seconds: float = 0.5
-                 ) -> None:
+@dataclass
+class Pod:
+    run: PodRun
+    containers: dict[str, ContainerState]
+    waiting: tuple[str, str] | None = None  # (reason, message) while it cannot start
+    retry_at: float = 0.0
+    stopping: threading.Thread | None = None
+    ended: bool = False
+    written: dict[str, Any] | None = None
+    token_at: float = 0.0
+
+
+class Node:
+    def __init__(self, spec: NodeSpec, kubeconfig: Path) -> None:
+        self.spec = spec
         configuration = kubernetes.client.Configuration()
         kubernetes.config.load_kube_config(str(kubeconfig), client_configuration=configuration)
         self.client = kubernetes.client.ApiClient(configuration)
         self.core = kubernetes.client.CoreV1Api(self.client)
-        self.batch = kubernetes.client.BatchV1Api(self.client)
-        self.node, self.state, self.metrics_port, self.poll_seconds = node, state, metrics_port, poll_seconds
-        self.workdir = node / "examples"
-        self.running: dict[tuple[str, str], RunningPod] = {}
-        self.dying: list[threading.Thread] = []
+        self.leases = kubernetes.client.CoordinationV1Api(self.client)
+        self.cache: dict[str, dict[str, Any]] = {}  # uid -> the pod as last seen by the watch
+        self.pods: dict[str, Pod] = {}
+        self.lock = threading.Lock()
+        self.renewed = 0.0
+
+
+class NodeAgent:
+    def __init__(self, control_plane: ControlPlane, nodes: list[NodeSpec], images: dict[str, Image], state: Path,
+                 node_dir: Path) -> None:
+        self.control_plane, self.specs, self.images = control_plane, nodes, images
+        self.state, self.node_dir = state, node_dir
+        self.nodes: list[Node] = []
         self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="kubelet", daemon=True)
+        self.wake = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.addresses = (f"127.1.{a}.{b}" for a, b in itertools.product(range(256), range(1, 255)))
+        self.forwarder: PortForwarder | None = None
+        self.logs: LogServer | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> Kubelet:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.thread.start()
+    def start(self) -> NodeAgent:
+        pki = self.control_plane.pki
+        assert pki is not None, "start the control plane first"
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.node_dir.mkdir(parents=True, exist_ok=True)
+        cert, key = pki.issue("kubelet-serving", "kubelet", hosts=("127.0.0.1", "localhost"))
+        self.logs = LogServer(cert, key, pki.ca, self._log_file).start()
+        self.forwarder = PortForwarder()
+        for spec in self.specs:
+            kubeconfig = self.control_plane.write_kubeconfig(self.state / f"{spec.name}.kubeconfig",
+                                                             f"system:node:{spec.name}", ("system:nodes",))
+            node = Node(spec, kubeconfig)
+            self._register(node)
+            self.nodes.append(node)
+            self._thread(f"watch-{spec.name}", self._watch, node)
+        self._thread("node-agent", self._loop)
         return self
 
     def stop(self) -> None:
         self.stop_event.set()
-        self.thread.join(30)
-        for pod in list(self.running.values()):
-            self._kill(pod)
-        for ender in self.dying:
-            ender.join()
+        self.wake.set()
+        for thread in self.threads:
+            thread.join(10)
+        enders = []
+        for node in self.nodes:
+            for pod in node.pods.values():
+                for process in pod.run.processes.values():
+                    ender = threading.Thread(target=PodRun.stop, args=(process, 30), daemon=True)
+                    ender.start()
+                    enders.append(ender)
+        for ender in enders:
+            ender.join(40)
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        if self.logs is not None:
+            self.logs.stop()
 
-    def _loop(self) -> None:
-        while not self.stop_event.wait(self.poll_seconds):
-            try:
-                self.step()
-            except Exception:  # the API restarting or a half-deleted object: the next round sees it settled
-                log.exception("kubelet round failed")
+    def _thread(self, name: str, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
 
-    # ---- one round: Job controller, then scheduler + kubelet -------------------------------------------
-    def step(self) -> None:
-        jobs = [self._dict(j) for j in self.batch.list_job_for_all_namespaces().items]
-        pods = [self._dict(p) for p in self.core.list_pod_for_all_namespaces().items]
-        by_job: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for pod in pods:
-            by_job.setdefault((pod["metadata"]["namespace"], (pod["metadata"].get("labels") or {}).get(
-                "job-name", "")), []).append(pod)
-        alive = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in pods}
-        for key, local in list(self.running.items()):
-            if key not in alive:  # deleted (garbage-collected with its FineTuneJob, or a suspend): stop it
-                self._kill(local)
-                del self.running[key]
-        for job in jobs:
-            self._control(job, by_job.get((job["metadata"]["namespace"], job["metadata"]["name"]), []))
-        for key, local in list(self.running.items()):
-            if local.process.poll() is not None:
-                del self.running[key]
-                self._finished(local)
-        for pod in pods:
-            key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
-            if key not in self.running and not (pod.get("status") or {}).get("phase") and \
-                    not pod["metadata"].get("deletionTimestamp"):
-                self._schedule(pod)
-
-    def _control(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
-        """The Job controller: pods for an unsuspended, unfinished Job; a suspended one loses its pods."""
-        meta, spec = job["metadata"], job["spec"]
-        finished = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-                       for c in (job.get("status") or {}).get("conditions") or [])
-        if finished:
-            return
-        if spec.get("suspend"):
-            for pod in pods:
-                self._delete_pod(pod)
-            if (job.get("status") or {}).get("active"):
-                self._job_status(job, {"active": 0})
-            return
-        if pods:
-            return
-        template = spec["template"]
-        for index in range(int(spec.get("completions") or 1)):
-            name = f"{meta['name']}-{index}-{uuid.uuid4().hex[:5]}"
-            self.core.create_namespaced_pod(meta["namespace"], {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": meta["namespace"],
-                             "labels": {**(template["metadata"].get("labels") or {}), "job-name": meta["name"]},
-                             "annotations": {COMPLETION_INDEX: str(index)},
-                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                                                  "uid": meta["uid"], "controller": True}]},
-                "spec": template["spec"],
-            })
-        self._job_status(job, {"active": int(spec.get("completions") or 1), "startTime": now()})
-
-    def _schedule(self, pod: dict[str, Any]) -> None:
-        meta = pod["metadata"]
-        job = self._owner_job(pod)
-        if job is None:
-            return
-        if int(job["spec"].get("completions") or 1) > 1:
-            self._pod_status(pod, {"phase": "Pending", "conditions": [{
-                "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": now(),
-                "message": "0/1 nodes are available: the dev cluster runs single-node jobs only "
-                           "(resources.nodes: 1)"}]})
-            return
-        trainer = (meta.get("labels") or {}).get(contract.LABEL_COMPONENT) == "trainer"
-        if trainer and any(p.trainer for p in self.running.values()):
-            return  # the node's one GPU slot is taken: the pod waits, as it would for a real scheduler
-        self._run(pod, job, trainer)
-
-    # ---- the kubelet ------------------------------------------------------------------------------------
-    def _run(self, pod: dict[str, Any], job: dict[str, Any], trainer: bool) -> None:
-        meta, spec = pod["metadata"], pod["spec"]
-        container = spec["containers"][0]
-        folder = self.state / "pods" / f"{meta['namespace']}-{meta['name']}"
-        folder.mkdir(parents=True, exist_ok=True)
-        paths, cleanup = self._volumes(pod, folder)
-        termination_log = folder / "termination-log"
-        termination_log.write_text("")
-        paths[container.get("terminationMessagePath") or "/dev/termination-log"] = termination_log
-        env = self._env(pod, container, paths, int(job["spec"].get("completions") or 1))
-        command = [self._local(arg, paths) for arg in [*(container.get("command") or []),
-                                                         *(container.get("args") or [])]]
-        command[0] = shutil.which(command[0], path=env["PATH"]) or command[0]
-        started = now()
-        with (folder / "log").open("ab") as out:
-            process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        log.info("pod %s/%s started: %s (log %s)", meta["namespace"], meta["name"], " ".join(command),
-                 folder / "log")
-        self.running[(meta["namespace"], meta["name"])] = RunningPod(
-            meta["namespace"], meta["name"], job["metadata"]["name"], trainer, process, folder, started,
-            termination_log, cleanup)
-        self._pod_status(pod, {"phase": "Running", "podIP": "127.0.0.1", "hostIP": "127.0.0.1", "startTime": started,
-                               "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": started},
-                                              {"type": "Ready", "status": "True", "lastTransitionTime": started}],
-                               "containerStatuses": [{"name": container["name"], "ready": True, "restartCount": 0,
-                                                      "image": container.get("image", ""), "imageID": "",
-                                                      "state": {"running": {"startedAt": started}}}]})
-
-    def _volumes(self, pod: dict[str, Any], folder: Path) -> tuple[dict[str, Path], list[Path]]:
-        """Container path -> local path for every volume mount (ConfigMaps written out, emptyDirs as folders)."""
-        meta, spec = pod["metadata"], pod["spec"]
-        volumes = {v["name"]: v for v in spec.get("volumes") or []}
-        paths: dict[str, Path] = {}
-        cleanup: list[Path] = []
-        for mount in spec["containers"][0].get("volumeMounts") or []:
-            volume = volumes[mount["name"]]
-            local = folder / "volumes" / mount["name"]
-            if "configMap" in volume:
-                data = self.core.read_namespaced_config_map(volume["configMap"]["name"], meta["namespace"]).data or {}
-                if mount.get("subPath"):
-                    local = self.workdir / f".{meta['name']}-{mount['subPath']}"  # see the module docstring
-                    local.write_text(data[mount["subPath"]])
-                    cleanup.append(local)
-                else:
-                    local.mkdir(parents=True, exist_ok=True)
-                    for key, value in data.items():
-                        (local / key).write_text(value)
-            else:  # emptyDir (memory-backed or not): a fresh folder
-                local.mkdir(parents=True, exist_ok=True)
-            paths[mount["mountPath"]] = local
-        return paths, cleanup
-
-    @staticmethod
-    def _local(value: str, paths: dict[str, Path]) -> str:
-        for mount in sorted(paths, key=len, reverse=True):
-            if value == mount or value.startswith(mount.rstrip("/") + "/"):
-                return str(paths[mount]) + value[len(mount):]
-        return value
-
-    def _env(self, pod: dict[str, Any], container: dict[str, Any], paths: dict[str, Path], nodes: int
-             ) -> dict[str, str]:
-        meta = pod["metadata"]
-        # The image's environment: this venv first on PATH, this HOME (its caches: matplotlib's font list), offline.
-        env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               "HOME": os.environ.get("HOME", str(self.state)), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "PYTHONUNBUFFERED": "1"}
-        for item in container.get("env") or []:
-            if "value" in item:
-                env[item["name"]] = self._local(str(item["value"]), paths)
-            elif "fieldRef" in item.get("valueFrom", {}):
-                env[item["name"]] = self._field(meta, item["valueFrom"]["fieldRef"]["fieldPath"])
-            elif "secretKeyRef" in item.get("valueFrom", {}):
-                ref = item["valueFrom"]["secretKeyRef"]
-                secret = self.core.read_namespaced_secret(ref["name"], meta["namespace"])
-                env[item["name"]] = base64.b64decode((secret.data or {})[ref["key"]]).decode()
-        # Pods share this machine's network (see the module docstring).
-        if contract.ENV_METRICS_PORT in env:
-            env[contract.ENV_METRICS_PORT] = str(self.metrics_port)
-        if nodes == 1 and contract.ENV_MASTER_ADDR in env:
-            env[contract.ENV_MASTER_ADDR] = "127.0.0.1"
-        return env
-
-    @staticmethod
-    def _field(meta: dict[str, Any], path: str) -> str:
-        if path in ("metadata.name", "metadata.namespace"):
-            return str(meta[path.split(".")[1]])
-        for kind in ("annotations", "labels"):
-            prefix = f"metadata.{kind}['"
-            if path.startswith(prefix):
-                return str((meta.get(kind) or {}).get(path[len(prefix):-2], ""))
-        raise ValueError(f"fieldRef {path} is not supported by the dev cluster")
-
-    def _finished(self, pod: RunningPod) -> None:
-        code = pod.process.returncode
-        if code < 0:  # killed by a signal: a container runtime reports 128 + the signal number
-            code = 128 - code
-        message = pod.termination_log.read_text(errors="replace")[:MESSAGE_LIMIT]
-        if not message.strip() and code != 0:  # terminationMessagePolicy: FallbackToLogsOnError
-            lines = (pod.folder / "log").read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-            message = "\n".join(lines)[-2048:]
-        for path in pod.cleanup:
-            path.unlink(missing_ok=True)
-        log.info("pod %s/%s exited %s", pod.namespace, pod.name, code)
+    # ---- the Node object and its Lease ----------------------------------------------------------------
+    def _register(self, node: Node) -> None:
+        spec = node.spec
+        labels = {"kubernetes.io/hostname": spec.name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                  **spec.labels}
         try:
-            current = self._dict(self.core.read_namespaced_pod(pod.name, pod.namespace))
-            job = self._dict(self.batch.read_namespaced_job(pod.job, pod.namespace))
+            node.core.create_node({"metadata": {"name": spec.name, "labels": labels},
+                                   "spec": {"taints": list(spec.taints)} if spec.taints else {}})
         except ApiException as exc:
-            if exc.status == 404:
-                return  # deleted meanwhile: nobody is left to tell
-            raise
-        container = current["spec"]["containers"][0]
-        self._pod_status(current, {"phase": "Succeeded" if code == 0 else "Failed", "conditions": [
-            {"type": "Ready", "status": "False", "lastTransitionTime": now()}], "containerStatuses": [{
-                "name": container["name"], "ready": False, "restartCount": 0, "image": container.get("image", ""),
-                "imageID": "", "state": {"terminated": {
-                    "exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message,
-                    "startedAt": pod.started, "finishedAt": now()}}}]})
-        self._job_finished(job, code)
+            if exc.status != 409:
+                raise
+        self._node_status(node)
+        self._renew(node)
 
-    def _job_finished(self, job: dict[str, Any], code: int) -> None:
-        """Single-pod Jobs only (the scheduler refuses others): its pod's end is the Job's end."""
-        if code == 0:
-            self._job_status(job, {"active": 0, "succeeded": 1, "completionTime": now(), "conditions": [
-                {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached",
-                 "lastTransitionTime": now()},
-                {"type": "Complete", "status": "True", "reason": "CompletionsReached", "lastTransitionTime": now()}]})
-            return
-        rules = ((job["spec"].get("podFailurePolicy") or {}).get("rules")) or []
-        by_policy = any(code in ((r.get("onExitCodes") or {}).get("values") or []) and r.get("action") == "FailJob"
-                        for r in rules)
-        reason = "PodFailurePolicy" if by_policy else "BackoffLimitExceeded"
-        message = f"Container trainer for failed pod matched FailJob rule (exit code {code})" if by_policy else \
-            "Job has reached the specified backoff limit"
-        self._job_status(job, {"active": 0, "failed": 1, "conditions": [
-            {"type": "FailureTarget", "status": "True", "reason": reason, "message": message,
-             "lastTransitionTime": now()},
-            {"type": "Failed", "status": "True", "reason": reason, "message": message, "lastTransitionTime": now()}]})
+    def _node_status(self, node: Node) -> None:
+        spec = node.spec
+        capacity = {"cpu": spec.cpu, "memory": spec.memory, "pods": "110", "ephemeral-storage": "100Gi"}
+        if spec.gpus:
+            capacity["nvidia.com/gpu"] = str(spec.gpus)
+        stamp = now()
+        conditions = [{"type": kind, "status": "False", "reason": f"KubeletHasSufficient{kind[:-8]}",
+                       "message": "", "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
+                      for kind in ("MemoryPressure", "DiskPressure", "PIDPressure")]
+        conditions.append({"type": "Ready", "status": "True", "reason": "KubeletReady",
+                           "message": "kubelet is posting ready status", "lastHeartbeatTime": stamp,
+                           "lastTransitionTime": stamp})
+        assert self.logs is not None
+        node.core.patch_node_status(spec.name, _content_type=STRATEGIC, body={"status": {
+            "capacity": capacity, "allocatable": capacity, "conditions": conditions,
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": spec.name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.logs.port}},
+            "nodeInfo": {"machineID": spec.name, "systemUUID": spec.name, "bootID": spec.name,
+                         "kernelVersion": "local", "osImage": "kubetune test node (processes, no containers)",
+                         "containerRuntimeVersion": "local://processes", "kubeletVersion": NODE_VERSION,
+                         "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}})
 
-    def _kill(self, pod: RunningPod) -> None:
-        """A pod's end: SIGTERM, the grace period, then SIGKILL (the whole process group, as a runtime would)."""
-        def end() -> None:
-            if pod.process.poll() is None:
-                os.killpg(pod.process.pid, signal.SIGTERM)
-                try:
-                    pod.process.wait(contract.DEFAULT_GRACE_SECONDS + 5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(pod.process.pid, signal.SIGKILL)
-                    pod.process.wait(10)
-            for path in pod.cleanup:
-                path.unlink(missing_ok=True)
-
-        ender = threading.Thread(target=end, name=f"kill-{pod.name}", daemon=True)  # other pods go on meanwhile
-        ender.start()
-        self.dying.append(ender)
-
-    # ---- API helpers ------------------------------------------------------------------------------------
-    def _dict(self, obj: Any) -> dict[str, Any]:
-        value: dict[str, Any] = self.client.sanitize_for_serialization(obj)
-        return value
-
-    def _owner_job(self, pod: dict[str, Any]) -> dict[str, Any] | None:
-        owner = next((r for r in pod["metadata"].get("ownerReferences") or [] if r.get("kind") == "Job"), None)
-        if owner is None:
-            return None
+    def _renew(self, node: Node) -> None:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {"metadata": {"name": node.spec.name, "namespace": "kube-node-lease"},
+                "spec": {"holderIdentity": node.spec.name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": stamp}}
         try:
-            return self._dict(self.batch.read_namespaced_job(owner["name"], pod["metadata"]["namespace"]))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def _pod_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
-        self.core.patch_namespaced_pod_status(pod["metadata"]["name"], pod["metadata"]["namespace"],
-                                              {"status": status})
-
-    def _job_status(self, job: dict[str, Any], status: dict[str, Any]) -> None:
-        self.batch.patch_namespaced_job_status(job["metadata"]["name"], job["metadata"]["namespace"],
-                                               {"status": status})
-
-    def _delete_pod(self, pod: dict[str, Any]) -> None:
-        try:
-            self.core.delete_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"])
+            node.leases.patch_namespaced_lease(node.spec.name, "kube-node-lease", body, _content_type=MERGE)
         except ApiException as exc:
             if exc.status != 404:
                 raise
+            node.leases.create_namespaced_lease("kube-node-lease", body)
+        node.renewed = time.monotonic()
+
+    # ---- watching this node's pods --------------------------------------------------------------------
+    def _watch(self, node: Node) -> None:
+        selector = f"spec.nodeName={node.spec.name}"
+        while not self.stop_event.is_set():
+            try:
+                response = node.core.list_pod_for_all_namespaces(field_selector=selector, _preload_content=False)
+                listed = json.loads(response.data)
+                with node.lock:
+                    node.cache = {p["metadata"]["uid"]: p for p in listed["items"]}
+                self.wake.set()
+                stream = kubernetes.watch.Watch().stream(
+                    node.core.list_pod_for_all_namespaces, field_selector=selector,
+                    resource_version=listed["metadata"]["resourceVersion"], timeout_seconds=60,
+                    allow_watch_bookmarks=False)
+                for event in stream:
+                    pod = event["raw_object"]
+                    if event["type"] == "ERROR":
+                        break  # 410 Gone and the like: list again
+                    with node.lock:
+                        if event["type"] == "DELETED":
+                            node.cache.pop(pod["metadata"]["uid"], None)
+                        else:
+                            node.cache[pod["metadata"]["uid"]] = pod
+                    self.wake.set()
+                    if self.stop_event.is_set():
+                        return
+            except Exception:  # the API server restarting: list and watch again
+                if not self.stop_event.is_set():
+                    log.exception("watch of %s's pods failed", node.spec.name)
+                    time.sleep(1)
+
+    # ---- the sync loop --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            self.wake.wait(0.25)
+            self.wake.clear()
+            for node in self.nodes:
+                try:
+                    self._sync_node(node)
+                except Exception:  # one bad round must not stop the node
+                    log.exception("sync of %s failed", node.spec.name)
+
+    def _sync_node(self, node: Node) -> None:
+        if time.monotonic() - node.renewed >= RENEW_SECONDS:
+            self._renew(node)
+        with node.lock:
+            pods = dict(node.cache)
+        for uid, pod in pods.items():
+            try:
+                self._sync_pod(node, uid, pod)
+            except Exception:  # one pod's trouble (the API server restarting) must not hold up the others
+                log.exception("sync of pod %s/%s failed", pod["metadata"]["namespace"], pod["metadata"]["name"])
+        for uid in [u for u in node.pods if u not in pods]:  # the object is gone: nothing may keep running
+            gone = node.pods.pop(uid)
+            for process in gone.run.processes.values():
+                threading.Thread(target=PodRun.stop, args=(process, 0), daemon=True).start()
+            self._release(gone)
+
+    def _sync_pod(self, node: Node, uid: str, pod: dict[str, Any]) -> None:
+        meta, status = pod["metadata"], pod.get("status") or {}
+        known = node.pods.get(uid)
+        if meta.get("deletionTimestamp"):
+            self._delete(node, pod, known)
+            return
+        if known is None:
+            if status.get("phase") in ("Succeeded", "Failed"):
+                return  # ended before this agent started
+            known = node.pods[uid] = self._admit(node, pod)
+        if known.ended:
+            return
+        if known.waiting is not None:
+            if time.monotonic() < known.retry_at:
+                return
+            self._try_start(node, known)
+        else:
+            self._follow(node, known)
+        if known.run.token_refresh and time.monotonic() - known.token_at > known.run.token_refresh:
+            known.run.refresh_tokens()
+            known.token_at = time.monotonic()
+        self._write(node, known)
+
+    def _admit(self, node: Node, pod: dict[str, Any]) -> Pod:
+        meta = pod["metadata"]
+        folder = self.state / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
+        api = PodApi(node.core, node.client, self._pod_ip)
+        run = PodRun(pod, folder, self._image, api, next(self.addresses), self.node_dir,
+                     ("127.0.0.1", self.control_plane.port))
+        known = Pod(run, {c["name"]: ContainerState() for c in pod["spec"]["containers"]},
+                    waiting=("ContainerCreating", ""))
+        self._try_start(node, known)
+        return known
+
+    def _try_start(self, node: Node, pod: Pod) -> None:
+        run = pod.run
+        try:
+            if not run.prepared:
+                run.prepare()
+                pod.token_at = time.monotonic()
+            for container in run.spec["containers"]:
+                self._start(pod, container)
+        except ApiException as exc:  # e.g. 403 "no relationship found": the Node authorizer's graph lags a bind
+            reason = NotReady("CreateContainerConfigError", f"{exc.status} {exc.reason}: retrying")
+            pod.waiting, pod.retry_at = (reason.reason, reason.message), time.monotonic() + 1
+            return
+        except NotReady as reason:
+            pulling = reason.reason == "ErrImagePull"
+            if pulling and pod.waiting is not None and pod.waiting[0] in ("ErrImagePull", "ImagePullBackOff"):
+                reason = NotReady("ImagePullBackOff", f'Back-off pulling image "{run.spec["containers"][0]["image"]}"')
+            pod.waiting = (reason.reason, reason.message)
+            pod.retry_at = time.monotonic() + (5 if pulling else 2)
+            for state in pod.containers.values():
+                state.status = {"state": {"waiting": {"reason": reason.reason, "message": reason.message}}}
+            return
+        pod.waiting = None
+        assert self.forwarder is not None
+        if run.ports:
+            try:
+                self.forwarder.open(run.pod_ip, run.ports)
+            except OSError as exc:  # say who holds the port: a container runtime reports this too
+                held = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True, check=False).stdout
+                log.error("pod %s/%s: %s\n%s", run.namespace, run.name, exc, held)
+                raise
+        log.info("pod %s/%s running on %s at %s", run.namespace, run.name, node.spec.name, run.pod_ip)
+
+    def _start(self, pod: Pod, container: dict[str, Any]) -> None:
+        state = pod.containers[container["name"]]
+        process = pod.run.start(container, state.restarts)
+        state.status = {"state": {"running": {"startedAt": process.started}},
+                        **({"lastState": state.status["lastState"]} if "lastState" in state.status else {})}
+        state.ready = not container.get("readinessProbe")
+        state.restart_at = None
+        state.probe_failures.clear()
+        delay = {kind: float((container.get(kind) or {}).get("initialDelaySeconds") or 0)
+                 for kind in ("readinessProbe", "livenessProbe")}
+        state.probe_next = {kind: time.monotonic() + seconds for kind, seconds in delay.items()}
+
+    def _follow(self, node: Node, pod: Pod) -> None:
+        """Exits, restarts by restartPolicy, probes; the pod ends when every container has ended for good."""
+        run = pod.run
+        policy = run.spec.get("restartPolicy") or "Always"
+        for container in run.spec["containers"]:
+            state = pod.containers[container["name"]]
+            process = run.processes.get(container["name"])
+            if state.restart_at is not None:
+                if time.monotonic() >= state.restart_at:
+                    state.restarts += 1
+                    self._start(pod, container)
+                continue
+            if process is None or "terminated" in state.status.get("state", {}):
+                continue
+            if process.popen.poll() is None:
+                self._probe(pod, container, state, process)
+                continue
+            terminated = _terminated(process)
+            state.ready = False
+            if policy == "Always" or (policy == "OnFailure" and terminated["exitCode"] != 0):
+                backoff = RESTART_BACKOFF[min(state.restarts, len(RESTART_BACKOFF) - 1)]
+                state.status = {"state": {"waiting": {"reason": "CrashLoopBackOff", "message": f"back-off {backoff}s "
+                                                      f"restarting failed container={container['name']}"}},
+                                "lastState": {"terminated": terminated}}
+                state.restart_at = time.monotonic() + backoff
+            else:
+                state.status = {"state": {"terminated": terminated}}
+        if all("terminated" in s.status.get("state", {}) for s in pod.containers.values()):
+            pod.ended = True
+            self._release(pod)
+
+    def _probe(self, pod: Pod, container: dict[str, Any], state: ContainerState, process: Process) -> None:
+        for kind in ("readinessProbe", "livenessProbe"):
+            probe = container.get(kind)
+            if not probe or time.monotonic() < state.probe_next.get(kind, 0):
+                continue
+            state.probe_next[kind] = time.monotonic() + float(probe.get("periodSeconds") or 10)
+            passed = self._check(pod.run, container, probe)
+            failures = 0 if passed else state.probe_failures.get(kind, 0) + 1
+            state.probe_failures[kind] = failures
+            if kind == "readinessProbe":
+                state.ready = passed if passed or failures >= int(probe.get("failureThreshold") or 3) else state.ready
+            elif failures >= int(probe.get("failureThreshold") or 3):
+                log.info("liveness probe of %s/%s failed %d times: restarting", pod.run.namespace, pod.run.name,
+                         failures)
+                grace = float(pod.run.spec.get("terminationGracePeriodSeconds") or 30)
+                threading.Thread(target=PodRun.stop, args=(process, grace), daemon=True).start()
+
+    @staticmethod
+    def _check(run: PodRun, container: dict[str, Any], probe: dict[str, Any]) -> bool:
+        """httpGet and tcpSocket probes against the pod IP, as a kubelet sends them; exec probes pass."""
+        target = probe.get("httpGet") or probe.get("tcpSocket")
+        if target is None:
+            return True
+        port = target["port"]
+        if isinstance(port, str) and not port.isdigit():
+            port = next(p["containerPort"] for p in container.get("ports") or [] if p.get("name") == port)
+        timeout = float(probe.get("timeoutSeconds") or 1)
+        try:
+            if "httpGet" in probe:
+                url = f"http://{run.pod_ip}:{port}{target.get('path', '/')}"
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    return bool(200 <= response.status < 400)
+            import socket
+
+            with socket.create_connection((run.pod_ip, int(port)), timeout=timeout):
+                return True
+        except OSError:
+            return False
+
+    # ---- deletion -------------------------------------------------------------------------------------
+    def _delete(self, node: Node, pod: dict[str, Any], known: Pod | None) -> None:
+        """SIGTERM, the grace period, SIGKILL; the final status; then the object goes (grace 0, this uid)."""
+        meta = pod["metadata"]
+        if known is not None and known.stopping is None:
+            for state in known.containers.values():
+                state.restart_at = None  # a pod being deleted is not restarted
+            grace = float(meta.get("deletionGracePeriodSeconds") or 0)
+            known.stopping = threading.Thread(target=self._stop_all, args=(known, grace), daemon=True)
+            known.stopping.start()
+        if known is not None and known.stopping is not None and known.stopping.is_alive():
+            return
+        if known is not None and not known.ended:
+            for name, state in known.containers.items():
+                process = known.run.processes.get(name)
+                if "terminated" in state.status.get("state", {}):
+                    continue
+                if process is not None and process.popen.poll() is not None and state.restart_at is None:
+                    state.status = {**state.status, "state": {"terminated": _terminated(process)}}
+                else:  # never started, or waiting to restart
+                    state.status = {**state.status, "state": {"terminated": {
+                        "exitCode": 137, "reason": "ContainerStatusUnknown", "message": "the pod was deleted",
+                        "startedAt": now(), "finishedAt": now()}}}
+                state.ready = False
+            known.ended = True
+            self._release(known)
+            self._write(node, known)
+        try:
+            node.core.delete_namespaced_pod(meta["name"], meta["namespace"], grace_period_seconds=0,
+                                            body={"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}})
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    @staticmethod
+    def _stop_all(pod: Pod, grace: float) -> None:
+        enders = [threading.Thread(target=PodRun.stop, args=(p, grace), daemon=True)
+                  for p in pod.run.processes.values()]
+        for ender in enders:
+            ender.start()
+        for ender in enders:
+            ender.join()
+
+    def _release(self, pod: Pod) -> None:
+        if self.forwarder is not None:
+            self.forwarder.close(pod.run.pod_ip)
+
+    # ---- status ---------------------------------------------------------------------------------------
+    def _write(self, node: Node, pod: Pod) -> None:
+        status = self._status(pod)
+        if status == pod.written:
+            return
+        try:
+            node.core.patch_namespaced_pod_status(pod.run.name, pod.run.namespace, {"status": status},
+                                                  _content_type=STRATEGIC)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        pod.written = status
+
+    def _status(self, pod: Pod) -> dict[str, Any]:
+        run = pod.run
+        started = pod.waiting is None
+        statuses = []
+        for container in run.spec["containers"]:
+            state = pod.containers[container["name"]]
+            statuses.append({"name": container["name"], "image": container["image"],
+                             "imageID": f"local://{container['image']}", "restartCount": state.restarts,
+                             "ready": state.ready, "started": "running" in state.status.get("state", {}),
+                             **state.status})
+        terminated = [s["state"]["terminated"] for s in statuses if "terminated" in s.get("state", {})]
+        if pod.ended and len(terminated) == len(statuses):
+            phase = "Succeeded" if all(t["exitCode"] == 0 for t in terminated) else "Failed"
+        else:
+            phase = "Running" if started else "Pending"
+        ready = phase == "Running" and all(s["ready"] for s in statuses)
+        conditions = [{"type": "PodReadyToStartContainers", "status": str(started)},
+                      {"type": "Initialized", "status": "True"},
+                      {"type": "ContainersReady", "status": str(ready)}, {"type": "Ready", "status": str(ready)}]
+        written = {c["type"]: c for c in (pod.written or {}).get("conditions") or []}
+        for condition in conditions:
+            old = written.get(condition["type"])
+            condition["lastTransitionTime"] = old["lastTransitionTime"] if old and \
+                old["status"] == condition["status"] else now()
+        status: dict[str, Any] = {"phase": phase, "conditions": conditions, "hostIP": "127.0.0.1",
+                                  "hostIPs": [{"ip": "127.0.0.1"}], "containerStatuses": statuses,
+                                  "startTime": (pod.written or {}).get("startTime") or now()}
+        if started or pod.ended:
+            status.update(podIP=run.pod_ip, podIPs=[{"ip": run.pod_ip}])
+        return status
+
+    # ---- lookups for pods and the log endpoint --------------------------------------------------------
+    def _image(self, name: str) -> Image | None:
+        if name in self.images:
+            return self.images[name]
+        repository = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+        return self.images.get(f"{repository}:*")
+
+    def _pod_ip(self, namespace: str, hostname: str, subdomain: str) -> str | None:
+        for node in self.nodes:
+            for pod in list(node.pods.values()):
+                spec = pod.run.spec
+                if pod.run.namespace == namespace and spec.get("hostname") == hostname and \
+                        spec.get("subdomain") == subdomain:  # its IP is given when it is admitted
+                    return pod.run.pod_ip
+        return None
+
+    def _log_file(self, namespace: str, name: str, container: str, previous: bool) -> tuple[Path, bool] | None:
+        for node in self.nodes:
+            for pod in list(node.pods.values()):
+                if (pod.run.namespace, pod.run.name) == (namespace, name) and container in pod.run.processes:
+                    process = pod.run.processes[container]
+                    path = process.log.with_suffix(".previous.log") if previous else process.log
+                    return path, process.popen.poll() is None
+        return None
+
+    def clean(self) -> None:
+        """Remove the pods' folders (logs, volumes) once stopped."""
+        shutil.rmtree(self.state / "pods", ignore_errors=True)
+
+
+def _terminated(process: Process) -> dict[str, Any]:
+    code = PodRun.exit_code(process)
+    return {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+            "message": PodRun.termination_message(process, code), "startedAt": process.started,
+            "finishedAt": now(), "containerID": f"local://{process.popen.pid}"}

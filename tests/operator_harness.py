@@ -1,82 +1,41 @@
-"""The real operator process against a Kubernetes API, and the test playing the Job controller and kubelet.
+"""The operator as a cluster runs it, and the client side of the operator tests.
 
-Everything goes over HTTP with the official client, as a cluster would see it.
+`ChartOperator` installs charts/kubetune with helm into the test cluster (tests/cluster.py): the operator runs
+as the chart's Deployment pod, with in-cluster config and its ServiceAccount's token, so RBAC and admission
+apply to every call it makes. Trainer pods run the scripted image (tests/scripted_trainer.py) unless a test
+asks for the real trainer. `Api` is the test's own admin client.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import signal
-import subprocess
-import sys
+import json
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import kubernetes
+import yaml
 from kubernetes.client.rest import ApiException
 
 from kubetune import contract
+from tests.cluster import CHART, RELEASE_NAMESPACE, SCRIPTED_IMAGE, KubeCluster
 
 NS = "ml"
-COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def ago(seconds: float) -> str:
-    moment = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class Operator:
-    """`kubetune operator` as a subprocess; its log goes to a file the failure messages quote."""
-
-    def __init__(self, kubeconfig: Path, env: dict[str, str], log: Path) -> None:
-        self.kubeconfig, self.env, self.log = kubeconfig, env, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Operator:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.env}
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator"], env=env,
-                                            stdout=out, stderr=subprocess.STDOUT)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no graceful anything, as when a node dies under the operator."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return None
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+OPERATOR_SELECTOR = "app.kubernetes.io/component=operator"
+TEST_VALUES: dict[str, Any] = {  # fast refreshes for tests; the pre-flight has tests of its own
+    "image": {"trainer": {"repository": SCRIPTED_IMAGE, "tag": "1"}},
+    "operator": {"refreshSeconds": 1, "preflight": False, "stallSeconds": 4},
+}
 
 
 class Api:
-    def __init__(self, kubeconfig: Path) -> None:
-        configuration = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(str(kubeconfig), client_configuration=configuration)
-        client = kubernetes.client.ApiClient(configuration)
-        self.client = client
-        self.core = kubernetes.client.CoreV1Api(client)
-        self.batch = kubernetes.client.BatchV1Api(client)
-        self.custom = kubernetes.client.CustomObjectsApi(client)
+    def __init__(self, kubeconfig: Path, namespace: str = NS) -> None:
+        self.client = kubernetes.config.new_client_from_config(str(kubeconfig))
+        self.namespace = namespace
+        self.core = kubernetes.client.CoreV1Api(self.client)
+        self.batch = kubernetes.client.BatchV1Api(self.client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.client)
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         value: dict[str, Any] = self.client.sanitize_for_serialization(obj)
@@ -85,13 +44,13 @@ class Api:
     # ---- FineTuneJobs -------------------------------------------------------------------------------
     def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
         created: dict[str, Any] = self.custom.create_namespaced_custom_object(
-            contract.API_GROUP, contract.API_VERSION, NS, contract.PLURAL, doc)
+            contract.API_GROUP, contract.API_VERSION, self.namespace, contract.PLURAL, doc)
         return created
 
     def ftj(self, name: str) -> dict[str, Any] | None:
         try:
             found: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                contract.API_GROUP, contract.API_VERSION, NS, contract.PLURAL, name)
+                contract.API_GROUP, contract.API_VERSION, self.namespace, contract.PLURAL, name)
             return found
         except ApiException as exc:
             if exc.status == 404:
@@ -99,25 +58,28 @@ class Api:
             raise
 
     def patch_ftj(self, name: str, patch: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, NS, contract.PLURAL,
-                                                   name, patch)
+        self.custom.patch_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, self.namespace,
+                                                   contract.PLURAL, name, patch)
 
     def delete_ftj(self, name: str) -> None:
-        self.custom.delete_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, NS, contract.PLURAL,
-                                                    name)
+        self.custom.delete_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, self.namespace,
+                                                    contract.PLURAL, name)
 
     def status(self, name: str) -> dict[str, Any]:
         return (self.ftj(name) or {}).get("status") or {}
 
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        return next((c for c in self.status(name).get("conditions") or [] if c["type"] == type_), {})
+
     # ---- children ---------------------------------------------------------------------------------
     def jobs(self, name: str) -> list[dict[str, Any]]:
-        found = self.batch.list_namespaced_job(NS, label_selector=f"{contract.LABEL_JOB_NAME}={name}")
+        found = self.batch.list_namespaced_job(self.namespace, label_selector=f"{contract.LABEL_JOB_NAME}={name}")
         return sorted((self._dict(j) for j in found.items), key=lambda j: j["metadata"]["name"])
 
     def _read(self, read: Callable[..., Any], name: str) -> dict[str, Any] | None:
         """One object by name, None when it does not exist (404)."""
         try:
-            return self._dict(read(name, NS))
+            return self._dict(read(name, self.namespace))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -133,62 +95,93 @@ class Api:
         return self._read(self.core.read_namespaced_service, name)
 
     def pods(self, job: str) -> list[dict[str, Any]]:
-        found = self.core.list_namespaced_pod(NS, label_selector=f"job-name={job}")
+        """The pods of one batch Job (the Job controller labels them job-name=<job>)."""
+        found = self.core.list_namespaced_pod(self.namespace, label_selector=f"batch.kubernetes.io/job-name={job}")
         return [self._dict(p) for p in found.items]
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        found = self.core.list_namespaced_event(NS)
-        return [self._dict(e) for e in found.items if e.involved_object.name == name]
-
-    # ---- the Job controller and the kubelet, played by the test ---------------------------------------
-    def start_pods(self, job_name: str, ip: str = "127.0.0.1", phase: str = "Running") -> list[str]:
-        """What the Job controller + scheduler + kubelet do: one pod per index, running."""
-        job = self.job(job_name)
-        assert job is not None, f"no Job {job_name}"
-        template = job["spec"]["template"]
-        names = []
-        for index in range(job["spec"]["completions"]):
-            name = f"{job_name}-{index}-{uuid.uuid4().hex[:5]}"
-            pod = {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": NS,
-                             "labels": {**template["metadata"]["labels"], "job-name": job_name},
-                             "annotations": {COMPLETION_INDEX: str(index)},
-                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
-                                                  "uid": job["metadata"]["uid"], "controller": True}]},
-                "spec": template["spec"],
-            }
-            self.core.create_namespaced_pod(NS, pod)
-            names.append(name)
-            if phase == "Running":
-                self.set_pod(name, {"phase": "Running", "podIP": ip, "startTime": ago(60), "containerStatuses": [
-                    {"name": "trainer", "ready": True, "restartCount": 0, "image": "x", "imageID": "",
-                     "state": {"running": {"startedAt": ago(60)}}}]})
-        self.batch.patch_namespaced_job_status(job_name, NS, {"status": {"active": len(names),
-                                                                           "startTime": ago(60)}})
-        return names
-
-    def set_pod(self, name: str, status: dict[str, Any]) -> None:
-        self.core.patch_namespaced_pod_status(name, NS, {"status": status})
-
-    def terminate(self, name: str, exit_code: int, message: str = "", reason: str = "Error",
-                  conditions: list[dict[str, Any]] | None = None) -> None:
-        phase = "Succeeded" if exit_code == 0 else "Failed"
-        status: dict[str, Any] = {"phase": phase, "containerStatuses": [
-            {"name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
-             "state": {"terminated": {"exitCode": exit_code, "reason": reason, "message": message,
-                                      "startedAt": ago(60), "finishedAt": now()}}}]}
-        if conditions:
-            status["conditions"] = conditions
-        self.set_pod(name, status)
-
-    def finish_job(self, job_name: str, condition: str, reason: str = "", message: str = "") -> None:
-        self.batch.patch_namespaced_job_status(job_name, NS, {"status": {"active": 0, "conditions": [
-            {"type": condition, "status": "True", "reason": reason, "message": message,
-             "lastTransitionTime": now()}]}})
+        found = self.core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={name}")
+        return [self._dict(e) for e in found.items]
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 45.0, operator: Operator | None = None) -> Any:
+class ChartOperator:
+    """The chart's operator Deployment: installed, followed, killed and removed like a user would."""
+
+    def __init__(self, cluster: KubeCluster, values: dict[str, Any] | None = None, release: str = "kubetune",
+                 namespace: str = RELEASE_NAMESPACE, extra_args: tuple[str, ...] = ()) -> None:
+        """values: the chart's values as given (merge TEST_VALUES in for the tests' fast settings)."""
+        self.cluster, self.release, self.namespace = cluster, release, namespace
+        self.values = values or {}
+        self.extra_args = extra_args
+        self.core = kubernetes.client.CoreV1Api(cluster.client())
+
+    def install(self, timeout: float = 120) -> ChartOperator:
+        self.cluster.namespace(self.namespace)
+        values = self.cluster.workdir / f"values-{self.release}.yaml"
+        values.write_text(yaml.safe_dump(self.values))
+        self.cluster.run("helm", "install", self.release, str(CHART), "-n", self.namespace, "-f", str(values),
+                         *self.extra_args)
+        self.wait_ready(timeout)
+        return self
+
+    def uninstall(self) -> None:
+        self.cluster.run("helm", "uninstall", self.release, "-n", self.namespace, "--wait", "--timeout", "120s")
+
+    def pods(self) -> list[dict[str, Any]]:
+        found = self.core.list_namespaced_pod(self.namespace, label_selector=OPERATOR_SELECTOR)
+        return [self.core.api_client.sanitize_for_serialization(p) for p in found.items]
+
+    def wait_ready(self, timeout: float = 120) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            for pod in self.pods():
+                conditions = (pod.get("status") or {}).get("conditions") or []
+                if not pod["metadata"].get("deletionTimestamp") and any(
+                        c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                    return pod
+            return None
+
+        found: dict[str, Any] = wait_for("the operator pod Ready", ready, timeout, operator=self)
+        return found
+
+    def tail(self) -> str:
+        done = self.cluster.run("kubectl", "logs", "-n", self.namespace, "-l", OPERATOR_SELECTOR, "--tail=120",
+                                check=False, timeout=30)
+        return (done.stdout + done.stderr)[-6000:]
+
+    def diagnose(self) -> str:
+        """What a person would look at next: the test namespace's pods and their containers' states."""
+        lines = []
+        for pod in kubernetes.client.CoreV1Api(self.cluster.client()).list_namespaced_pod(NS).items:
+            states = [s.state.to_dict() for s in pod.status.container_statuses or []]
+            lines.append(f"{pod.metadata.name} on {pod.spec.node_name}: {pod.status.phase} "
+                         f"{[c.reason for c in pod.status.conditions or [] if c.reason]} {states}")
+        return "\n".join(lines)
+
+    def kill(self) -> None:
+        """The operator pod deleted at once, as when its node dies: the Deployment brings up another."""
+        for pod in self.pods():
+            self.core.delete_namespaced_pod(pod["metadata"]["name"], self.namespace, grace_period_seconds=0)
+
+    def metrics(self) -> str:
+        """The operator's own /metrics, at its pod IP as Prometheus scrapes it."""
+        import urllib.request
+
+        pod = self.wait_ready()
+        port = (self.values.get("operator") or {}).get("metricsPort", contract.DEFAULT_OPERATOR_METRICS_PORT)
+        url = f"http://{pod['status']['podIP']}:{port}/metrics"
+        return str(urllib.request.urlopen(url, timeout=5).read().decode())
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """extra over base, key by key into nested mappings."""
+    result: dict[str, Any] = json.loads(json.dumps(base))
+    for key, value in extra.items():
+        result[key] = merged(result.get(key) or {}, value) if isinstance(value, dict) else value
+    return result
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 45.0, operator: ChartOperator | None = None
+             ) -> Any:
     """Poll until check() is truthy; the failure says what was awaited, the last value and the operator log."""
     deadline = time.monotonic() + timeout
     value = None
@@ -199,6 +192,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 45.0, operato
             value = None
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}; last value {value!r}\n"
-                         f"operator log:\n{operator.tail() if operator else ''}")
+                         f"operator log:\n{operator.tail() if operator else ''}\n"
+                         f"pods:\n{operator.diagnose() if operator else ''}")
