@@ -1,192 +1,123 @@
-"""`helm install` of the chart into the emulated API server (tests/fixtures_k8s.py), then the Deployment,
-RBAC, ServiceAccounts and CRD read back with kubectl; and the README's cluster commands run against it.
+"""`helm install`, `upgrade` and `uninstall` of the chart on the real control plane (tests/cluster.py), read back
+with kubectl; and the README's cluster commands run there as written.
 
-The emulator needs a few more mends for Helm 4 and kubectl than for the operator; each says what a real
-API server does. Helm runs with --disable-openapi-validation (the emulator serves no OpenAPI document).
+The operator runs as the chart's Deployment pod (the node agent runs it; its readiness probe gates Ready), with
+the chart's ServiceAccount, under Pod Security `restricted` enforced by the API server in its namespace.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import subprocess
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp.web
-import kmock
+import kubernetes
 import pytest
 import yaml
 
-from tests import kube_protobuf
-from tests.k8s_tools import binary
-from tests.pss import restricted_violations
+from tests.cluster import CHART, RELEASE_NAMESPACE, ROOT, KubeCluster
+from tests.operator_harness import NS, ChartOperator, wait_for
 from tests.test_chart import find, render
 
-# The operator's emulator fixture; until its branch is merged there is nothing to run.
-pytest.importorskip("tests.fixtures_k8s", reason="tests/fixtures_k8s.py (operator branch) is not merged yet")
-from tests.fixtures_k8s import RESOURCES, VERBS, Cluster, MendedEmulator, _now
-
-ROOT = Path(__file__).resolve().parent.parent
-CHART = ROOT / "charts" / "kubetune"
-RELEASE_NAMESPACE = "kubetune-system"
-
-# What the chart installs beyond what the operator's tests use, as a real API server publishes it.
-HELM_RESOURCES: dict[tuple[str, str, str], dict[str, Any]] = {
-    ("apps", "v1", "deployments"): {"kind": "Deployment", "namespaced": True, "shortnames": {"deploy"}},
-    ("rbac.authorization.k8s.io", "v1", "clusterroles"): {"kind": "ClusterRole", "namespaced": False},
-    ("rbac.authorization.k8s.io", "v1", "clusterrolebindings"): {"kind": "ClusterRoleBinding", "namespaced": False},
-    ("rbac.authorization.k8s.io", "v1", "roles"): {"kind": "Role", "namespaced": True},
-    ("rbac.authorization.k8s.io", "v1", "rolebindings"): {"kind": "RoleBinding", "namespaced": True},
-    ("monitoring.coreos.com", "v1", "podmonitors"): {"kind": "PodMonitor", "namespaced": True},
+OPERATOR_ACCOUNT = f"system:serviceaccount:{RELEASE_NAMESPACE}:kubetune-operator"
+# The Prometheus Operator's PodMonitor kind, served with an open schema: the chart's monitoring switches need
+# the API to exist (as on a cluster with kube-prometheus-stack), not its controller.
+POD_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
+    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+             "names": {"kind": "PodMonitor", "plural": "podmonitors", "singular": "podmonitor"},
+             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
 }
-ALL_RESOURCES = {**RESOURCES, **HELM_RESOURCES}
-
-
-class HelmReadyEmulator(MendedEmulator):
-    calls: list[tuple[str, str, str]]  # (method, path?query, bearer token): who asked for what
-
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self.calls = []
-        for (group, version, plural), info in ALL_RESOURCES.items():
-            # Discovery names each resource's singular (kubectl resolves `get deployment/x` through it).
-            info = {**info, "singular": info.get("singular", info["kind"].lower())}
-            self.resources[kmock.resource(group, version, plural)] = kmock.ResourceInfo(verbs=VERBS, **info)
-
-    def _kind(self, resource: Any) -> str | None:
-        info = ALL_RESOURCES.get((resource.group, resource.version, resource.plural))
-        return info["kind"] if info else None
-
-    async def _serve_server_version(self, request: Any) -> dict[str, str]:
-        # The kubectl/helm under test are 1.33; the chart's kubeVersion constraint reads this.
-        return {"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"}
-
-    async def _serve_version(self, request: Any) -> Any:
-        payload: Any = await super()._serve_version(request)
-        payload["groupVersion"] = payload["groupVersion"].lstrip("/")  # the core group is "v1", not "/v1"
-        return payload
-
-    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
-        # client-go's typed clients (Helm's release Secret, kubectl create secret) send protobuf.
-        body = await raw_request.read()
-        if "protobuf" in raw_request.headers.get("Content-Type", "") and body:
-            raw_request._read_bytes = json.dumps(kube_protobuf.decode(body)).encode()
-        response: aiohttp.web.StreamResponse = await super().__call__(raw_request)
-        return response
-
-    async def _handle(self, request: Any) -> Any:
-        method = str(request.method).split(".")[-1].upper()
-        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        self.calls.append((method, str(request.url.path_qs), token))
-        if request.resource is not None and request.name and request.subresource is None:
-            key = (request.resource, request.namespace, request.name)
-            present = key in self.objects and not self.objects[key].deleted
-            if method == "PATCH" and "apply-patch" in request.headers.get("Content-Type", "") and not present:
-                self.objects[key] = self._stamped(request)  # server-side apply creates what is absent
-            elif method == "PUT" and present:  # update replaces the object
-                self.requests_seen.append((method, request.url.path))
-                data = {**request.data, "metadata": {**self.objects[key].raw.get("metadata", {}),
-                                                     **request.data.get("metadata", {}),
-                                                     "resourceVersion": str(time.monotonic_ns())}}
-                self.objects[key] = data
-                return aiohttp.web.json_response(data)
-        return await super()._handle(request)
-
-    def _stamped(self, request: Any) -> dict[str, Any]:
-        data = request.data if isinstance(request.data, dict) else yaml.safe_load(request.text)
-        meta = data.setdefault("metadata", {})
-        if request.namespace:
-            meta.setdefault("namespace", request.namespace)
-        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1,
-                    resourceVersion=str(time.monotonic_ns()))
-        return dict(data)
-
-
-class HelmCluster(Cluster):
-    emulator_type = HelmReadyEmulator
-
-    async def _register(self) -> None:
-        """Namespaces only: Helm installs the CRD itself. (The emulator cannot create cluster-scoped objects
-        by POST, so `--create-namespace` and `kubectl create namespace` are replaced by this.)"""
-        assert self.emulator is not None
-        for namespace in ("default", "ml", RELEASE_NAMESPACE):
-            self.emulator.objects["v1/namespaces", None, namespace] = {
-                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "uid": str(uuid.uuid4())}}
-
-
-    def kubeconfig_for(self, token: str) -> Path:
-        """A kubeconfig whose requests carry `token`, as a ServiceAccount's would: the calls tell them apart."""
-        config = yaml.safe_load(self.kubeconfig.read_text())
-        config["users"][0]["user"]["token"] = token
-        path = self.workdir / f"kubeconfig-{token}"
-        path.write_text(yaml.safe_dump(config))
-        return path
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[HelmCluster]:
-    started = HelmCluster(tmp_path)
-    started.start()
-    yield started
-    started.stop()
+def release(kube: KubeCluster) -> Iterator[ChartOperator]:
+    """A release the test installs itself; uninstalled afterwards, whatever state it is in."""
+    chart = ChartOperator(kube)
+    yield chart
+    kube.run("helm", "uninstall", "kubetune", "-n", RELEASE_NAMESPACE, "--wait", check=False)
 
 
-def run(cluster: Cluster, command: list[str]) -> subprocess.CompletedProcess[str]:
-    tool = {"helm": binary("helm"), "kubectl": binary("kubectl")}[command[0]]
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    done = subprocess.run([str(tool), *command[1:]], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"{shlex.join(command)}\n{done.stdout}\n{done.stderr}"
-    return done
+def can_i(kube: KubeCluster, verb: str, resource: str, namespace: str, user: str = OPERATOR_ACCOUNT) -> bool:
+    resource, _, sub = resource.partition("/")
+    extra = ["--subresource", sub] if sub else []
+    done = kube.run("kubectl", "auth", "can-i", verb, resource, *extra, "-n", namespace, "--as", user, check=False)
+    return done.stdout.strip() == "yes"
 
 
-def read(cluster: Cluster, *what: str, namespace: str = RELEASE_NAMESPACE) -> dict[str, Any]:
-    found: dict[str, Any] = json.loads(run(cluster, ["kubectl", "-n", namespace, "get", *what, "-o", "json"]).stdout)
-    return found
-
-
-def test_helm_installs_the_chart_and_kubectl_reads_it_back(cluster: HelmCluster, tmp_path: Path) -> None:
-    done = run(cluster, ["helm", "install", "kubetune", str(CHART), "-n", RELEASE_NAMESPACE,
-                         "--disable-openapi-validation"])
-    assert "STATUS: deployed" in done.stdout and "kubectl get finetunejobs -w" in done.stdout
+def test_helm_installs_upgrades_and_uninstalls_the_chart(kube: KubeCluster, release: ChartOperator,
+                                                         tmp_path: Path) -> None:
+    release.install()
     rendered = render(tmp_path, {}, release="kubetune")  # the same chart through `helm template`
+    deployment = kube.get("deployment", "kubetune-operator", namespace=RELEASE_NAMESPACE)
 
-    deployment = read(cluster, "deployment", "kubetune-operator")
-    want = find(rendered, "Deployment")[0]
-    assert deployment["spec"]["template"]["spec"] == want["spec"]["template"]["spec"]
-    assert restricted_violations(deployment["spec"]["template"]["spec"]) == []
-    assert deployment["metadata"]["annotations"]["meta.helm.sh/release-name"] == "kubetune"
+    def env(deployed: dict[str, Any]) -> list[dict[str, Any]]:  # the server leaves out empty values
+        container = deployed["spec"]["template"]["spec"]["containers"][0]
+        return [{k: v for k, v in e.items() if v != ""} for e in container["env"]]
 
-    role = read(cluster, "clusterrole", "kubetune-operator")
+    assert env(deployment) == env(find(rendered, "Deployment")[0])
+    assert deployment["status"].get("readyReplicas") == 1 or release.wait_ready()
+    role = kube.get("clusterrole", "kubetune-operator")
     assert role["rules"] == find(rendered, "ClusterRole")[0]["rules"]
-    binding = read(cluster, "clusterrolebinding", "kubetune-operator")
+    binding = kube.get("clusterrolebinding", "kubetune-operator")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune-operator",
                                     "namespace": RELEASE_NAMESPACE}]
-    assert read(cluster, "serviceaccount", "kubetune-trainer")["automountServiceAccountToken"] is False
-    assert read(cluster, "service", "kubetune-operator-metrics")["spec"]["ports"][0]["port"] == 9401
+    assert kube.get("serviceaccount", "kubetune-trainer", namespace=RELEASE_NAMESPACE)[
+        "automountServiceAccountToken"] is False
+    assert kube.get("service", "kubetune-operator-metrics", namespace=RELEASE_NAMESPACE)["spec"]["ports"][0][
+        "port"] == 9401
+    crd = kube.get("crd", "finetunejobs.kubetune.io")
+    assert {c["type"]: c["status"] for c in crd["status"]["conditions"]}["Established"] == "True"
+    assert crd["spec"]["versions"] == yaml.safe_load((CHART / "crds" / "finetunejob.yaml").read_text())["spec"][
+        "versions"]
+    explained = kube.run("kubectl", "explain", "finetunejob.spec.resources").stdout
+    assert "gpusPerNode" in explained and "GPUs per pod" in explained
+    # RBAC as the API server decides it for the operator's own account.
+    assert can_i(kube, "create", "jobs.batch", NS) and can_i(kube, "patch", "finetunejobs.kubetune.io/status", NS)
+    for verb, resource in (("get", "secrets"), ("list", "secrets"), ("create", "pods"), ("create", "pods/exec"),
+                           ("delete", "jobs.batch")):
+        assert not can_i(kube, verb, resource, NS), f"the operator may {verb} {resource}"
 
-    crd = read(cluster, "crd", "finetunejobs.kubetune.io")
-    assert crd["spec"] == yaml.safe_load((CHART / "crds" / "finetunejob.yaml").read_text())["spec"]
-    assert "deployed" in run(cluster, ["helm", "status", "kubetune", "-n", RELEASE_NAMESPACE]).stdout
+    kube.run("helm", "upgrade", "kubetune", str(CHART), "-n", RELEASE_NAMESPACE, "--set",
+             "operator.refreshSeconds=7")
+    wait_for("the upgraded Deployment rolled out", lambda: any(
+        e == {"name": "KUBETUNE_REFRESH_SECONDS", "value": "7"}
+        for p in release.pods() if not p["metadata"].get("deletionTimestamp")
+        for e in p["spec"]["containers"][0]["env"]), timeout=90)
+    release.wait_ready()
+    assert "deployed" in kube.run("helm", "status", "kubetune", "-n", RELEASE_NAMESPACE).stdout
+
+    kube.run("helm", "uninstall", "kubetune", "-n", RELEASE_NAMESPACE, "--wait")
+    gone = kube.run("kubectl", "get", "deployment,serviceaccount,clusterrole,clusterrolebinding", "-A",
+                    "-l", "app.kubernetes.io/instance=kubetune", "-o", "name").stdout
+    assert gone.strip() == "", gone
+    assert kube.get("crd", "finetunejobs.kubetune.io")  # helm keeps CRDs: deleting one deletes every job
 
 
-def test_namespaced_release_grants_roles_only_in_its_namespaces(cluster: HelmCluster) -> None:
-    run(cluster, ["helm", "install", "team", str(CHART), "-n", RELEASE_NAMESPACE, "--disable-openapi-validation",
-                  "--set", "rbac.scope=namespaced", "--set", "rbac.namespaces={ml}"])
-    role = read(cluster, "role", "team-kubetune-operator", namespace="ml")
+def test_namespaced_release_grants_roles_only_in_its_namespaces(kube: KubeCluster, release: ChartOperator) -> None:
+    kube.namespace(NS)
+    release.extra_args = ("--set", "rbac.scope=namespaced", "--set", f"rbac.namespaces={{{NS}}}")
+    release.install()
+    role = kube.get("role", "kubetune-operator", namespace=NS)
     assert {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "create", "patch"]} \
         in role["rules"]
-    assert read(cluster, "rolebinding", "team-kubetune-operator", namespace="ml")["roleRef"]["kind"] == "Role"
-    assert read(cluster, "serviceaccount", "kubetune-trainer", namespace="ml")["automountServiceAccountToken"] is False
-    env = read(cluster, "deployment", "team-kubetune-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": "KUBETUNE_NAMESPACES", "value": "ml"} in env
-    roles = json.loads(run(cluster, ["kubectl", "get", "roles", "-A", "-o", "json"]).stdout)["items"]
-    assert [r["metadata"]["namespace"] for r in roles] == ["ml"]
+    assert kube.get("serviceaccount", "kubetune-trainer", namespace=NS)["automountServiceAccountToken"] is False
+    env = kube.get("deployment", "kubetune-operator", namespace=RELEASE_NAMESPACE)["spec"]["template"]["spec"][
+        "containers"][0]["env"]
+    assert {"name": "KUBETUNE_NAMESPACES", "value": NS} in env
+    assert can_i(kube, "create", "jobs.batch", NS)
+    assert not can_i(kube, "create", "jobs.batch", "default")
+    assert not can_i(kube, "watch", "finetunejobs.kubetune.io", "default")
+    roles = json.loads(kube.run("kubectl", "get", "roles", "-A", "-l", "app.kubernetes.io/instance=kubetune",
+                                "-o", "json").stdout)["items"]
+    assert [r["metadata"]["namespace"] for r in roles] == [NS]
+    kube.run("helm", "uninstall", "kubetune", "-n", RELEASE_NAMESPACE, "--wait")
+    kube.delete_namespace(NS)
 
 
 def readme_cluster_commands() -> list[str]:
@@ -196,23 +127,32 @@ def readme_cluster_commands() -> list[str]:
     return [line.split(" # ")[0].strip() for line in block.group(1).splitlines() if line.strip()]
 
 
-def test_readme_cluster_commands_run_against_the_emulated_api(cluster: HelmCluster) -> None:
-    """The README's five commands in order, adapted only where the emulator needs it (said inline)."""
+def test_readme_cluster_commands_run_as_written(kube: KubeCluster, release: ChartOperator) -> None:
+    """The README's cluster commands in order, on the real API server: helm's and kubectl's own validation on."""
     install, secret, apply, watch, dashboard = (shlex.split(c) for c in readme_cluster_commands())
     assert install[:3] == ["helm", "install", "kubetune"] and "--create-namespace" in install
-    install = [w for w in install if w != "--create-namespace"]  # the namespace exists (see _register)
-    run(cluster, [*install, "--disable-openapi-validation"])  # the chart's PodMonitor + dashboard switches on
-    assert read(cluster, "podmonitor", "kubetune-trainers")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
-    assert "kubetune.json" in read(cluster, "configmap", "kubetune-dashboard")["data"]
+    kubernetes.client.ApiextensionsV1Api(kube.client()).create_custom_resource_definition(POD_MONITOR_CRD)
+    try:
+        wait_for("the PodMonitor API", lambda: "podmonitors" in kube.run("kubectl", "api-resources").stdout)
+        kube.run(*install)
+        release.wait_ready()
+        monitor = kube.get("podmonitor", "kubetune-trainers", namespace=RELEASE_NAMESPACE)
+        assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+        assert "kubetune.json" in kube.get("configmap", "kubetune-dashboard", namespace=RELEASE_NAMESPACE)["data"]
 
-    run(cluster, [*secret, "-n", "ml"])
-    stored = read(cluster, "secret", "s3-credentials", namespace="ml")
-    assert set(stored["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-
-    run(cluster, [*apply, "-n", "ml", "--validate=false"])  # validation would need the OpenAPI document
-    assert watch == ["kubectl", "get", "ftj", "-w"]
-    # -w would wait for changes forever. The Phase/Progress/Loss columns are rendered by a real API server
-    # (Table responses, from the CRD's printer columns); the emulator serves plain lists, so kubectl shows NAME, AGE.
-    listed = run(cluster, ["kubectl", "get", "ftj", "-n", "ml"]).stdout
-    assert re.search(r"^reviews-sentiment\s", listed, re.M), listed
-    assert dashboard[:2] == ["kubectl", "-n"] and "port-forward" in dashboard  # Grafana: a real cluster only
+        kube.namespace(NS)
+        kube.run(*secret, "-n", NS)
+        stored = kube.get("secret", "s3-credentials", namespace=NS)
+        assert set(stored["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        applied = kube.run(*apply, "-n", NS)  # no --validate=false: the server's schema checks it
+        assert "finetunejob.kubetune.io/reviews-sentiment created" in applied.stdout
+        assert watch == ["kubectl", "get", "ftj", "-w"]
+        # -w would wait for changes forever: one listing shows the server's Table of the CRD's printer columns.
+        listed = wait_for("a phase in the listing", lambda: (
+            out if re.search(r"^reviews-sentiment\s+(Pending|Running|Failed)", out := kube.run(
+                "kubectl", "get", "ftj", "-n", NS).stdout, re.M) else None), operator=release)
+        assert listed.split()[:5] == ["NAME", "PHASE", "PROGRESS", "LOSS", "AGE"], listed
+        assert dashboard[:2] == ["kubectl", "-n"] and "port-forward" in dashboard  # Grafana is not installed here
+    finally:
+        kube.delete_namespace(NS)
+        kube.run("kubectl", "delete", "crd", POD_MONITOR_CRD["metadata"]["name"], check=False)

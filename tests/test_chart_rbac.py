@@ -1,18 +1,41 @@
-"""RBAC is exactly sufficient: every API request the operator makes is allowed by the chart's rules, and
-every rule is used by some request. Requests are what the emulated API server recorded (method, path)."""
+"""RBAC is exactly sufficient: every API request the operator makes is allowed by the chart's rules, and every
+rule is used. The requests are the real API server's audit log (tests/control_plane.py) of the operator's
+ServiceAccount while it runs as the chart's Deployment through jobs' lives on the real control plane."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
+import kubernetes
 import pytest
+from kubernetes.client.rest import ApiException
 
+from kubetune import contract
+from kubetune.jobfile import job_document
+from kubetune_operator import serving
+from tests.cluster import RELEASE_NAMESPACE, KubeCluster
+from tests.fixtures_cluster import S3_SECRET
+from tests.operator_harness import NS, TEST_VALUES, Api, ChartOperator, merged, wait_for
+from tests.scripted_trainer import ScriptedTrainer
 from tests.test_chart import find, render
 
-NON_RESOURCE_PREFIXES = ("/version", "/healthz", "/openapi")  # discovery and health: granted to every user
+OPERATOR = f"system:serviceaccount:{RELEASE_NAMESPACE}:kubetune-operator"
+# Checked by the OwnerReferencesPermissionEnforcement admission plugin on every child the operator creates
+# (its owner reference blocks the owner's deletion), never requested: test_child_creates_need_the_finalizers_grant.
+ADMISSION_ONLY = {("kubetune.io", "finetunejobs/finalizers", "update")}
+KSERVE_CRD = {  # KServe's InferenceService kind, served with an open schema: its API, not its controller
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": f"{serving.INFERENCE_SERVICES}.{serving.KSERVE_GROUP}"},
+    "spec": {"group": serving.KSERVE_GROUP, "scope": "Namespaced",
+             "names": {"kind": serving.INFERENCE_SERVICE, "plural": serving.INFERENCE_SERVICES,
+                       "singular": "inferenceservice"},
+             "versions": [{"name": serving.KSERVE_VERSION, "served": True, "storage": True,
+                           "subresources": {"status": {}},
+                           "schema": {"openAPIV3Schema": {"type": "object",
+                                                          "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
 
 
 @dataclass(frozen=True)
@@ -22,34 +45,6 @@ class Access:
     resource: str  # with "/subresource" when there is one
     namespace: str | None  # None: a cluster-scoped object or a request across all namespaces
     name: str | None
-
-
-def access(method: str, url: str) -> Access | None:
-    """The RBAC attributes of one request, as the API server's RequestInfo derives them; None: non-resource."""
-    parts_url = urlsplit(url)
-    parts = [p for p in parts_url.path.split("/") if p]
-    if not parts or parts_url.path.startswith(NON_RESOURCE_PREFIXES):
-        return None
-    if parts[0] == "api" and len(parts) >= 2:
-        group, rest = "", parts[2:]
-    elif parts[0] == "apis" and len(parts) >= 3:
-        group, rest = parts[1], parts[3:]
-    else:
-        return None
-    if not rest:
-        return None  # /api/v1, /apis/<group>/<version>: discovery
-    namespace = None
-    if rest[0] == "namespaces" and len(rest) >= 3:
-        namespace, rest = rest[1], rest[2:]
-    resource, name, sub = rest[0], (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None)
-    watching = parse_qs(parts_url.query).get("watch", ["false"])[0] in ("true", "1")
-    verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method.upper())
-    if method.upper() == "GET":
-        verb = "watch" if watching else ("get" if name else "list")
-    elif method.upper() == "DELETE":
-        verb = "delete" if name else "deletecollection"
-    assert verb, f"unexpected method {method}"
-    return Access(verb, group, resource + (f"/{sub}" if sub else ""), namespace, name)
 
 
 def allows(rules: list[dict[str, Any]], wanted: Access) -> bool:
@@ -70,25 +65,6 @@ def grants(objects: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
             for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
 
 
-@pytest.mark.parametrize(("method", "url", "expected"), [
-    ("GET", "/apis/kubetune.io/v1alpha1/finetunejobs?watch=true", Access("watch", "kubetune.io", "finetunejobs",
-                                                                      None, None)),
-    ("GET", "/apis/kubetune.io/v1alpha1/namespaces/ml/finetunejobs", Access("list", "kubetune.io", "finetunejobs",
-                                                                         "ml", None)),
-    ("PATCH", "/apis/kubetune.io/v1alpha1/namespaces/ml/finetunejobs/a/status",
-     Access("patch", "kubetune.io", "finetunejobs/status", "ml", "a")),
-    ("POST", "/apis/batch/v1/namespaces/ml/jobs", Access("create", "batch", "jobs", "ml", None)),
-    ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/a-0", Access("delete", "batch", "jobs", "ml", "a-0")),
-    ("GET", "/api/v1/namespaces/ml/pods/a-0-0", Access("get", "", "pods", "ml", "a-0-0")),
-    ("GET", "/api/v1/namespaces/ml", Access("get", "", "namespaces", None, "ml")),
-    ("POST", "/api/v1/namespaces/ml/events", Access("create", "", "events", "ml", None)),
-    ("GET", "/apis", None), ("GET", "/api/v1", None), ("GET", "/apis/kubetune.io/v1alpha1", None),
-    ("GET", "/version", None),
-])
-def test_request_attributes(method: str, url: str, expected: Access | None) -> None:
-    assert access(method, url) == expected
-
-
 def test_namespaced_mode_keeps_job_rules_inside_the_watched_namespaces(tmp_path: Path) -> None:
     objects = render(tmp_path, {"rbac.scope": "namespaced", "rbac.namespaces": ["ml"]})
     create_job = Access("create", "batch", "jobs", "ml", None)
@@ -99,74 +75,127 @@ def test_namespaced_mode_keeps_job_rules_inside_the_watched_namespaces(tmp_path:
     assert not granted(objects, Access("get", "", "secrets", "ml", "s3-credentials"))
 
 
+def _fresh_namespace(kube: KubeCluster) -> None:
+    kube.delete_namespace(NS)
+    kube.namespace(NS)
+    kubernetes.client.CoreV1Api(kube.client()).create_namespaced_secret(NS, {
+        "metadata": {"name": S3_SECRET},
+        "stringData": {contract.SECRET_ACCESS_KEY_ID: "test", contract.SECRET_SECRET_ACCESS_KEY: "test-secret"}})
+
+
 @pytest.mark.parametrize("scope", ["cluster", "namespaced"])
-def test_installed_rbac_is_exactly_what_the_operator_uses(tmp_path: Path, scope: str) -> None:
-    """The chart installed by helm (cluster-wide, or namespaced: a Role in the watched namespace), the real
-    operator started with the Deployment's env and a token of its own; the test plays the Job controller
-    through a job's life (pre-flight, run, succeed, serve, TTL-delete) and a suspension."""
-    harness = pytest.importorskip("tests.operator_harness", reason="the operator harness is not merged yet")
-    import kmock
-
-    from kubetune.jobfile import job_document
-    from kubetune.netutil import free_port
-    from kubetune_operator import serving
-    from tests.test_chart_install import CHART, RELEASE_NAMESPACE, HelmCluster, read, run
-
-    cluster = HelmCluster(tmp_path)
-    cluster.start()
+def test_installed_rbac_is_exactly_what_the_operator_uses(kube: KubeCluster, scope: str) -> None:
+    """The chart installed by helm (cluster-wide, or namespaced: a Role in the watched namespace), the operator
+    as its Deployment with the pre-flight on, through jobs' lives: pre-flight, run, succeed, serve (KServe's
+    API installed; its controller's status played by the test), TTL-delete; a gang restart; a suspension."""
+    kube.clean_scripts()
+    _fresh_namespace(kube)
+    extensions = kubernetes.client.ApiextensionsV1Api(kube.client())
     try:
-        scoped = ["--set", "rbac.scope=namespaced", "--set", f"rbac.namespaces={{{harness.NS}}}"]
-        run(cluster, ["helm", "install", "kubetune", str(CHART), "-n", RELEASE_NAMESPACE,
-                      "--disable-openapi-validation", *(scoped if scope == "namespaced" else [])])
-        installed = [read(cluster, "clusterrole", "kubetune-operator")]
-        if scope == "namespaced":
-            installed.append(read(cluster, "role", "kubetune-operator", namespace=harness.NS))
-        assert cluster.emulator is not None  # KServe installed: the operator creates and follows the service
-        cluster.emulator.resources[kmock.resource(serving.KSERVE_GROUP, serving.KSERVE_VERSION,
-                                                  serving.INFERENCE_SERVICES)] = kmock.ResourceInfo(
-            kind=serving.INFERENCE_SERVICE, namespaced=True, verbs={"get", "list", "create", "delete"})
-        container = read(cluster, "deployment", "kubetune-operator")["spec"]["template"]["spec"]["containers"][0]
-        env = {e["name"]: e.get("value", "") for e in container["env"]}
-        env.update(KUBETUNE_REFRESH_SECONDS="1", KUBETUNE_HEALTH_PORT=str(free_port()),
-                   KUBETUNE_OPERATOR_METRICS_PORT=str(free_port()))
-        operator = harness.Operator(cluster.kubeconfig_for("operator"), env, tmp_path / "operator.log").start()
-        api = harness.Api(cluster.kubeconfig)
+        extensions.create_custom_resource_definition(KSERVE_CRD)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    scoped = ("--set", "rbac.scope=namespaced", "--set", f"rbac.namespaces={{{NS}}}")
+    chart = ChartOperator(kube, merged(TEST_VALUES, {"operator": {"preflight": True}}),
+                          extra_args=scoped if scope == "namespaced" else ())
+    _, since = kube.control_plane.audit()
+    chart.install()
+    installed = [kube.get("clusterrole", "kubetune-operator")]
+    if scope == "namespaced":
+        installed.append(kube.get("role", "kubetune-operator", namespace=NS))
+    api, trainer = Api(kube.kubeconfig), ScriptedTrainer(kube.scripts)
 
-        def submit(name: str, **spec: Any) -> None:
-            doc = job_document(name, {"model": {"uri": "s3://models/m/", "task": "causal-lm"},
-                                      "data": {"train": "s3://data/d.jsonl"}, "output": {"uri": "s3://out/x/"}}, spec)
-            doc["metadata"]["namespace"] = harness.NS
-            api.apply(doc)
+    def submit(name: str, **spec: Any) -> None:
+        doc = job_document(name, {"model": {"uri": "s3://models/m/", "task": "causal-lm"},
+                                  "data": {"train": "s3://data/d.jsonl"}, "output": {"uri": "s3://out/x/"},
+                                  "storage": {"secretRef": S3_SECRET}, "resources": {"gpusPerNode": 0}}, spec)
+        doc["metadata"]["namespace"] = NS
+        api.apply(doc)
 
-        def wait(what: str, check: Any) -> Any:
-            return harness.wait_for(what, check, timeout=60, operator=operator)
+    def wait(what: str, check: Any) -> Any:
+        return wait_for(what, check, timeout=90, operator=chart)
 
-        def pass_preflight(name: str) -> None:
-            """The chart turns the pre-flight Job on: play it through to success first."""
-            wait("the pre-flight Job", lambda: api.job(f"{name}-preflight"))
-            [checker] = api.start_pods(f"{name}-preflight")
-            api.terminate(checker, 0, reason="Completed")
-            api.finish_job(f"{name}-preflight", "Complete")
+    submit("done", runPolicy={"ttlSecondsAfterFinished": 3}, deploy={"kserve": {}})
+    wait("the trainer pod", lambda: trainer.started("done-0-0"))
+    assert trainer.ended("done-preflight")  # the pre-flight ran first, as its own pod
+    trainer.exit("done-0-0", 0, {"outcome": "Succeeded", "exitCode": 0})
+    service = wait("the InferenceService", lambda: _inference_service(api, "done"))
+    api.custom.patch_namespaced_custom_object_status(  # KServe's controller, played: the model is served
+        serving.KSERVE_GROUP, serving.KSERVE_VERSION, NS, serving.INFERENCE_SERVICES, service["metadata"]["name"],
+        {"status": {"url": "http://done.ml.example.com", "conditions": [{"type": "Ready", "status": "True"}]}})
+    wait("TTL deletion", lambda: api.ftj("done") is None)
+    submit("again", runPolicy={"backoffLimit": 1})
+    wait("the trainer pod", lambda: trainer.started("again-0-0"))
+    trainer.exit("again-0-0", 1, {"outcome": "Failed", "exitCode": 1, "message": "boom"})
+    wait("attempt 1 running", lambda: trainer.started("again-1-0"))
+    submit("held")
+    wait("the trainer pod", lambda: trainer.started("held-0-0"))
+    api.patch_ftj("held", {"spec": {"runPolicy": {"suspend": True}}})
+    wait("Job suspended", lambda: (api.job("held-0") or {}).get("spec", {}).get("suspend") is True)
+    wait("Suspended", lambda: api.status("held").get("phase") == "Suspended")
+    # A quota that refuses the pods: the operator reads the Job controller's FailedCreate events.
+    api.core.create_namespaced_resource_quota(NS, {"metadata": {"name": "no-gpus"},
+                                                   "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}})
+    submit("refused", resources={"gpusPerNode": 1})
+    wait("FailedCreate", lambda: api.condition("refused", "Running").get("reason") == "FailedCreate")
+    chart.uninstall()
+    kube.delete_namespace(NS)
+    extensions.delete_custom_resource_definition(KSERVE_CRD["metadata"]["name"])
 
-        submit("done", runPolicy={"ttlSecondsAfterFinished": 3}, deploy={"kserve": {}})
-        pass_preflight("done")
-        wait("the Job", lambda: api.job("done-0"))
-        [pod] = api.start_pods("done-0")
-        api.terminate(pod, 0, '{"outcome": "Succeeded", "exitCode": 0}', reason="Completed")
-        api.finish_job("done-0", "Complete")
-        wait("TTL deletion", lambda: api.ftj("done") is None)
-        submit("held")
-        pass_preflight("held")
-        wait("the Job", lambda: api.job("held-0"))
-        api.patch_ftj("held", {"spec": {"runPolicy": {"suspend": True}}})
-        wait("Job suspended", lambda: api.job("held-0")["spec"]["suspend"] is True)
-        assert operator.stop() == 0, operator.tail()
-    finally:
-        cluster.stop()
-
-    assert cluster.emulator is not None
-    wanted = {a for m, url, token in cluster.emulator.calls if token == "operator" and (a := access(m, url))}
-    assert wanted, "no requests from the operator were recorded"
-    assert [a for a in wanted if not granted(installed, a)] == [], "requests the chart's RBAC would deny"
+    events, _ = kube.control_plane.audit(since)
+    mine = [e for e in events if e.user == OPERATOR]
+    assert mine, "no requests from the operator's ServiceAccount in the audit log"
+    refused = sorted({(e.verb, e.resource, e.namespace, e.code) for e in mine if e.code == 403})
+    assert refused == [], "requests the chart's RBAC denied"
+    wanted = {Access(e.verb, e.group, e.resource, e.namespace, e.name) for e in mine}
+    assert [a for a in wanted if not granted(installed, a)] == [], "requests the chart's rules do not cover"
     used = {(a.group, a.resource, a.verb) for a in wanted}
-    assert grants(installed) - used == set(), "grants no request used"
+    assert grants(installed) - used - ADMISSION_ONLY == set(), "grants no request used"
+
+
+def _inference_service(api: Api, name: str) -> dict[str, Any] | None:
+    found = api.custom.list_namespaced_custom_object(serving.KSERVE_GROUP, serving.KSERVE_VERSION, NS,
+                                                     serving.INFERENCE_SERVICES)["items"]
+    return next((s for s in found if s["metadata"]["ownerReferences"][0]["name"] == name), None)
+
+
+def test_child_creates_need_the_finalizers_grant(kube: KubeCluster) -> None:
+    """Why ADMISSION_ONLY is granted: with OwnerReferencesPermissionEnforcement a child whose owner reference
+    blocks its owner's deletion may be created only by someone who may update the owner's finalizers."""
+    _fresh_namespace(kube)
+    owner = Api(kube.kubeconfig).apply({**job_document("owner", {
+        "model": {"uri": "s3://models/m/", "task": "causal-lm"}, "data": {"train": "s3://data/d.jsonl"},
+        "output": {"uri": "s3://out/x/"}}), "metadata": {"name": "owner", "namespace": NS}})
+    rbac = kubernetes.client.RbacAuthorizationV1Api(kube.client())
+    rules = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}]
+    rbac.create_namespaced_role(NS, {"metadata": {"name": "child-maker"}, "rules": rules})
+    rbac.create_namespaced_role_binding(NS, {"metadata": {"name": "child-maker"}, "subjects": [
+        {"kind": "User", "name": "child-maker", "apiGroup": "rbac.authorization.k8s.io"}], "roleRef": {
+        "kind": "Role", "name": "child-maker", "apiGroup": "rbac.authorization.k8s.io"}})
+    as_user = kubernetes.client.CoreV1Api(kube.client(kube.control_plane.write_kubeconfig(
+        kube.workdir / "child-maker.kubeconfig", "child-maker", namespace=NS)))
+
+    def create(name: str) -> None:
+        as_user.create_namespaced_config_map(NS, {"metadata": {"name": name, "ownerReferences": [{
+            "apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}", "kind": contract.KIND, "name": "owner",
+            "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]}})
+
+    with pytest.raises(ApiException) as refused:
+        create("without-the-grant")
+    assert refused.value.status == 403 and "blockOwnerDeletion" in refused.value.body, refused.value.body
+    rules.append({"apiGroups": [contract.API_GROUP], "resources": [f"{contract.PLURAL}/finalizers"],
+                  "verbs": ["update"]})
+    rbac.patch_namespaced_role("child-maker", NS, {"rules": rules}, _content_type="application/merge-patch+json")
+    wait_for("the grant applied", lambda: _created(create, "with-the-grant"))
+    kube.delete_namespace(NS)
+
+
+def _created(create: Any, name: str) -> bool:
+    try:
+        create(name)
+        return True
+    except ApiException as exc:
+        if exc.status == 403:
+            return False  # RBAC's cache catches up within a second
+        raise

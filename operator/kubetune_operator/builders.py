@@ -217,6 +217,8 @@ def build_job(ftj: dict[str, Any], *, image: str, service_account: str, attempt:
         "backoffLimit": 0,  # the operator restarts the whole gang; the Job never replaces one pod
         # Kueue admits a queued Job by unsuspending it, so queued Jobs start suspended.
         "suspend": policy.suspend or bool(policy.queue_name),
+        # The Job's Failed condition names the rule that matched ("... rule at index N"), and it outlives the
+        # pods (the Job controller deletes them): the operator reads the cause from it (status.rule_cause).
         "podFailurePolicy": {
             "rules": [
                 {"action": "FailJob",
@@ -224,6 +226,9 @@ def build_job(ftj: dict[str, Any], *, image: str, service_account: str, attempt:
                 # Not Ignore: a replacement pod cannot join a static rendezvous, so a disruption ends the
                 # attempt at once and the operator restarts the gang without spending runPolicy.backoffLimit.
                 {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                # Exit 75: stopped after a checkpoint (SIGTERM from a node drain or a spot reclaim), also free.
+                {"action": "FailJob",
+                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [contract.EXIT_RETRY]}},
             ]
         },
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
@@ -252,7 +257,8 @@ def build_preflight_job(ftj: dict[str, Any], *, image: str, service_account: str
     container = {
         "name": "preflight",
         "image": job.spec.image or image,
-        "command": ["kubetune", "validate", "--deep", contract.SPEC_MOUNT_PATH],
+        # Relative paths mean what they mean to the trainer: relative to the image's working directory.
+        "command": ["kubetune", "validate", "--deep", "--relative-to", ".", contract.SPEC_MOUNT_PATH],
         "env": [{"name": contract.ENV_JOB_NAME, "value": name}, *_credentials(job.spec.storage.secret_ref)],
         "resources": PREFLIGHT_RESOURCES,
         "securityContext": dict(CONTAINER_SECURITY),

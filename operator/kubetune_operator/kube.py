@@ -6,6 +6,7 @@ Everything is plain dicts in and out; 409 on create means "already there", 404 o
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,18 @@ from kubetune_operator import metrics
 from kubetune_operator.status import now_iso
 
 MERGE_PATCH = "application/merge-patch+json"
+
+
+def owner_uids(obj: dict[str, Any]) -> set[str]:
+    return {ref.get("uid", "") for ref in obj["metadata"].get("ownerReferences") or []}
+
+
+def server_message(exc: ApiException) -> str:
+    """The API server's own words (its Status message), else the HTTP reason."""
+    try:
+        return str(json.loads(exc.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return f"{exc.status} {exc.reason}"
 
 
 def load_client(pool_size: int = 16) -> kubernetes.client.ApiClient:
@@ -80,19 +93,45 @@ class Kube:
                 raise
 
     # ---- children -------------------------------------------------------------------------------
-    def create(self, obj: dict[str, Any]) -> bool:
-        """Create-if-missing: True when created, False when it was already there (409)."""
-        namespace, kind = obj["metadata"]["namespace"], obj["kind"]
-        create = {"ConfigMap": self.core.create_namespaced_config_map, "Service": self.core.create_namespaced_service,
-                  "Job": self.batch.create_namespaced_job}[kind]
+    def create(self, obj: dict[str, Any]) -> str:
+        """Create-if-missing: "created", "exists" (there already, owned by the same owner) or "stale" (a
+        leftover of an earlier object of the same name that the garbage collector has not removed yet)."""
+        namespace, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
+        create, read = {
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+            "Job": (self.batch.create_namespaced_job, None)}[kind]
         try:
             self._call(create, namespace, obj)
         except ApiException as exc:
-            if exc.status == 409:
+            if exc.status != 409:
+                raise
+            if kind == "Job":
+                return "stale"  # this job's own Jobs were all in the list it just read: this one is older
+            try:
+                found = self._sanitized(self._call(read, name, namespace))
+            except ApiException as gone:
+                if gone.status == 404:
+                    return "stale"  # deleted meanwhile: the next pass creates it
+                raise
+            return "exists" if owner_uids(found) & owner_uids(obj) else "stale"
+        metrics.child_created(kind)
+        return "created"
+
+    def service_account_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self._call(self.core.read_namespaced_service_account, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
                 return False
             raise
-        metrics.child_created(kind)
         return True
+
+    def failed_creates(self, namespace: str, uid: str) -> list[dict[str, Any]]:
+        """The Job controller's FailedCreate Events for one Job (a pod refused by quota or Pod Security)."""
+        found = self._call(self.core.list_namespaced_event, namespace,
+                           field_selector=f"involvedObject.uid={uid},reason=FailedCreate")
+        return [self._sanitized(e) for e in found.items]
 
     def create_inference_service(self, obj: dict[str, Any]) -> bool | None:
         """Create-if-missing a KServe InferenceService: True created, False already there, None when the

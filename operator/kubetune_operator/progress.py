@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import urllib.request
 from typing import Any
 
@@ -30,6 +31,8 @@ def parse(text: str, job: str, namespace: str) -> tuple[dict[str, Any], dict[str
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
+            if not math.isfinite(sample.value):
+                continue  # a NaN loss is no loss to show (and the API server refuses NaN)
             if labels.get("job", job) != job or labels.get("namespace", namespace) != namespace:
                 continue
             if sample.name == contract.METRIC_EVAL and "metric" in labels:

@@ -17,6 +17,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
+from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from kubetune import contract
@@ -24,13 +25,14 @@ from kubetune.crd import MAX_NAME_LENGTH
 from kubetune.errors import UserError
 from kubetune.jobfile import describe
 from kubetune_operator import builders, metrics, progress, serving
-from kubetune_operator.kube import Kube
+from kubetune_operator.kube import Kube, owner_uids, server_message
 from kubetune_operator.settings import Settings
 from kubetune_operator.status import (
     FINISHED,
     Outcome,
     attempt_outcome,
     condition_true,
+    finite,
     now_iso,
     parse_time,
     pod_gpu_seconds,
@@ -42,6 +44,7 @@ log = logging.getLogger("kubetune.operator")
 RESTART_REASON = "kubetune.io/restart-reason"
 RESTART_COUNTED = "kubetune.io/restart-counted"
 SPEC_HASH = "kubetune.io/spec-hash"
+WARNINGS = ("CreateRefused", "FailedCreate", "WaitingForOldChildren")  # Running=False reasons that need a person
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _phases: dict[tuple[str, str], tuple[str, str]] = {}  # (namespace, name) -> (namespace, phase), for metrics
 _phases_lock = threading.Lock()
@@ -104,7 +107,7 @@ class Pass:
     def __init__(self, kube: Kube, settings: Settings, ftj: dict[str, Any], now: datetime) -> None:
         self.kube, self.settings, self.ftj, self.now = kube, settings, ftj, now
         self.meta = ftj["metadata"]
-        self.namespace, self.name = self.meta["namespace"], self.meta["name"]
+        self.namespace, self.name, self.uid = self.meta["namespace"], self.meta["name"], self.meta.get("uid", "")
         self.old: dict[str, Any] = ftj.get("status") or {}
         self.new: dict[str, Any] = json.loads(json.dumps(self.old))
         self.events: list[tuple[str, str, str]] = []
@@ -130,7 +133,14 @@ class Pass:
 
     def _drive(self) -> None:
         policy = builders.resolved_job(self.ftj).spec.run_policy
-        children = self.kube.list_jobs(self.namespace, self.name)
+        listed = self.kube.list_jobs(self.namespace, self.name)
+        # Only what this object owns: a FineTuneJob deleted and created again under the same name finds the old
+        # one's children until the garbage collector has removed them, and must neither adopt nor replace them.
+        children = [j for j in listed if self.uid in owner_uids(j)]
+        if len(children) < len(listed):
+            stale = next(j for j in listed if self.uid not in owner_uids(j))
+            self._waiting_for_old_children("Job", stale["metadata"]["name"])
+            return
         jobs = {_attempt(j): j for j in children if _component(j) == "trainer"}
         if not jobs:
             self.new.setdefault("startTime", now_iso(self.now))
@@ -147,7 +157,8 @@ class Pass:
             self._condition("Created", True, "ChildrenCreated", f"ConfigMap, Service and Job {self.name}-0 created")
         attempt = max(jobs)
         current = jobs[attempt]
-        pods = self.kube.list_pods(self.namespace, self.name)
+        owned = {j["metadata"]["uid"] for j in jobs.values() if j["metadata"].get("uid")}
+        pods = [p for p in self.kube.list_pods(self.namespace, self.name) if owner_uids(p) & owned]
         by_attempt: defaultdict[int, list[dict[str, Any]]] = defaultdict(list)
         for pod in pods:
             by_attempt[_attempt(pod)].append(pod)
@@ -158,16 +169,26 @@ class Pass:
             self.kube.patch_job(self.namespace, current["metadata"]["name"], {"spec": {"suspend": policy.suspend}})
             current["spec"]["suspend"] = policy.suspend
         outcome = attempt_outcome(current, by_attempt[attempt])
+        if outcome.state == "pending" and not by_attempt[attempt] and current["metadata"].get("uid"):
+            outcome = self._failed_create(current) or outcome
         self._apply(outcome, attempt, current, by_attempt[attempt], policy.suspend)
+
+    def _failed_create(self, job: dict[str, Any]) -> Outcome | None:
+        """A Job without pods may be one whose pods the API server refuses (quota, Pod Security, a policy):
+        the Job controller says so only in FailedCreate Events on the Job."""
+        events = self.kube.failed_creates(self.namespace, job["metadata"]["uid"])
+        if not events:
+            return None
+        newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        return Outcome("pending", "FailedCreate", f"Job {job['metadata']['name']}: {newest.get('message', '')}")
 
     def _preflight_passed(self, job: dict[str, Any] | None) -> bool:
         """Create the pre-flight Job, then follow it: True once it succeeded; a failure fails the job."""
         if job is None:
-            self.kube.create(builders.build_configmap(self.ftj))
-            self.kube.create(builders.build_preflight_job(self.ftj, image=self.settings.trainer_image,
-                                                          service_account=self.settings.trainer_service_account))
-            self._phase("Pending")
-            self._condition("Running", False, "Preflight", "pre-flight checks running (kubetune validate --deep)")
+            if self._create(builders.build_configmap(self.ftj)) and self._create(builders.build_preflight_job(
+                    self.ftj, image=self.settings.trainer_image, service_account=self._trainer_account())):
+                self._phase("Pending")
+                self._condition("Running", False, "Preflight", "pre-flight checks running (kubetune validate --deep)")
             return False
         outcome = attempt_outcome(job, self.kube.list_pods(self.namespace, self.name, "preflight"))
         if outcome.state == "succeeded":
@@ -245,16 +266,49 @@ class Pass:
                 self._fail("DeadlineExceeded", f"runPolicy.activeDeadlineSeconds={deadline} passed", None)
                 return None
         job = builders.build_job(self.ftj, image=self.settings.trainer_image,
-                                 service_account=self.settings.trainer_service_account,
+                                 service_account=self._trainer_account(),
                                  attempt=attempt, active_deadline_seconds=remaining)
-        # Every gang needs the spec and the rendezvous Service: make sure they are there (409 = they are).
-        self.kube.create(builders.build_configmap(self.ftj))
-        self.kube.create(builders.build_service(self.ftj))
         job["metadata"]["annotations"] = {SPEC_HASH: spec_hash(self.ftj)}
         if reason:
             job["metadata"]["annotations"].update({RESTART_REASON: reason, RESTART_COUNTED: str(counted).lower()})
-        self.kube.create(job)
+        # Every gang needs the spec and the rendezvous Service: make sure they are there (409 = they are).
+        for child in (builders.build_configmap(self.ftj), builders.build_service(self.ftj), job):
+            if not self._create(child):
+                return None
         return job
+
+    def _create(self, obj: dict[str, Any]) -> bool:
+        """Create-if-missing. False, with a condition in the server's words, when the API server refused it
+        (admission: quota, LimitRange, Pod Security, a policy; 422: invalid) or an old one is in the way."""
+        what = f"{obj['kind']} {obj['metadata']['name']}"
+        try:
+            result = self.kube.create(obj)
+        except ApiException as exc:
+            if exc.status in (401, 404) or exc.status >= 500:
+                raise  # not about this object: the pass is retried
+            text = f"{what} refused by the API server: {server_message(exc)}"
+            if exc.status == 422:
+                self._fail("InvalidInput", text, None)
+            else:
+                self._phase("Pending")
+                self._condition("Running", False, "CreateRefused", text)
+            return False
+        if result == "stale":
+            self._waiting_for_old_children(obj["kind"], obj["metadata"]["name"])
+            return False
+        return True
+
+    def _waiting_for_old_children(self, kind: str, name: str) -> None:
+        self._phase("Pending")
+        self._condition("Running", False, "WaitingForOldChildren", f"{kind} {name} "
+                        f"belongs to an earlier FineTuneJob named {self.name}; waiting for the garbage collector "
+                        "to remove it")
+
+    def _trainer_account(self) -> str:
+        """The chart's trainer ServiceAccount where it exists in this namespace, else the namespace's default
+        (trainer pods mount no token: the account only names them, and admission refuses a missing one)."""
+        wanted = self.settings.trainer_service_account
+        return wanted if self.kube.service_account_exists(self.namespace, wanted) else "default"
 
     def _succeed(self, outcome: Outcome) -> None:
         result = outcome.result or {}
@@ -406,6 +460,7 @@ class Pass:
             _phases[(self.namespace, self.name)] = (self.namespace, self.new.get("phase") or "Pending")
 
     def _write(self) -> None:
+        self.new = finite(self.new)  # the API server refuses NaN and Infinity in JSON: such a value is absent
         self.new.setdefault("phase", "Pending")
         if self.generation is not None:
             self.new["observedGeneration"] = self.generation
@@ -441,6 +496,9 @@ class Pass:
                 kind = "Warning" if condition["type"] != "Suspended" and condition["status"] == "True" else "Normal"
                 events.append((kind, condition["reason"], f"{condition['type']}={condition['status']}: "
                                f"{condition['message']}"))
+            elif condition["type"] == "Running" and (old is None or old.get("reason") != condition["reason"]) and \
+                    condition["reason"] in WARNINGS:
+                events.append(("Warning", condition["reason"], condition["message"]))
             elif condition["type"] == "Running" and old and old.get("reason") != condition["reason"] and \
                     self.old.get("phase") == self.new.get("phase"):
                 events.append(("Normal", condition["reason"], condition["message"]))  # e.g. Pending -> Unschedulable

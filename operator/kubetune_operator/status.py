@@ -6,6 +6,8 @@ No API calls here; reconcile.py feeds observed objects in and writes what comes 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,6 +17,7 @@ from kubetune import contract
 FINISHED = ("Succeeded", "Failed")
 COMPLETION_INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 PULL_ERRORS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
+RULE_INDEX = re.compile(r"rule at index (\d+)")
 
 
 def now_iso(now: datetime) -> str:
@@ -38,6 +41,19 @@ def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, re
     if generation is not None:
         condition["observedGeneration"] = generation
     return [c for c in conditions if c.get("type") != type_] + [condition]
+
+
+def finite(value: Any) -> Any:
+    """The value without NaN or Infinity anywhere (dropped from objects and lists): JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items() if not _non_finite(v)}
+    if isinstance(value, list):
+        return [finite(v) for v in value if not _non_finite(v)]
+    return value
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def condition_true(status: dict[str, Any], type_: str) -> bool:
@@ -106,8 +122,29 @@ def rank0(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
+def matched_rule(job: dict[str, Any], failed: dict[str, Any]) -> dict[str, Any] | None:
+    """The podFailurePolicy rule that failed the Job, from its Failed condition (reason PodFailurePolicy,
+    message "... matching FailJob rule at index N"): the pods may be gone by now, the condition stays."""
+    if failed.get("reason") != "PodFailurePolicy":
+        return None
+    found = RULE_INDEX.search(failed.get("message") or "")
+    rules = ((job.get("spec") or {}).get("podFailurePolicy") or {}).get("rules") or []
+    return rules[int(found.group(1))] if found and int(found.group(1)) < len(rules) else None
+
+
+def rule_cause(rule: dict[str, Any]) -> str:
+    """What a rule of the trainer Job's podFailurePolicy means: InvalidInput, Preempted or TrainerError."""
+    codes = (rule.get("onExitCodes") or {}).get("values") or []
+    if contract.EXIT_BAD_INPUT in codes:
+        return "InvalidInput"
+    if contract.EXIT_RETRY in codes or any(c.get("type") == "DisruptionTarget" for c in rule.get("onPodConditions")
+                                            or []):
+        return "Preempted"
+    return "TrainerError"
+
+
 def attempt_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
-    """Classify one attempt from its Job and Pods, most telling cause first."""
+    """Classify one attempt from its Job (the truth: its controller may delete the pods) and its Pods."""
     terminated = [(pod, t) for pod in pods for t in _terminated(pod)]
     failed_job = _job_condition(job, "Failed")
     if _job_condition(job, "Complete"):
@@ -119,29 +156,20 @@ def attempt_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
             return Outcome("failed", "InvalidInput", _message(t), contract.EXIT_BAD_INPUT, result=termination_result(t))
     if failed_job and failed_job.get("reason") == "DeadlineExceeded":
         return Outcome("failed", "DeadlineExceeded", failed_job.get("message") or "activeDeadlineSeconds passed")
-    active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+    active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")
+              and not p["metadata"].get("deletionTimestamp")]
     # The Job's own Failed condition ends an attempt (not the first failed pod: the Job controller may still
     # be stopping the others, and a new gang must not overlap the old one's checkpoint writes).
-    if failed_job and not active:
-        for pod in pods:
-            disruption = _pod_condition(pod, "DisruptionTarget")
-            if disruption and disruption.get("status") == "True":
-                return Outcome("failed", "Preempted", disruption.get("message") or disruption.get("reason") or
-                               "pod disrupted", retry="free")
-        for _, t in terminated:
-            if t.get("exitCode") == contract.EXIT_RETRY:
-                return Outcome("failed", "Preempted", _message(t), contract.EXIT_RETRY, retry="free",
-                               result=termination_result(t))
-        for pod, t in terminated:
-            if t.get("reason") == "OOMKilled":  # the same batch on the same memory would only OOM again
-                return Outcome("failed", "OOMKilled", f"pod {pod['metadata']['name']} ran out of memory: raise "
-                               "resources.memory or lower batchSize", t.get("exitCode"))
-        crash = next(((p, t) for p, t in terminated if t.get("exitCode") not in (0, None)), None)
-        if crash:
-            return Outcome("failed", "TrainerError", _message(crash[1]), crash[1].get("exitCode"), retry="counted",
-                           result=termination_result(crash[1]))
-        return Outcome("failed", "TrainerError", (failed_job or {}).get("message") or "a pod was lost",
-                       retry="counted")
+    stopping = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+    if failed_job and not stopping:
+        return _failed(job, failed_job, pods, terminated)
+    # FailureTarget: the Job controller has decided the Job fails and stops its pods; it adds Failed once they
+    # have all terminated.
+    failing = failed_job or _job_condition(job, "FailureTarget")
+    if failing:
+        return Outcome("pending", "Stopping", f"attempt {job['metadata']['name']} failed "
+                       f"({failing.get('message') or failing.get('reason')}); waiting for {len(stopping)} pod(s) "
+                       "of it to stop")
     for pod in pods:
         for waiting in _waiting(pod):
             if waiting.get("reason") in PULL_ERRORS:
@@ -149,14 +177,47 @@ def attempt_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
                                waiting["reason"], waiting.get("message") or waiting["reason"])
     if (job.get("spec") or {}).get("suspend"):
         return Outcome("suspended", "Suspended", "the Job is suspended")
-    if pods and all((p.get("status") or {}).get("phase") == "Running" for p in pods if p in active) and \
-            any((p.get("status") or {}).get("phase") == "Running" for p in pods):
+    if active and all((p.get("status") or {}).get("phase") == "Running" for p in active):
         return Outcome("running", "Running", f"{len(active)} pod(s) running")
     for pod in pods:
         scheduled = _pod_condition(pod, "PodScheduled")
         if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
             return Outcome("pending", "Unschedulable", scheduled.get("message") or "no node fits the pod")
+    for pod in pods:
+        for waiting in _waiting(pod):
+            if waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+                return Outcome("pending", waiting["reason"], waiting.get("message") or waiting["reason"])
     return Outcome("pending", "Pending", "waiting for pods")
+
+
+def _failed(job: dict[str, Any], failed_job: dict[str, Any], pods: list[dict[str, Any]],
+            terminated: list[tuple[dict[str, Any], dict[str, Any]]]) -> Outcome:
+    """A failed attempt's cause: the podFailurePolicy rule that matched, else what the pods left behind."""
+    rule = matched_rule(job, failed_job)
+    cause = rule_cause(rule) if rule is not None else None
+    text = failed_job.get("message") or "the Job failed"
+    if cause == "InvalidInput":
+        crash = next((t for _, t in terminated if t.get("exitCode") == contract.EXIT_BAD_INPUT), None)
+        return Outcome("failed", "InvalidInput", _message(crash) if crash else text, contract.EXIT_BAD_INPUT,
+                       result=termination_result(crash) if crash else None)
+    for pod in pods:
+        disruption = _pod_condition(pod, "DisruptionTarget")
+        if cause is None and disruption and disruption.get("status") == "True":
+            cause, text = "Preempted", disruption.get("message") or disruption.get("reason") or "pod disrupted"
+    if cause == "Preempted":
+        checkpointed = next((t for _, t in terminated if t.get("exitCode") == contract.EXIT_RETRY), None)
+        message = _message(checkpointed) if checkpointed else text
+        return Outcome("failed", "Preempted", message, contract.EXIT_RETRY if checkpointed else None, retry="free",
+                       result=termination_result(checkpointed) if checkpointed else None)
+    for pod, t in terminated:
+        if t.get("reason") == "OOMKilled":  # the same batch on the same memory would only OOM again
+            return Outcome("failed", "OOMKilled", f"pod {pod['metadata']['name']} ran out of memory: raise "
+                           "resources.memory or lower batchSize", t.get("exitCode"))
+    ended = next((t for _, t in terminated if t.get("exitCode") not in (0, None)), None)
+    if ended:
+        return Outcome("failed", "TrainerError", _message(ended), ended.get("exitCode"), retry="counted",
+                       result=termination_result(ended))
+    return Outcome("failed", "TrainerError", text or "a pod was lost", retry="counted")
 
 
 def pod_gpu_seconds(pods: list[dict[str, Any]], gpus_per_node: int, now: datetime) -> float:

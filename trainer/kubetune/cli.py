@@ -23,18 +23,21 @@ def _validate(args: argparse.Namespace) -> int:
     from kubetune.preflight import check_local_inputs
 
     job = load_job(args.file)
-    check_local_inputs(job.spec, args.file)
+    # Relative paths are relative to the manifest's folder, or to --relative-to: in a pod the pre-flight reads
+    # the spec from its mount but must resolve paths where the trainer does, in the working directory.
+    anchor = Path(args.relative_to, Path(args.file).name) if args.relative_to else args.file
+    check_local_inputs(job.spec, anchor)
     device = device_memory(job.spec, args.device_memory)
     if args.deep:
         from kubetune.deepcheck import deep_check, render
         from kubetune.runner import resolve_paths
 
-        report = deep_check(resolve_paths(job, args.file), device)
+        report = deep_check(resolve_paths(job, anchor), device)
         if report.problems:
             raise UserError("\n".join(report.problems))
         print(render(report))
     else:
-        print(_memory_table(job, args.file, device))
+        print(_memory_table(job, str(anchor), device))
     print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}" + (" (deep checks passed)" if args.deep else ""))
     return contract.EXIT_OK
 
@@ -157,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--device-memory", help="memory of one training device (e.g. 80Gi) to check the "
                                                   "estimate against (default $KUBETUNE_DEVICE_MEMORY; CPU jobs "
                                                   "use resources.memory)")
+    validate.add_argument("--relative-to", metavar="DIR", help="resolve relative local paths against DIR instead "
+                                                                   "of the manifest's folder")
     validate.set_defaults(handler=_validate)
 
     commands.add_parser("crd", help="print the FineTuneJob CRD").set_defaults(handler=_crd)

@@ -82,12 +82,14 @@ def immutable_rule() -> dict[str, str]:
     def same(path: str) -> str:
         return f"(has(self.{path}) == has(oldSelf.{path}) && (!has(self.{path}) || self.{path} == oldSelf.{path}))"
 
+    def same_policy(field: str) -> str:
+        """runPolicy itself may appear or go (suspend alone is added to a job that had no runPolicy)."""
+        new, old = (f"(has({o}.spec.runPolicy) && has({o}.spec.runPolicy.{field}))" for o in ("self", "oldSelf"))
+        return f"({new} == {old} && (!{new} || self.spec.runPolicy.{field} == oldSelf.spec.runPolicy.{field}))"
+
     fields = [f.alias or n for n, f in FineTuneJobSpec.model_fields.items() if n != "run_policy"]
     policy = [f.alias or n for n, f in RunPolicySpec.model_fields.items() if n != "suspend"]
-    checks = [same(f"spec.{f}") for f in fields] + [
-        f"((!has(self.spec.runPolicy) && !has(oldSelf.spec.runPolicy)) || (has(self.spec.runPolicy) && "
-        f"has(oldSelf.spec.runPolicy) && {' && '.join(same(f'spec.runPolicy.{p}') for p in policy)}))"
-    ]
+    checks = [same(f"spec.{f}") for f in fields] + [same_policy(p) for p in policy]
     return {
         "rule": "!has(oldSelf.status) || !has(oldSelf.status.startTime) || (" + " && ".join(checks) + ")",
         "message": "spec is immutable once the job has started, except runPolicy.suspend: "
@@ -228,6 +230,9 @@ def spec_schema() -> dict[str, Any]:
     structural = _structural(schema, defs)
     structural["description"] = "What to fine-tune, on which data, how, and where the result goes."
     structural["x-kubernetes-validations"] = CEL_RULES
+    # runPolicy always present, with its defaults: `kubectl patch` of runPolicy.suspend onto a job created
+    # without runPolicy would otherwise add backoffLimit's default too, which the immutability rule refuses.
+    structural["properties"]["runPolicy"]["default"] = {}
     # Label names are unique: the API server checks a set list itself.
     structural["properties"]["model"]["properties"]["labels"]["x-kubernetes-list-type"] = "set"
     return structural
@@ -272,7 +277,8 @@ def build_crd() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1."},
                                 "kind": {"type": "string", "description": "FineTuneJob."},
-                                "metadata": {"type": "object", "description": "Standard object metadata."},
+                                # The API server takes no more than the type here (no description either).
+                                "metadata": {"type": "object"},
                                 "spec": spec_schema(),
                                 "status": STATUS_SCHEMA,
                             },

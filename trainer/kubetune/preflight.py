@@ -20,7 +20,7 @@ def _where(uri: str, resolved: Path, manifest_file: str | Path | None) -> str:
     """Name the path that was looked for; relative ones are relative to the manifest, not the shell."""
     if manifest_file is None or Path(uri).expanduser().is_absolute():
         return f" ({resolved})" if str(resolved) != uri else ""
-    return f" (looked for {resolved}: relative paths are relative to the manifest's folder)"
+    return f" (looked for {resolved}: relative paths are relative to {Path(manifest_file).resolve().parent})"
 
 
 def check_local_inputs(spec: FineTuneJobSpec, manifest_file: str | Path | None = None) -> None:

@@ -42,6 +42,34 @@ def check_uri(value: str) -> str:
 
 Uri = Annotated[str, AfterValidator(check_uri)]
 
+# What Kubernetes accepts (k8s.io/apimachinery): a non-negative resource quantity (8, 500m, 32Gi, 1e3), a label
+# value (63 characters), a label key ([prefix/]name) and a DNS subdomain (priority class names). Each is checked
+# here with a message that names the fix, and carried into the CRD as a pattern so the API server checks it too.
+QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[kMGTPE]|[KMGTPE]i|m|u|n)?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LABEL_NAME = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+LABEL_KEY = rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{LABEL_NAME}$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+def _matching(pattern: str, what: str, limit: int | None = None) -> Any:
+    def check(value: str) -> str:
+        if not re.match(pattern, value) or (limit is not None and len(value) > limit):
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+    return AfterValidator(check)
+
+
+Quantity = Annotated[str, _matching(QUANTITY, "a Kubernetes quantity (e.g. 8, 500m, 32Gi, 512Mi)"),
+                     Field(json_schema_extra={"pattern": QUANTITY})]
+LabelValue = Annotated[str, _matching(LABEL_VALUE, "a label value (at most 63 letters, digits, '-', '_' or '.', "
+                                      "beginning and ending with a letter or digit)", 63),
+                       Field(json_schema_extra={"pattern": LABEL_VALUE, "maxLength": 63})]
+DnsSubdomain = Annotated[str, _matching(DNS_SUBDOMAIN, "a DNS subdomain (lowercase letters, digits, '-' and '.')",
+                                        253), Field(json_schema_extra={"pattern": DNS_SUBDOMAIN, "maxLength": 253})]
+LABEL_KEYS_RULE: dict[str, Any] = {"rule": f"self.all(k, k.matches(r'{LABEL_KEY}') && size(k) <= 317)",
+                   "message": "nodeSelector: keys must be label keys ([prefix/]name)"}
+
 
 class _Spec(BaseModel):
     """Common config: camelCase in YAML, unknown fields rejected."""
@@ -235,11 +263,22 @@ class StorageSpec(_Spec):
 class ResourcesSpec(_Spec):
     nodes: int = Field(default=1, ge=1, le=1024, description="Pods (torchrun nodes).")
     gpus_per_node: int = Field(default=1, ge=0, le=64, description="GPUs per pod; 0 trains on CPU.")
-    cpu: str = Field(default="8", description="CPU request per pod.")
-    memory: str = Field(default="32Gi", description="Memory request per pod.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    cpu: Quantity = Field(default="8", description="CPU request per pod (a quantity: 8, 500m).")
+    memory: Quantity = Field(default="32Gi", description="Memory request per pod (a quantity: 32Gi, 512Mi).")
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict, description="Pod nodeSelector.",
+        json_schema_extra={"x-kubernetes-validations": [LABEL_KEYS_RULE], "maxProperties": 64})
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
-    priority_class_name: str | None = Field(default=None, description="Pod priorityClassName.")
+    priority_class_name: DnsSubdomain | None = Field(default=None, description="Pod priorityClassName.")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            name = key.rsplit("/", 1)[-1]
+            if not re.match(LABEL_KEY, key) or len(name) > 63 or len(key) - len(name) > 254:
+                raise ValueError(f"{key!r} is not a label key ([prefix/]name, the name at most 63 characters)")
+        return value
 
 
 class RunPolicySpec(_Spec):
@@ -247,7 +286,7 @@ class RunPolicySpec(_Spec):
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Wall-clock limit of the job.")
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description="Delete children after this.")
     suspend: bool = Field(default=False, description="Hold the job without running pods.")
-    queue_name: str | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name).")
+    queue_name: LabelValue | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name).")
 
 
 class DryRunSpec(_Spec):

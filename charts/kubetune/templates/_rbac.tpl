@@ -10,18 +10,24 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
   verbs: [patch]
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/finalizers]
+  verbs: [update]  # children block their owner's foreground deletion: OwnerReferencesPermissionEnforcement checks this
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [list, create, patch]  # one Job per gang attempt; patch: suspend/resume
 - apiGroups: [""]
   resources: [configmaps, services]
-  verbs: [create]  # create-if-missing: 409 means it is there; the owner reference cleans up
+  verbs: [create, get]  # create-if-missing; on 409, get: is it this job's (owner uid) or a deleted one's?
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]  # list: the Job controller's FailedCreate events say why a Job has no pods
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get]  # trainer pods name the chart's trainer account where it exists, else the namespace's default
 - apiGroups: [serving.kserve.io]
   resources: [inferenceservices]
   verbs: [create, get]  # spec.deploy.kserve, once a job has Succeeded; get: follow it until it has a URL
