@@ -79,8 +79,10 @@ def _gpu_node_worker(rank: int, port: int, out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS="60")
     real_init = dist.init_process_group
+    bound: list[str] = []
 
     def init_as_on_gpus(backend: str, **options: Any) -> None:
+        bound.append(str(options.pop("device_id", None)))  # gloo binds no GPU; NCCL gets the rank's (issue 25)
         real_init(backend="cuda:gloo" if backend == "nccl" else backend.replace("nccl", "gloo"), **options)
 
     torch.cuda.is_available = lambda: True  # type: ignore[assignment]
@@ -93,6 +95,7 @@ def _gpu_node_worker(rank: int, port: int, out: Path) -> None:
         "sum": distributed.all_reduce_sum(torch.tensor([rank + 1.0, 2.0])).tolist(),  # loss, eval totals
         "gathered": distributed.gather_objects(rank),  # RNG states for checkpoints
         "broadcast": distributed.broadcast_object(f"rank {rank}"),  # checkpoint names
+        "deviceId": bound,
     }
     distributed.barrier()
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
@@ -103,7 +106,8 @@ def test_nccl_style_group_serves_the_cpu_tensors_of_flags_losses_and_objects(tmp
     mp.spawn(_gpu_node_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank-{rank}.json").read_text())
-        assert result == {"any_rank": True, "sum": [3.0, 4.0], "gathered": [0, 1], "broadcast": "rank 0"}
+        assert result == {"any_rank": True, "sum": [3.0, 4.0], "gathered": [0, 1], "broadcast": "rank 0",
+                          "deviceId": [f"cuda:{rank}"]}
 
 
 # -- 2: fp32 master weights whatever the checkpoint's dtype -------------------------------------------------------
