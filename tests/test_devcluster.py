@@ -1,9 +1,10 @@
-"""The README's dev-cluster flow as a new user types it: `make cluster`, then its kubectl commands verbatim.
+"""The README's dev-cluster flow as a new user types it: `make cluster`, then its commands verbatim.
 
-The commands come from the README's "A cluster on this machine" section: `kubectl apply` the example,
-`kubectl get ftj -w` shows Progress and Loss moving, `kubectl wait --for=condition=Succeeded`, and the model
-is where the `ls` line looks. The pods are the real `kubetune validate --deep` and `kubetune trainer`
-(MiniLM, 16 LoRA steps); only the node's folder is a temporary one instead of the checkout.
+`make cluster` is the real control plane with two nodes and an S3 server (tests/devcluster.py); the README's
+second block installs the chart with helm, creates the Secret, applies the example with the server's
+validation on, watches it, waits for Succeeded, describes it, lists the pods, reads the trainer's log and uses
+the model. The pods are the real `kubetune validate --deep` and `kubetune trainer` (MiniLM, 16 LoRA steps);
+only the node's folder is a temporary one instead of the checkout.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import yaml
 
-from kubetune import contract
 from tests.k8s_tools import binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,8 +37,8 @@ def readme_commands() -> list[str]:
 
 
 def test_readme_dev_cluster_flow(tmp_path: Path) -> None:
-    export, apply, watch_line, wait_line, ls = readme_commands()
-    assert export.startswith("export KUBECONFIG=") and "--validate=false" in apply and str(EXAMPLE.name) in apply
+    export, install, secret, apply, watch_line, wait_line, describe, pods, logs, predict = readme_commands()
+    assert export.startswith("export KUBECONFIG=") and EXAMPLE.name in apply and "--validate" not in apply
     node = tmp_path / "node"
     log = (tmp_path / "devcluster.log").open("w")
     cluster = subprocess.Popen([sys.executable, "-m", "tests.devcluster", "--state", str(tmp_path / "state"),
@@ -48,23 +48,35 @@ def test_readme_dev_cluster_flow(tmp_path: Path) -> None:
         assert printed.endswith("/kubeconfig") and export.endswith("/kubeconfig")
         env = {**os.environ, "KUBECONFIG": printed}
 
-        def kubectl(line: str) -> list[str]:
+        def command(line: str) -> tuple[list[str], dict[str, str]]:
             words = shlex.split(line)
-            assert words[0] == "kubectl", line
-            return [str(binary("kubectl")), *words[1:]]
+            assigned = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_]+=", w))
+            words = words[len(assigned):]
+            tool = {"kubectl": binary("kubectl"), "helm": binary("helm")}.get(words[0])
+            program = str(tool) if tool else str(ROOT / words[0])
+            return [program, *words[1:]], {**env, **assigned}
 
-        applied = subprocess.run(kubectl(apply), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert applied.returncode == 0, applied.stderr
-        watch = subprocess.Popen(kubectl(watch_line), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-        waited = subprocess.run(kubectl(wait_line), cwd=ROOT, env=env, capture_output=True, text=True, timeout=660)
+        def run(line: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+            argv, extra = command(line)
+            done = subprocess.run(argv, cwd=ROOT, env=extra, capture_output=True, text=True, timeout=timeout)
+            assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}\n{_logs(tmp_path)}"
+            return done
+
+        assert "STATUS: deployed" in run(install).stdout
+        run(secret)
+        assert f"finetunejob.kubetune.io/{NAME} created" in run(apply).stdout
+        argv, _ = command(watch_line)
+        watch = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        waited = subprocess.run(command(wait_line)[0], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=660)
         time.sleep(1)  # the watch prints the last update
         watch.terminate()
         rows = watch.communicate(timeout=10)[0]
-        got = subprocess.run(kubectl(f"kubectl get ftj {NAME} -o json"), env=env, capture_output=True, text=True)
+        got = run(f"kubectl get ftj {NAME} -o json")
         status = json.loads(got.stdout)["status"]
         assert waited.returncode == 0, f"{waited.stderr}\n{rows}\n{status}\n{_logs(tmp_path)}"
-        # NAME PHASE PROGRESS LOSS AGE: Progress and Loss moved while it trained (scraped from the trainer).
+        # NAME PHASE PROGRESS LOSS AGE: the server's Table from the CRD's printer columns, moving while it trained.
         seen = [line.split() for line in rows.splitlines() if line.startswith(NAME)]
         full = [row for row in seen if len(row) == 5]
         assert any(0 < float(row[2]) < 100 for row in full), rows
@@ -73,15 +85,18 @@ def test_readme_dev_cluster_flow(tmp_path: Path) -> None:
         steps = yaml.safe_load(EXAMPLE.read_text())["spec"]["hyperparameters"]["maxSteps"]
         assert status["progress"]["step"] == steps and status["metrics"]["testAccuracy"] > 0, status
         assert [c["status"] for c in status["conditions"] if c["type"] == "Validated"] == ["True"]  # pre-flight ran
-        # The `ls` line's folder, on the node (this test's node folder stands for the checkout).
-        output = node / shlex.split(ls)[1]
-        manifest = json.loads((output / contract.MANIFEST_NAME).read_text())
-        assert {"adapter/adapter_model.safetensors", contract.METRICS_FILE} <= {f["path"] for f in manifest["files"]}
+        described = run(describe).stdout
+        assert "Succeeded" in described and re.search(r"Normal\s+Running", described), described
+        listed = run(pods).stdout
+        assert re.search(rf"^{NAME}-preflight-\S+\s+0/1\s+Completed", listed, re.M), listed
+        assert re.search(rf"^{NAME}-0-0-\S+\s+0/1\s+Completed", listed, re.M), listed
+        assert "test" in run(logs).stdout.lower()  # the trainer's own summary of the test split
+        predicted = run(predict, timeout=300).stdout
+        assert re.search(r"positive|negative", predicted), predicted
     finally:
         cluster.send_signal(signal.SIGINT)
-        assert cluster.wait(90) == 0, _logs(tmp_path)
+        assert cluster.wait(120) == 0, _logs(tmp_path)
         log.close()
-    assert not list((node / "examples").glob(".*-spec.yaml")), "spec files of ended pods are left behind"
 
 
 def _exported_kubeconfig(cluster: subprocess.Popen[str], tmp_path: Path) -> str:
@@ -93,6 +108,6 @@ def _exported_kubeconfig(cluster: subprocess.Popen[str], tmp_path: Path) -> str:
 
 
 def _logs(tmp_path: Path) -> str:
-    parts = [tmp_path / "devcluster.log", tmp_path / "state" / "operator.log",
-             *sorted((tmp_path / "state" / "pods").glob("*/log"))]
+    state = tmp_path / "state"
+    parts = [tmp_path / "devcluster.log", *sorted((state / "nodes" / "pods").glob("*/*.log"))]
     return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in parts if p.exists())

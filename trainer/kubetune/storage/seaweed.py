@@ -86,9 +86,11 @@ class SeaweedServer:
     config: an S3 identities document ({"identities": [...]}) or a path to one; without it any key is accepted.
     """
 
-    def __init__(self, data_dir: Path, config: dict[str, Any] | Path | None = None) -> None:
+    def __init__(self, data_dir: Path, config: dict[str, Any] | Path | None = None, s3_port: int | None = None
+                 ) -> None:
         self.data_dir = Path(data_dir)
         self.config = config
+        self.s3_port = s3_port  # a fixed S3 port (the dev cluster's manifests name it); others stay free ones
         self.ports: dict[str, int] = {}
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -127,9 +129,13 @@ class SeaweedServer:
         if self.process is not None and self.process.poll() is None:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.s3_port is not None and not _port_free(self.s3_port):
+            raise RuntimeError(f"port {self.s3_port} (S3) is in use on {HOST}")
         for attempt in range(START_ATTEMPTS):
             if attempt or not self.ports or not all(_port_free(p) for p in self.ports.values()):
                 self.ports = _allocate_ports()
+                if self.s3_port is not None:
+                    self.ports["s3.port"] = self.s3_port
             if self._launch(time.monotonic() + timeout):
                 return self
         raise RuntimeError(f"SeaweedFS did not start on {self.endpoint}; log {self.log_path}:\n{self._log_tail()}")
