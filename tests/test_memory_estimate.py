@@ -155,6 +155,20 @@ def test_checkpointing_follows_the_spec_and_the_estimate() -> None:
         assert field in message
 
 
+def test_advice_fits_the_jobs_hardware() -> None:
+    """A CPU job is not told to use qlora (CUDA only) or more GPUs; a GPU job still is (issue 28, item 6)."""
+    for method in ("full", "lora"):
+        cpu_spec = _llama(method, 1, 0, 8, 4096, gradientCheckpointing=False, precision="fp32")
+        cpu = plan(cpu_spec, world_size=1, device_bytes=4 * GiB, config=LLAMA_7B)
+        assert not cpu.fits
+        message = cpu.advice(cpu_spec)
+        assert "qlora" not in message and "GPU" not in message, message
+        assert "spec.resources.memory 32Gi" in message and "spec.resources.nodes" in message
+        gpu_spec = _llama(method, 1, 1, 8, 4096, gradientCheckpointing=False)
+        gpu = plan(gpu_spec, world_size=1, device_bytes=4 * GiB, config=LLAMA_7B)
+        assert "qlora" in gpu.advice(gpu_spec) and "more GPUs" in gpu.advice(gpu_spec)
+
+
 def _validate(job: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*KUBETUNE, "validate", str(job)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **env})

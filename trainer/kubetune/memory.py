@@ -176,12 +176,18 @@ class MemoryPlan:
     def advice(self, spec: FineTuneJobSpec) -> str:
         """One message: what is needed, what the device has, and which fields to change."""
         hp = spec.hyperparameters
+        gpu = spec.resources.gpus_per_node > 0  # qlora and more GPUs are no advice for a CPU job
         options = []
         if spec.method.type in ("full", "partial"):
-            options.append("spec.method.type: lora (or qlora on a GPU)")
-        elif spec.method.type == "lora" and self.device_bytes is not None:
+            options.append("spec.method.type: lora" + (" (or qlora)" if gpu else ""))
+        elif spec.method.type == "lora" and gpu and self.device_bytes is not None:
             options.append("spec.method.type: qlora (4-bit base, GPU only)")
-        options.append("more GPUs (spec.resources.nodes / gpusPerNode, with hyperparameters.strategy auto or fsdp)")
+        if gpu:
+            options.append("more GPUs (spec.resources.nodes / gpusPerNode, with hyperparameters.strategy auto or "
+                           "fsdp)")
+        else:
+            options.append(f"more memory per pod than spec.resources.memory {spec.resources.memory}, or more pods "
+                           "(spec.resources.nodes, with hyperparameters.strategy auto or fsdp)")
         if hp.batch_size > 1:
             options.append(f"a smaller spec.hyperparameters.batchSize than {hp.batch_size} (raise "
                            "gradientAccumulationSteps to keep the global batch)")
