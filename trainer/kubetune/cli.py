@@ -116,7 +116,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics))
         return contract.EXIT_OK
-    for name, _, value in metric_rows(None, metrics):
+    for name, _, value, _ in metric_rows(None, metrics):
         print(f"{name}\t{value}")
     if "confusion_matrix" in metrics:
         print(f"confusion matrix (rows = true, columns = predicted, {finished.spec.model.labels}): "

@@ -14,6 +14,9 @@ SHORT_NAME = "ftj"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+# The fine-tuned model missed spec.evaluation.minImprovement on the test split: nothing published. Never retried:
+# a rerun of the same data and spec trains the same model (reason NotImproved in the termination message).
+EXIT_NOT_IMPROVED = 3
 EXIT_RETRY = 75  # EX_TEMPFAIL: preempted after a checkpoint, safe to restart
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT) after a checkpoint: run the same command to resume
 
@@ -68,6 +71,7 @@ CURVES_FILE = "training-curves.png"  # loss and evaluation curves, beside metric
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 DRY_RUN_DIR = "dry-run"  # a dry run's report, never a model
+NOT_IMPROVED_DIR = "not-improved"  # a model that missed evaluation.minImprovement: its report only, no model
 
 # Kubernetes recommended labels on every child object (with LABEL_JOB_NAME above).
 LABEL_APP_NAME = "app.kubernetes.io/name"
@@ -79,9 +83,10 @@ MANAGED_BY = "kubetune-operator"
 
 # Status conditions (metav1.Condition types) and failure reasons a person can act on.
 CONDITIONS = ("Created", "Validated", "Running", "Succeeded", "Failed", "Suspended", "Restarting", "Stalled",
-              "Deployed", "SpecChanged")  # SpecChanged: an edit after start that the operator did not apply
+              "Deployed", "SpecChanged",  # SpecChanged: an edit after start that the operator did not apply
+              "Improved")  # Improved: the fine-tuned model beat its base on the test split (the termination's quality)
 FAILURE_REASONS = ("InvalidInput", "PreflightFailed", "OOMKilled", "ImagePullBackOff", "ErrImagePull", "Unschedulable",
-                   "DeadlineExceeded", "BackoffLimitExceeded", "Preempted", "TrainerError")
+                   "DeadlineExceeded", "BackoffLimitExceeded", "Preempted", "TrainerError", "NotImproved")
 
 # Trainer metrics on :9400/metrics (rank 0 has the job-level series; per-rank ones carry a `rank` label).
 # Every series is labelled job=<FineTuneJob name>, namespace=<its namespace>. The operator scrapes

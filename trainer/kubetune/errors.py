@@ -1,4 +1,5 @@
-"""Error types that decide the exit code: bad input (2, never retried) vs. anything else (1)."""
+"""Error types that decide the exit code: bad input (2, never retried), not improved (3, never retried),
+anything else (1)."""
 
 
 class UserError(Exception):
@@ -11,3 +12,11 @@ class PreemptedError(Exception):
     def __init__(self, message: str, exit_code: int = 75) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class NotImprovedError(Exception):
+    """spec.evaluation.minImprovement was not met: nothing published, exit 3, never retried (same data, same result)."""
+
+    def __init__(self, message: str, summary: dict[str, object]) -> None:
+        super().__init__(message)
+        self.summary = summary  # the run's metrics (quality, test, baseTest) and where the report went

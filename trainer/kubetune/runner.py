@@ -19,6 +19,7 @@ from kubetune.preflight import check_local_inputs, resolve_local
 from kubetune.spec import DryRunSpec, FineTuneJob
 from kubetune.storage import Storage
 from kubetune.train.outputs import check_output, metric_rows
+from kubetune.train.quality import describe, warning
 
 
 def resolve_paths(job: FineTuneJob, manifest_file: str | Path) -> FineTuneJob:
@@ -50,6 +51,7 @@ def summary_table(result: dict[str, Any]) -> Table:
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
+    table.add_column("difference", justify="right")
     for row in metric_rows(result.get("baseTest"), result.get("test")):
         table.add_row(*row)
     return table
@@ -109,15 +111,17 @@ def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool, dry_run: bo
         check_output(Storage(job.spec.storage), job.spec)  # refuse before training, not after it
         result = run(str(write_resolved(job, work_dir)), nproc_per_node)
     code: int = result["exitCode"]
+    if code == contract.EXIT_NOT_IMPROVED:  # the numbers that decided it, then why nothing was published
+        console.print(summary_table(result))
     if code != contract.EXIT_OK:
         print(failure_line(result), file=sys.stderr)
         return code
     if result.get("alreadyFinished"):  # the trainer said so in one line; the output is as it was
         return code
     if result.get("dryRun"):
-        from kubetune.train.dryrun import describe
+        from kubetune.train import dryrun
 
-        console.print(describe(result["dryRun"]), soft_wrap=True)
+        console.print(dryrun.describe(result["dryRun"]), soft_wrap=True)
         console.print(f"report: {result['outputUri']}", soft_wrap=True)
         return code
     console.print(summary_table(result))
@@ -129,4 +133,10 @@ def _run_manifest(file: str, nproc_per_node: int, embedded_s3: bool, dry_run: bo
     console.print(f"training curves: {result['outputUri'].rstrip('/')}/{contract.CURVES_FILE}")
     console.print(f"[bold green]model written to {result['outputUri']}[/] (manifest.json lists every file)",
                   soft_wrap=True)
+    verdict = result.get("quality")
+    if verdict:  # the last lines: base, fine-tuned and the difference for the metric that judges the model
+        console.print(describe(verdict) + (" [green]better than the base[/]" if verdict["improved"] else ""),
+                      soft_wrap=True, highlight=False)
+        if warning(verdict):
+            console.print(f"[bold yellow]{warning(verdict)}[/]", soft_wrap=True, highlight=False)
     return code

@@ -232,6 +232,13 @@ class EvaluationSpec(_Spec):
     early_stopping_patience: int | None = Field(
         default=3, ge=0, description="Evaluations without improvement before stopping; 0 or null disables."
     )
+    min_improvement: float | None = Field(
+        default=None, ge=0.0, allow_inf_nan=False,
+        description="Publish only if the fine-tuned model beats the base on the test split by at least this, in "
+        "the quality metric's units (classification: evaluation.metric, or accuracy for eval_loss; causal LM: "
+        "loss, or perplexity for eval_perplexity); otherwise nothing is published and the trainer exits 3. "
+        "null = publish anyway, with a warning when the model is not better.",
+    )
 
 
 class CheckpointSpec(_Spec):
@@ -337,6 +344,13 @@ class FineTuneJobSpec(_Spec):
                 f"evaluation.metric: {self.evaluation.metric!r} is not one of {', '.join(allowed)} "
                 f"for task {self.model.task}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _gate_needs_a_test_split(self) -> FineTuneJobSpec:
+        if self.evaluation.min_improvement is not None and not self.data.test and self.data.split.test == 0:
+            raise ValueError("evaluation.minImprovement: the gate compares base and fine-tuned on the test split, "
+                             "and this job has none: give data.test or a data.split.test above 0")
         return self
 
     @model_validator(mode="after")

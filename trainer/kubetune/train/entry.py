@@ -22,13 +22,22 @@ from typing import Any
 
 from kubetune import contract, telemetry
 from kubetune.cpus import usable_cpus
-from kubetune.errors import PreemptedError, UserError
+from kubetune.errors import NotImprovedError, PreemptedError, UserError
 from kubetune.jobfile import load_job
 from kubetune.netutil import free_port
+from kubetune.storage import is_s3
 from kubetune.train import interrupts
+from kubetune.train.quality import finite_numbers
 
 log = logging.getLogger("kubetune.trainer")
 TERMINATION_LOG_LIMIT = 4096  # Kubernetes keeps at most 4 KiB of the termination message
+
+
+def absolute_uri(uri: str) -> str:
+    """s3:// as is; a local path made absolute (a pod's working directory means nothing to whoever reads it)."""
+    if is_s3(uri):
+        return uri
+    return str(Path(uri).expanduser().resolve()) + ("/" if uri.endswith("/") else "")
 
 
 def work_dir_for(name: str) -> Path:
@@ -107,6 +116,10 @@ def run_worker(spec_path: str, standalone: bool = True) -> int:
     except UserError as exc:  # printed once by whoever launched us, without a traceback
         result.update(outcome="Failed", reason="InvalidInput", message=str(exc), exitCode=contract.EXIT_BAD_INPUT)
         telemetry.set_state("failed")
+    except NotImprovedError as exc:  # every rank knows; only the report was published
+        result.update(exc.summary, outcome="Failed", reason="NotImproved", message=str(exc),
+                      exitCode=contract.EXIT_NOT_IMPROVED)
+        telemetry.set_state("failed")
     except PreemptedError as exc:
         if rank == 0 and exc.exit_code == contract.EXIT_RETRY:  # every rank saw it; one line is enough
             log.warning("%s", exc)
@@ -123,6 +136,9 @@ def run_worker(spec_path: str, standalone: bool = True) -> int:
             result.setdefault("step", recipe.state.step)
             result.setdefault("totalSteps", getattr(recipe, "total_steps", None))
             recipe.cleanup()
+    for key in ("outputUri", "lastCheckpoint", "reportUri"):  # where they are from anywhere, not from our cwd
+        if result.get(key):
+            result[key] = absolute_uri(result[key])
     _write_result(folder, result)
     telemetry.stop(linger=True)  # a last scrape sees the final state (KUBETUNE_METRICS_LINGER_SECONDS)
     interrupts.restore(previous)
@@ -158,7 +174,8 @@ def combine_results(folder: Path) -> dict[str, Any]:
     failures = [r for r in results if r.get("exitCode") != contract.EXIT_OK]
     if not failures:
         return next((r for r in results if r.get("rank") == 0), results[0])
-    order = {contract.EXIT_BAD_INPUT: 0, contract.EXIT_RETRY: 2, contract.EXIT_INTERRUPTED: 2}
+    order = {contract.EXIT_BAD_INPUT: 0, contract.EXIT_NOT_IMPROVED: 0, contract.EXIT_RETRY: 2,
+             contract.EXIT_INTERRUPTED: 2}
 
     def telling(r: dict[str, Any]) -> tuple[int, float, int]:
         kind = order.get(r["exitCode"], 1)
@@ -170,11 +187,14 @@ def combine_results(folder: Path) -> dict[str, Any]:
 
 
 def termination_message(result: dict[str, Any]) -> str:
-    keys = ("outcome", "reason", "message", "exitCode", "step", "totalSteps", "lastCheckpoint", "outputUri")
+    keys = ("outcome", "reason", "message", "exitCode", "step", "totalSteps", "lastCheckpoint", "outputUri",
+            "reportUri")
     short = {k: result.get(k) for k in keys if result.get(k) is not None}
     for key in ("test", "dryRun"):  # numbers only: the 4 KiB limit
         if isinstance(result.get(key), dict):
             short[key] = {k: v for k, v in result[key].items() if isinstance(v, int | float | bool)}
+    if isinstance(result.get("quality"), dict):  # base vs fine-tuned: the operator's Improved condition
+        short["quality"] = finite_numbers(result["quality"])
     text = json.dumps(short)
     while len(text.encode()) > TERMINATION_LOG_LIMIT and short.get("message"):
         message = str(short["message"])

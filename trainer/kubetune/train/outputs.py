@@ -17,6 +17,7 @@ from kubetune.spec import FineTuneJobSpec
 from kubetune.storage import Storage, is_s3, join_uri
 from kubetune.train import usage
 from kubetune.train.curves import write_curves
+from kubetune.train.quality import describe
 
 if TYPE_CHECKING:
     import torch
@@ -107,22 +108,35 @@ def merge_onto_dequantised_base(model: Any, adapter_dir: Path, base_dir: Path) -
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
-def metric_rows(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    """(metric, base, fine-tuned) for every scalar test metric, '-' where the base run has none."""
+def metric_rows(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """(metric, base, fine-tuned, difference) for every scalar test metric, '-' where the base run has none."""
     rows = []
     for key, value in (tuned or {}).items():
         if isinstance(value, float):
             before = (base or {}).get(key)
-            rows.append((key, f"{before:.4f}" if isinstance(before, float) else "-", f"{value:.4f}"))
+            rows.append((key, f"{before:.4f}", f"{value:.4f}", f"{value - before:+.4f}") if isinstance(before, float)
+                        else (key, "-", f"{value:.4f}", "-"))
     return rows
 
 
 def _metric_table(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> str:
     if not tuned:
         return "No test split was configured.\n"
-    rows = ["| metric | base model | fine-tuned |", "|---|---|---|"]
-    rows += [f"| {key} | {before} | {after} |" for key, before, after in metric_rows(base, tuned)]
+    rows = ["| metric | base model | fine-tuned | difference |", "|---|---|---|---|"]
+    rows += [f"| {' | '.join(row)} |" for row in metric_rows(base, tuned)]
     return "\n".join(rows) + "\n"
+
+
+def _quality_line(quality: dict[str, Any] | None, published: bool) -> str:
+    """The gate's verdict under the table: both numbers, the difference, and what happened to the model."""
+    if quality is None:
+        return ""
+    verdict = "better than the base" if quality["improved"] else "NOT better than the base"
+    if quality["minImprovement"] is not None:
+        verdict = (f"{'meets' if quality['improved'] else 'misses'} evaluation.minImprovement "
+                   f"{quality['minImprovement']:g}")
+    fate = "" if published else " Nothing was published: this folder holds the report only."
+    return f"\n**Quality:** {describe(quality)}: {verdict}.{fate}\n"
 
 
 def _qlora_note(method: str, folders: list[str]) -> str:
@@ -148,7 +162,7 @@ trained).
 
 ## Test results
 
-{_metric_table(metrics.get('baseTest'), metrics.get('test'))}
+{_metric_table(metrics.get('baseTest'), metrics.get('test'))}{_quality_line(metrics.get('quality'), bool(folders))}
 Best checkpoint: step {metrics.get('bestStep')} by `{spec['evaluation']['metric']}`
 (stopped early: {metrics.get('stoppedEarly')}). Steps: {metrics.get('steps')}.
 Ties on the metric go to the lower validation loss, then to the later step.
@@ -179,13 +193,15 @@ def write_reports(staging: Path, metrics: dict[str, Any], run: dict[str, Any], j
     (staging / contract.METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     write_curves(staging / contract.CURVES_FILE, metrics)  # observability: loss/eval curves, in the card below
     (staging / contract.RUN_FILE).write_text(json.dumps(run, indent=2, default=str))
-    use = usage.use_section(job["spec"], folders, example, usage.rendered_prompt(staging, folders, example))
+    use = (usage.use_section(job["spec"], folders, example, usage.rendered_prompt(staging, folders, example))
+           if folders else "No model was published: it did not meet spec.evaluation.minImprovement (above).\n")
     (staging / contract.MODEL_CARD).write_text(model_card(job, metrics, run, folders, use))
 
 
 # What kubetune writes at the top of an output prefix (a half-done publish leaves only these).
 OUR_NAMES = {contract.ADAPTER_DIR, contract.MERGED_DIR, contract.METRICS_FILE, contract.RUN_FILE, contract.CURVES_FILE,
-             contract.MODEL_CARD, contract.MANIFEST_NAME, contract.DRY_RUN_DIR, f".{contract.MANIFEST_NAME}.tmp"}
+             contract.MODEL_CARD, contract.MANIFEST_NAME, contract.DRY_RUN_DIR, contract.NOT_IMPROVED_DIR,
+             f".{contract.MANIFEST_NAME}.tmp"}
 
 
 def _below(child: str, parent: str) -> str | None:
@@ -223,11 +239,14 @@ def check_output(storage: Storage, spec: FineTuneJobSpec) -> list[str]:
     return files
 
 
-def publish_outputs(storage: Storage, staging: Path, spec: FineTuneJobSpec) -> dict[str, Any]:
-    """Replace the output prefix's contents with staging: old manifest first, stale files, then publish."""
+def publish_outputs(storage: Storage, staging: Path, spec: FineTuneJobSpec,
+                    folder: str | None = None) -> dict[str, Any]:
+    """Replace the output prefix's contents with staging: old manifest first, stale files, then publish.
+    folder: publish staging into that subfolder instead (a rejected model's report), with no manifest at the top."""
     uri = spec.output.uri
     old = check_output(storage, spec)
-    new = {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()}
+    new = {f"{folder}/{p.relative_to(staging).as_posix()}" if folder else p.relative_to(staging).as_posix()
+           for p in staging.rglob("*") if p.is_file()}
     if contract.MANIFEST_NAME in old:
         storage.delete(join_uri(uri, contract.MANIFEST_NAME))  # from here on the prefix reads as incomplete
     new_tops = {f.split("/", 1)[0] for f in new}
@@ -235,7 +254,8 @@ def publish_outputs(storage: Storage, staging: Path, spec: FineTuneJobSpec) -> d
         storage.delete(join_uri(uri, top))  # e.g. adapter/ after switching from lora to full
     for stale in (f for f in old if f not in new and f.split("/", 1)[0] in new_tops):
         storage.delete(join_uri(uri, stale))
-    manifest = storage.publish(staging, uri, extra={"kind": "output"})
+    target, kind = (join_uri(uri, folder), folder) if folder else (uri, "output")
+    manifest = storage.publish(staging, target, extra={"kind": kind})
     shutil.rmtree(staging, ignore_errors=True)
     return manifest
 

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from kubetune import telemetry
+from kubetune import contract, telemetry
 from kubetune.cpus import usable_cpus
 from kubetune.data import encode_causal_lm, encode_classification, prepare_data
-from kubetune.errors import PreemptedError, UserError
+from kubetune.errors import NotImprovedError, PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
 from kubetune.storage import Storage, join_uri
 from kubetune.train import (
@@ -31,6 +31,7 @@ from kubetune.train import (
     identity,
     interrupts,
     outputs,
+    quality,
     sharded_checkpoint,
     sharding,
 )
@@ -511,7 +512,9 @@ class FineTuneRecipe:
                     **self.published}
         if spec.dry_run:
             return self._write_dry_run_report()
-        metrics = {
+        verdict = quality.compare(quality.quality_metric(spec), state.base_test, self.test_metrics,
+                                  spec.evaluation.min_improvement)
+        metrics: dict[str, Any] = {
             "task": spec.model.task,
             "metric": spec.evaluation.metric,
             "test": self.test_metrics,
@@ -529,7 +532,11 @@ class FineTuneRecipe:
             "totalParameters": self.counts.total,
             "trainSamplesPerSecond": state.samples_seen / max(state.train_seconds, 1e-9),
             "trainSeconds": state.train_seconds,
+            "quality": verdict,
         }
+        # Every rank knows (the test metrics are all-reduced): none gathers or saves a rejected model.
+        if spec.evaluation.min_improvement is not None and not (verdict and verdict["improved"]):
+            return self._write_rejected_report(metrics)
         self.metrics.set_state("uploading")  # observability
         memory = distributed.gather_objects({"rank": distributed.rank(), "loadedWeights": self.loaded_weights,
                                              **sharding.state_bytes(self.model, self.optimizer)})
@@ -538,21 +545,8 @@ class FineTuneRecipe:
         model = sharding.full_model(self.model, self._empty_model, trained_only=adapter_only)
         if self.is_main:
             job = self.job.model_dump(mode="json", by_alias=True, exclude_none=True)
-            run = {
-                "job": self.job.metadata.name,
-                "spec": job["spec"],
-                "data": self.data.report,
-                "packages": outputs.package_versions(),
-                "seed": spec.hyperparameters.seed,
-                "hardware": outputs.hardware(self.device, self.precision.name, distributed.world_size()),
-                "memory": self.memory.to_dict(),
-                "strategy": self.strategy,
-                "memoryPerRank": memory,  # measured: the bytes of weights and optimizer state each rank held
-                "resumedFrom": state.resumed_from,
-                "lastCheckpoint": self.last_checkpoint,
-                "startedAt": self.started_at,
-                "finishedAt": outputs.now(),
-            }
+            # memoryPerRank, measured: the bytes of weights and optimizer state each rank held
+            run = {**self._run_report(), "memoryPerRank": memory}
             staging = self.work_dir / "output"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -564,6 +558,46 @@ class FineTuneRecipe:
             log.info("model written to %s", spec.output.uri)
         distributed.barrier(io=True)  # rank 0 merges, saves and uploads
         return {"outputUri": spec.output.uri, "lastCheckpoint": self.last_checkpoint, **metrics}
+
+    def _run_report(self) -> dict[str, Any]:
+        """run.json: what went in (spec, data, packages, hardware, memory) and when."""
+        spec = self.spec
+        return {
+            "job": self.job.metadata.name,
+            "spec": self.job.model_dump(mode="json", by_alias=True, exclude_none=True)["spec"],
+            "data": self.data.report,
+            "packages": outputs.package_versions(),
+            "seed": spec.hyperparameters.seed,
+            "hardware": outputs.hardware(self.device, self.precision.name, distributed.world_size()),
+            "memory": self.memory.to_dict(),
+            "strategy": self.strategy,
+            "resumedFrom": self.state.resumed_from,
+            "lastCheckpoint": self.last_checkpoint,
+            "startedAt": self.started_at,
+            "finishedAt": outputs.now(),
+        }
+
+    def _write_rejected_report(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """minImprovement missed: the report and curves go to <output>/not-improved/, no model anywhere; exit 3."""
+        spec = self.spec
+        uri = join_uri(spec.output.uri, contract.NOT_IMPROVED_DIR)
+        verdict = metrics["quality"] or {"metric": quality.quality_metric(spec), "minImprovement":
+                                         spec.evaluation.min_improvement, "improved": False}
+        if self.is_main:
+            staging = self.work_dir / "output"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            job = self.job.model_dump(mode="json", by_alias=True, exclude_none=True)
+            outputs.write_reports(staging, metrics, self._run_report(), job, [], None)
+            outputs.publish_outputs(self.storage, staging, spec, folder=contract.NOT_IMPROVED_DIR)
+        distributed.barrier(io=True)  # rank 0 uploads the report
+        if metrics["quality"] is None:
+            message = (f"spec.evaluation.minImprovement: no test results to compare base and fine-tuned on; "
+                       f"nothing was published; the report is in {uri}")
+        else:
+            message = quality.not_improved_message(metrics["quality"], uri)
+        raise NotImprovedError(message, {"outputUri": spec.output.uri, "reportUri": uri,
+                                         "lastCheckpoint": self.last_checkpoint, **metrics, "quality": verdict})
 
     def _empty_model(self) -> nn.Module:
         return build_model(self.spec, self.model_dir, self.tokenizer.pad_token_id,
