@@ -1,4 +1,4 @@
-# kubetune images, two targets from one file:
+# kubetune images, two targets from one file (`make images REGISTRY=... TAG=...` builds and pushes both):
 #   docker build --target trainer  -t ghcr.io/kubetune/trainer:0.1.0 .    # GPU pods (CUDA-capable torch)
 #   docker build --target trainer  --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t ...:0.1.0-cpu .
 #   docker build --target operator -t ghcr.io/kubetune/operator:0.1.0 .   # torch-free, kopf

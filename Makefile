@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-llm cluster test test-all lint crd docs monitoring test-tools k8s-binaries clean
+.PHONY: setup demo demo-llm cluster test test-all lint crd docs monitoring test-tools k8s-binaries mutants clean
 
 $(VENV)/.installed: pyproject.toml .ci/install-k8s-tools
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,20 @@ demo: setup
 
 demo-llm: setup
 	$(PY) -m kubetune.demo --llm
+
+# Both images for a cluster, built and pushed: make images REGISTRY=registry.you/kubetune TAG=0.1.0
+# (ENGINE=podman to choose; docker when it is installed). Then: helm install ... --set image.registry=$(REGISTRY)
+.PHONY: images
+ENGINE ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+TAG ?= $(VERSION)
+images:
+	@test -n "$(REGISTRY)" || { echo "make images: set REGISTRY=<registry/path> (and TAG=..., default $(TAG))" >&2; exit 2; }
+	$(ENGINE) build --target trainer -t $(REGISTRY)/trainer:$(TAG) .
+	$(ENGINE) build --target operator -t $(REGISTRY)/operator:$(TAG) .
+	$(ENGINE) push $(REGISTRY)/trainer:$(TAG)
+	$(ENGINE) push $(REGISTRY)/operator:$(TAG)
+	@echo "pushed; install with: helm install kubetune charts/kubetune -n kubetune-system --create-namespace --set image.registry=$(REGISTRY)$(if $(filter-out $(VERSION),$(TAG)), --set image.operator.tag=$(TAG) --set image.trainer.tag=$(TAG))"
 
 # The Kubernetes control plane the tests and `make cluster` run, built with Go from the k8s.io/kubernetes
 # module (first time: minutes; then taken from ~/.cache/kubetune/controlplane).
@@ -46,6 +60,10 @@ test: setup lint test-tools k8s-binaries
 
 test-all: setup lint test-tools k8s-binaries
 	$(VENV)/bin/pytest -m ''
+
+# Deliberate bugs (tests/mutants.yaml) put back one at a time: the suite must catch every one.
+mutants: setup test-tools k8s-binaries
+	$(PY) -m tests.mutants
 
 crd: setup
 	$(VENV)/bin/kubetune crd > crds/finetunejob.yaml

@@ -36,12 +36,26 @@ app.kubernetes.io/component: operator
 {{- default (printf "%s-operator" (include "kubetune.fullname" .)) .Values.serviceAccount.operator.name -}}
 {{- end -}}
 
+{{/* An image: its repository as set, else <image.registry>/<name>; a placeholder registry fails the render. */}}
+{{- define "kubetune.image" -}}
+{{- $ctx := index . 0 -}}{{- $name := index . 1 -}}{{- $image := index $ctx.Values.image $name -}}
+{{- $repository := $image.repository -}}
+{{- if not $repository -}}
+{{- $registry := $ctx.Values.image.registry | default "" | trimSuffix "/" -}}
+{{- if or (not $registry) (regexMatch "REGISTRY|[<>]|example\\.(com|org|net)" $registry) -}}
+{{- fail (printf "image.registry is %q, a placeholder: build and push the images first (make images REGISTRY=<your registry> TAG=%s), then install with --set image.registry=<your registry>" $registry $ctx.Chart.AppVersion) -}}
+{{- end -}}
+{{- $repository = printf "%s/%s" $registry $name -}}
+{{- end -}}
+{{- printf "%s:%s" $repository (default $ctx.Chart.AppVersion $image.tag) -}}
+{{- end -}}
+
 {{- define "kubetune.operatorImage" -}}
-{{- printf "%s:%s" .Values.image.operator.repository (default .Chart.AppVersion .Values.image.operator.tag) -}}
+{{- include "kubetune.image" (list . "operator") -}}
 {{- end -}}
 
 {{- define "kubetune.trainerImage" -}}
-{{- printf "%s:%s" .Values.image.trainer.repository (default .Chart.AppVersion .Values.image.trainer.tag) -}}
+{{- include "kubetune.image" (list . "trainer") -}}
 {{- end -}}
 
 {{/* Namespaces the operator watches in namespaced mode (JSON list; the release namespace by default). */}}
@@ -68,8 +82,4 @@ app.kubernetes.io/component: operator
 {{- if not ($ctx.Capabilities.APIVersions.Has $api) -}}
 {{- fail (printf "%s=true needs the %s API, which this cluster does not serve: %s first, or set %s=false" $switch $api $remedy $switch) -}}
 {{- end -}}
-{{- end -}}
-
-{{- define "kubetune.requirePrometheusOperator" -}}
-{{- include "kubetune.requireApi" (list (index . 0) (index . 1) (index . 2) "install the Prometheus Operator CRDs (e.g. with kube-prometheus-stack)") -}}
 {{- end -}}
