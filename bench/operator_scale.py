@@ -1,12 +1,17 @@
-"""500 FineTuneJobs at once against the emulated API: how fast and how cheaply the operator takes them.
+"""The operator at scale on the real control plane: N FineTuneJobs at once, then all their pods Running, then 5%
+finishing a minute.
 
-    .venv/bin/python bench/operator_scale.py [--jobs 500] [--refresh 2]
+    .venv/bin/python bench/operator_scale.py --jobs 1000 [--finish-minutes 3] [--idle-seconds 120]
 
-Measures: seconds until every job has its children and `phase: Pending`; per-job latency from submit to
-Pending (p50/p99) and the operator's own reconcile-pass histogram; API requests and writes per job on
-creation; the operator's peak RSS; then seconds until 500 jobs follow their pods to `phase: Running`.
-The last line is one JSON object. Targets (issue 9): < 60 s for 500 on 2 cores, <= 6 writes per job,
-peak RSS < 200 MiB. Not a test: it prints numbers, it asserts nothing.
+The API server, controller manager and scheduler are the test control plane's (tests/control_plane.py, built
+from the Kubernetes Go module; the controllers' client rate limits raised as large clusters do); two hollow
+nodes report their pods Running without running anything (Kubernetes' kubemark does the same; the node agent's
+`hollow` mode), and end them when told. `kubetune operator` runs as a process with its own identity, so the API
+server's audit log attributes its requests. Measures: time until every job has its children and phase Pending;
+then, pods released, the lag from a pod turning Running to its job's phase (p50, p99); API requests per running
+job per minute while idle (scrapes are not API requests; hollow pods refuse them at once); writes per job on
+creation; the lag from a pod's end to its job's Succeeded; the operator's peak RSS and reconcile latency. Not
+a test: it prints numbers, the last line one JSON object.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -25,64 +32,84 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import kubernetes
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune import contract, procmem
+from kubetune.crd import build_crd
 from kubetune.jobfile import job_document
 from kubetune.netutil import free_port
-from tests.fixtures_k8s import Cluster
-from tests.operator_harness import NS, Api, Operator
+from tests.control_plane import ControlPlane
+from tests.kubelet import NodeAgent, NodeSpec
 
+NS = "scale"
+OPERATOR_USER = "kubetune-operator-bench"
 SPEC = {
     "model": {"uri": "s3://models/minilm/", "task": "sequence-classification", "labels": ["negative", "positive"]},
     "data": {"train": "s3://data/reviews/train.jsonl"},
     "output": {"uri": "s3://models-out/reviews/"},
     "resources": {"nodes": 1, "gpusPerNode": 1, "cpu": "1", "memory": "1Gi"},
 }
-BENCH_AGENT = "kubetune-bench"
+FAST_CONTROLLERS = {  # what a large cluster's control plane runs with; the defaults (20 QPS) would dominate
+    "kube-controller-manager": ["--kube-api-qps=400", "--kube-api-burst=800", "--concurrent-job-syncs=50"],
+    "kube-scheduler": ["--kube-api-qps=400", "--kube-api-burst=800"],
+    "kube-apiserver": ["--max-requests-inflight=1600", "--max-mutating-requests-inflight=800"],
+}
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2) if ordered else float("nan")
 
 
-def list_ftjs(api: Api) -> list[dict[str, Any]]:
-    found = api.custom.list_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, NS, contract.PLURAL)
-    items: list[dict[str, Any]] = found["items"]
-    return items
+class Watcher:
+    """Per-object times from watches: when each FineTuneJob first showed a phase, when each pod first ran."""
+
+    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.phase_at: dict[tuple[str, str], float] = {}  # (job, phase) -> monotonic seconds
+        self.pod_running_at: dict[str, float] = {}  # FineTuneJob name -> when its pod first ran
+        for target in (self._jobs, self._pods):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _stream(self, call: Any, *args: Any) -> Any:
+        while True:
+            try:
+                yield from kubernetes.watch.Watch().stream(call, *args, timeout_seconds=600, deserialize=False)
+            except Exception:  # an ended watch: start another (events seen twice only refine nothing)
+                time.sleep(0.5)
+
+    def _jobs(self) -> None:
+        for event in self._stream(self.custom.list_namespaced_custom_object, contract.API_GROUP,
+                                  contract.API_VERSION, NS, contract.PLURAL):
+            obj = event.get("object") or {}
+            phase = (obj.get("status") or {}).get("phase")
+            created = any(c.get("type") == "Created" and c.get("status") == "True"
+                          for c in (obj.get("status") or {}).get("conditions") or [])
+            if phase and (phase != "Pending" or created):
+                self.phase_at.setdefault((obj["metadata"]["name"], phase), time.monotonic())
+
+    def _pods(self) -> None:
+        for event in self._stream(self.core.list_namespaced_pod, NS):
+            obj = event.get("object") or {}
+            if (obj.get("status") or {}).get("phase") == "Running":
+                name = (obj["metadata"].get("labels") or {}).get(contract.LABEL_JOB_NAME)
+                if name:
+                    self.pod_running_at.setdefault(name, time.monotonic())
+
+    def wait(self, names: list[str], phase: str, timeout: float) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout and sum((n, phase) in self.phase_at for n in names) < len(names):
+            time.sleep(0.5)
+        return time.monotonic() - start
 
 
-def wait_phase(api: Api, names: set[str], phase: str, submitted: dict[str, float], timeout: float
-               ) -> tuple[float, dict[str, float]]:
-    """Poll one list per second (the emulator shares this process: faster polling slows what it measures).
-
-    Returns (seconds until all, per-job seconds from submit to the phase)."""
-    start, seen = time.monotonic(), {}
-    while time.monotonic() - start < timeout:
-        now = time.monotonic()
-        for item in list_ftjs(api):
-            name = item["metadata"]["name"]
-            if name in names and name not in seen and (item.get("status") or {}).get("phase") == phase:
-                seen[name] = now - submitted[name]
-        if len(seen) == len(names):
-            break
-        time.sleep(1.0)
-    return time.monotonic() - start, seen
-
-
-def histogram_quantile(text: str, name: str, q: float) -> float:
-    buckets = []
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name + "_bucket":
-                buckets.append((float(sample.labels["le"]), sample.value))
-    buckets.sort()
+def histogram(text: str, name: str, q: float) -> float:
+    buckets = sorted((float(s.labels["le"]), s.value) for f in text_string_to_metric_families(text)
+                     for s in f.samples if s.name == name + "_bucket")
     total = buckets[-1][1] if buckets else 0
-    for bound, count in buckets:
-        if total and count >= q * total:
-            return bound
-    return float("nan")
+    return next((bound for bound, count in buckets if total and count >= q * total), float("nan"))
 
 
 def cpu_model() -> str:
@@ -92,77 +119,122 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def peak_rss_mib(pid: int) -> float:
-    return procmem.peak_rss_bytes(pid) / 2**20
+def operator_requests(plane: ControlPlane, since: int) -> tuple[list[Any], int]:
+    events, offset = plane.audit(since)
+    return [e for e in events if e.user == OPERATOR_USER], offset
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=500)
-    parser.add_argument("--refresh", type=float, default=2.0, help="KUBETUNE_REFRESH_SECONDS of the operator")
-    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--idle-seconds", type=float, default=120.0)
+    parser.add_argument("--finish-minutes", type=int, default=3, help="minutes in which 5% of the jobs end each")
+    parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args()
-    print(f"cpu: {cpu_model()}, cores: {os.cpu_count()}, python {platform.python_version()}; "
-          f"precision: n/a (no tensors); load average at start: {os.getloadavg()}")
-    work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    cluster = Cluster(work).start()
+    print(f"cpu: {cpu_model()}, cores: {os.cpu_count()}, python {platform.python_version()}; precision: n/a "
+          f"(no tensors); load average at start: {os.getloadavg()}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
+    plane = ControlPlane(work / "control-plane", extra_args=FAST_CONTROLLERS).start()
+    half = args.jobs // 2 + 1
+    nodes = [NodeSpec(f"hollow-{n}", cpu=str(2 * half), memory=f"{2 * half}Gi", gpus=half, pods=half + 10,
+                      hollow=True) for n in "ab"]
+    agent = NodeAgent(plane, nodes, {}, work / "nodes", work / "node")
+    agent.hold.set()  # pods wait in ContainerCreating until every job is Pending
+    agent.start()
+    client = kubernetes.config.new_client_from_config(str(plane.kubeconfig))
+    kubernetes.client.ApiextensionsV1Api(client).create_custom_resource_definition(build_crd())
+    core = kubernetes.client.CoreV1Api(client)
+    while True:
+        try:
+            core.create_namespace({"metadata": {"name": NS}})
+            break
+        except kubernetes.client.ApiException:
+            time.sleep(0.5)  # the controller manager's first seconds
+    operator_config = plane.write_kubeconfig(work / "operator.kubeconfig", OPERATOR_USER, ("system:masters",))
     metrics_port = free_port()
-    # Without the pre-flight stage, so the figures stay comparable with the recorded ones (issue 9's targets).
-    env = {"KUBETUNE_PREFLIGHT": "false",
-           "KUBETUNE_REFRESH_SECONDS": str(args.refresh), "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
-           "KUBETUNE_HEALTH_PORT": str(free_port()), "KUBETUNE_TRAINER_METRICS_URL": "http://127.0.0.1:9/{pod_ip}"}
-    operator = Operator(cluster.kubeconfig, env, work / "operator.log").start()
-    api = Api(cluster.kubeconfig)
-    api.client.user_agent = BENCH_AGENT
-    time.sleep(5)  # the operator's startup (imports, discovery, the first empty list)
-    assert cluster.emulator is not None
-    first = len(cluster.emulator.requests_seen)
-    names = {f"scale-{i:04d}" for i in range(args.jobs)}
+    env = {**os.environ, "KUBECONFIG": str(operator_config), "KUBETUNE_PREFLIGHT": "false",
+           "KUBETUNE_REFRESH_SECONDS": "10", "KUBETUNE_RESYNC_SECONDS": "300",
+           "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port), "KUBETUNE_HEALTH_PORT": str(free_port())}
+    with (work / "operator.log").open("wb") as log:
+        operator = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+    watcher = Watcher(client)
+    time.sleep(8)  # the operator's start: imports, discovery, the first empty lists
+    names = [f"scale-{i:05d}" for i in range(args.jobs)]
+    _, mark = plane.audit()
     submitted: dict[str, float] = {}
+    custom = kubernetes.client.CustomObjectsApi(client)
 
     def submit(name: str) -> None:
         doc = job_document(name, SPEC)
         doc["metadata"]["namespace"] = NS
         submitted[name] = time.monotonic()
-        api.apply(doc)
+        custom.create_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, NS, contract.PLURAL, doc)
 
+    start = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(submit, sorted(names)))
-    pending_s, to_pending = wait_phase(api, names, "Pending", submitted, args.timeout)
-    time.sleep(args.refresh + 1)  # let a refresh pass run over all: it must not write again
-    requests = list(zip(cluster.emulator.requests_seen[first:], cluster.emulator.agents_seen[first:], strict=True))
-    by_operator = [r for r, agent in requests if agent != BENCH_AGENT and not r[1].endswith("/healthz")]
-    writes = [r for r in by_operator if r[0] in ("POST", "PATCH", "PUT", "DELETE")]
+        list(pool.map(submit, names))
+    submit_s = time.monotonic() - start
+    pending_s = watcher.wait(names, "Pending", args.timeout) + submit_s
+    to_pending = [watcher.phase_at[(n, "Pending")] - submitted[n] for n in names if (n, "Pending") in watcher.phase_at]
+    time.sleep(5)
+    created, mark = operator_requests(plane, mark)
+    writes = [e for e in created if e.verb in ("create", "update", "patch", "delete")]
+    print(f"{args.jobs} submitted in {submit_s:.1f} s, all Pending with children {pending_s:.1f} s after the first",
+          flush=True)
+
+    released = time.monotonic()
+    agent.release()
+    running_s = watcher.wait(names, "Running", args.timeout)
+    lag_running = [watcher.phase_at[(n, "Running")] - watcher.pod_running_at[n] for n in names
+                   if (n, "Running") in watcher.phase_at and n in watcher.pod_running_at]
+    pods_running_s = max(watcher.pod_running_at.values(), default=released) - released
+    print(f"pods released: all Running in {pods_running_s:.1f} s, all jobs Running {running_s:.1f} s", flush=True)
+
+    _, mark = operator_requests(plane, mark)
+    time.sleep(args.idle_seconds)
+    idle, mark = operator_requests(plane, mark)
+    idle_requests = [e for e in idle if e.verb != "watch"]
+    per_job_minute = len(idle_requests) / args.jobs / (args.idle_seconds / 60)
+
+    finished: dict[str, float] = {}
+    each = max(1, args.jobs // 20)
+    for minute in range(args.finish_minutes):
+        batch = names[minute * each:(minute + 1) * each]
+        message = json.dumps({"outcome": "Succeeded", "exitCode": 0})
+        for pod in core.list_namespaced_pod(NS, label_selector=f"{contract.LABEL_COMPONENT}=trainer").items:
+            name = pod.metadata.labels.get(contract.LABEL_JOB_NAME)
+            if name in batch:
+                finished[name] = time.monotonic()
+                agent.finish(NS, pod.metadata.name, 0, message)
+        time.sleep(max(0.0, 60 - (time.monotonic() - finished[batch[0]])) if minute + 1 < args.finish_minutes
+                   else 0)
+    watcher.wait(list(finished), "Succeeded", 300)
+    lag_done = [watcher.phase_at[(n, "Succeeded")] - t for n, t in finished.items() if (n, "Succeeded") in
+                watcher.phase_at]
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    pass_p50 = histogram_quantile(text, contract.METRIC_OP_RECONCILE_SECONDS, 0.5)
-    pass_p99 = histogram_quantile(text, contract.METRIC_OP_RECONCILE_SECONDS, 0.99)
-
-    # 500 status updates: the kubelet reports every pod Running; the operator must follow.
-    mark = time.monotonic()
-
-    def run_pods(name: str) -> None:
-        submitted[name] = time.monotonic()
-        api.start_pods(f"{name}-0")
-
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(run_pods, sorted(names)))
-    started_s = time.monotonic() - mark
-    running_s, to_running = wait_phase(api, names, "Running", submitted, args.timeout)
-    rss = peak_rss_mib(operator.process.pid) if operator.process else float("nan")
-    operator.stop()
-    cluster.stop()
+    rss = procmem.peak_rss_bytes(operator.pid) / 2**20
+    operator.terminate()
+    operator.wait(60)
+    agent.stop()
+    plane.stop()
     result = {
-        "jobs": args.jobs, "refresh_seconds": args.refresh,
-        "all_pending_seconds": round(pending_s, 2), "pending_reached": len(to_pending),
-        "submit_to_pending_p50_s": round(percentile(list(to_pending.values()), 0.5), 3),
-        "submit_to_pending_p99_s": round(percentile(list(to_pending.values()), 0.99), 3),
-        "reconcile_pass_p50_s_le": pass_p50, "reconcile_pass_p99_s_le": pass_p99,
-        "api_requests_per_job": round(len(by_operator) / args.jobs, 2),
-        "api_writes_per_job": round(len(writes) / args.jobs, 2),
-        "kubelet_updates_seconds": round(started_s, 2),
-        "all_running_seconds": round(running_s, 2), "running_reached": len(to_running),
-        "pods_running_to_phase_p50_s": round(percentile(list(to_running.values()), 0.5), 3),
-        "pods_running_to_phase_p99_s": round(percentile(list(to_running.values()), 0.99), 3),
+        "jobs": args.jobs, "api_server": "kube-apiserver v1.37.2 (tests/control_plane.py), hollow nodes",
+        "submit_seconds": round(submit_s, 1), "all_pending_seconds": round(pending_s, 1),
+        "pending_reached": len(to_pending), "submit_to_pending_p50_s": percentile(to_pending, 0.5),
+        "submit_to_pending_p99_s": percentile(to_pending, 0.99),
+        "api_writes_per_job_on_creation": round(len(writes) / args.jobs, 2),
+        "api_requests_per_job_on_creation": round(len(created) / args.jobs, 2),
+        "pods_running_seconds": round(pods_running_s, 1), "all_running_seconds": round(running_s, 1),
+        "running_reached": len(lag_running), "pod_running_to_phase_p50_s": percentile(lag_running, 0.5),
+        "pod_running_to_phase_p99_s": percentile(lag_running, 0.99),
+        "idle_requests_per_running_job_per_minute": round(per_job_minute, 3),
+        "idle_requests_by_verb": {v: sum(e.verb == v for e in idle_requests) for v in
+                                  sorted({e.verb for e in idle_requests})},
+        "finished": len(finished), "pod_end_to_succeeded_p50_s": percentile(lag_done, 0.5),
+        "pod_end_to_succeeded_p99_s": percentile(lag_done, 0.99),
+        "reconcile_p50_s_le": histogram(text, contract.METRIC_OP_RECONCILE_SECONDS, 0.5),
+        "reconcile_p99_s_le": histogram(text, contract.METRIC_OP_RECONCILE_SECONDS, 0.99),
         "operator_peak_rss_mib": round(rss, 1),
     }
     print(json.dumps(result))

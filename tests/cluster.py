@@ -70,9 +70,11 @@ class KubeCluster:
         return self
 
     def stop(self) -> None:
-        if self.agent is not None:
-            self.agent.stop()
-        self.control_plane.stop()
+        try:
+            if self.agent is not None:
+                self.agent.stop()
+        finally:
+            self.control_plane.stop()
 
     def client(self, kubeconfig: Path | None = None) -> kubernetes.client.ApiClient:
         return kubernetes.config.new_client_from_config(str(kubeconfig or self.kubeconfig))

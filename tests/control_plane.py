@@ -9,6 +9,7 @@ admission plugins plus NodeRestriction and OwnerReferencesPermissionEnforcement,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,6 +43,11 @@ AUDIT_POLICY = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages":
 ADMIN = "kubetune-admin"
 
 
+# A command prefix: SIGTERM to the command when the thread that started it dies, so a killed test run leaves
+# no control plane or pod behind (Linux's PR_SET_PDEATHSIG, kept across exec; setpriv is util-linux's).
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"]
+
+
 def binaries() -> Path:
     """The folder with etcd and the Kubernetes binaries: $KUBETUNE_K8S_BIN, else build (or reuse) them."""
     given = os.environ.get(BIN_VARIABLE)
@@ -71,9 +77,13 @@ class AuditEvent:
 
 
 class ControlPlane:
-    def __init__(self, workdir: Path, bin_dir: Path | None = None) -> None:
+    def __init__(self, workdir: Path, bin_dir: Path | None = None,
+                 extra_args: dict[str, list[str]] | None = None) -> None:
+        """extra_args: more flags per component (the scale benchmark raises the controllers' API rate limits)."""
         self.workdir = workdir
         self.bin_dir = bin_dir
+        self.extra_args = extra_args or {}
+        self.apiserver_args: list[str] = []
         self.kubeconfig = workdir / "kubeconfig"
         self.audit_log = workdir / "audit.log"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -98,7 +108,7 @@ class ControlPlane:
         (self.workdir / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY))
         deadline = time.monotonic() + timeout
         self._start_etcd(deadline)
-        self._start("kube-apiserver", [
+        self.apiserver_args = [
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
             "--bind-address=127.0.0.1", f"--secure-port={self.port}", "--advertise-address=127.0.0.1",
             # The `kubernetes` Service cannot list a loopback address as its endpoint: no reconciler.
@@ -110,8 +120,9 @@ class ControlPlane:
             f"--kubelet-client-certificate={to_kubelets[0]}", f"--kubelet-client-key={to_kubelets[1]}",
             "--kubelet-preferred-address-types=InternalIP",
             f"--audit-policy-file={self.workdir / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log}",
-            "--audit-log-maxsize=500", "--profiling=false",
-        ])
+            "--audit-log-maxsize=500", "--profiling=false", *self.extra_args.get("kube-apiserver", []),
+        ]
+        self._start("kube-apiserver", self.apiserver_args)
         self._wait("kube-apiserver", f"{self.url}/readyz", deadline)
         controller_port, scheduler_port = free_port(), free_port()
         self._start("kube-controller-manager", [
@@ -119,15 +130,29 @@ class ControlPlane:
             "--bind-address=127.0.0.1", f"--secure-port={controller_port}", "--leader-elect=false",
             "--use-service-account-credentials=true", f"--service-account-private-key-file={pki.sa_key}",
             f"--root-ca-file={pki.ca}", f"--service-cluster-ip-range={SERVICE_RANGE}", "--profiling=false",
+            *self.extra_args.get("kube-controller-manager", []),
         ])
         self._start("kube-scheduler", [
             *self._component_kubeconfig("kube-scheduler", "system:kube-scheduler"),
             "--bind-address=127.0.0.1", f"--secure-port={scheduler_port}", "--leader-elect=false",
-            "--profiling=false",
+            "--profiling=false", *self.extra_args.get("kube-scheduler", []),
         ])
         self._wait("kube-controller-manager", f"https://127.0.0.1:{controller_port}/healthz", deadline)
         self._wait("kube-scheduler", f"https://127.0.0.1:{scheduler_port}/healthz", deadline)
         return self
+
+    @contextlib.contextmanager
+    def apiserver_down(self, timeout: float = 60) -> Iterator[None]:
+        """The API server killed for the block, as a crash or a node loss would (every watch drops), then started
+        again on the same port and store."""
+        process = self.processes.pop("kube-apiserver")
+        process.kill()
+        process.wait(30)
+        try:
+            yield
+        finally:
+            self._start("kube-apiserver", self.apiserver_args)
+            self._wait("kube-apiserver", f"{self.url}/readyz", time.monotonic() + timeout)
 
     def stop(self) -> None:
         for name in reversed(list(self.processes)):
@@ -162,8 +187,8 @@ class ControlPlane:
     def _start(self, name: str, args: list[str]) -> None:
         assert self.bin_dir is not None
         with (self.workdir / f"{name}.log").open("ab") as log:
-            self.processes[name] = subprocess.Popen([str(self.bin_dir / name), *args], stdout=log,
-                                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.processes[name] = subprocess.Popen([*DIE_WITH_PARENT, str(self.bin_dir / name), *args],
+                                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait(self, name: str, url: str, deadline: float) -> None:
         context = self.ssl_context()

@@ -16,6 +16,7 @@ import datetime
 import itertools
 import json
 import logging
+import random
 import shutil
 import subprocess
 import threading
@@ -49,6 +50,10 @@ class NodeSpec:
     gpus: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     taints: tuple[dict[str, str], ...] = ()
+    pods: int = 110
+    # A hollow node (Kubernetes' kubemark does the same for scale tests) reports its pods Running without
+    # running anything; they end when told (NodeAgent.finish). For the operator scale benchmark.
+    hollow: bool = False
 
 
 @dataclass
@@ -71,6 +76,13 @@ class Pod:
     ended: bool = False
     written: dict[str, Any] | None = None
     token_at: float = 0.0
+    hollow: bool = False
+
+    def busy(self) -> bool:
+        """Whether the sync loop must look at it without an event: processes to watch, a retry or a restart due."""
+        if self.ended or self.hollow:  # a hollow pod changes only by an event, finish() or release()
+            return False
+        return bool(self.run.processes) or self.waiting is not None or self.stopping is not None
 
 
 class Node:
@@ -82,6 +94,7 @@ class Node:
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.leases = kubernetes.client.CoordinationV1Api(self.client)
         self.cache: dict[str, dict[str, Any]] = {}  # uid -> the pod as last seen by the watch
+        self.dirty: set[str] = set()  # uids the watch changed since the last sync
         self.pods: dict[str, Pod] = {}
         self.lock = threading.Lock()
         self.renewed = 0.0
@@ -96,9 +109,15 @@ class NodeAgent:
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.threads: list[threading.Thread] = []
-        self.addresses = (f"127.1.{a}.{b}" for a, b in itertools.product(range(256), range(1, 255)))
+        # Pod IPs from a loopback /16 of this agent's own, so two clusters on one machine (a test run beside
+        # `make cluster`) do not hand out the same addresses.
+        block = random.randint(2, 254)
+        self.addresses = (f"127.{block}.{a}.{b}" for a, b in itertools.product(range(256), range(1, 255)))
         self.forwarder: PortForwarder | None = None
         self.logs: LogServer | None = None
+        self.hold = threading.Event()  # set: hollow nodes keep new pods in ContainerCreating (release() lifts it)
+        self.finishes: dict[tuple[str, str], tuple[int, str]] = {}
+        self.finish_lock = threading.Lock()
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> NodeAgent:
@@ -159,7 +178,7 @@ class NodeAgent:
 
     def _node_status(self, node: Node) -> None:
         spec = node.spec
-        capacity = {"cpu": spec.cpu, "memory": spec.memory, "pods": "110", "ephemeral-storage": "100Gi"}
+        capacity = {"cpu": spec.cpu, "memory": spec.memory, "pods": str(spec.pods), "ephemeral-storage": "100Gi"}
         if spec.gpus:
             capacity["nvidia.com/gpu"] = str(spec.gpus)
         stamp = now()
@@ -200,6 +219,7 @@ class NodeAgent:
                 listed = json.loads(response.data)
                 with node.lock:
                     node.cache = {p["metadata"]["uid"]: p for p in listed["items"]}
+                    node.dirty = set(node.cache) | set(node.pods)
                 self.wake.set()
                 stream = kubernetes.watch.Watch().stream(
                     node.core.list_pod_for_all_namespaces, field_selector=selector,
@@ -214,6 +234,7 @@ class NodeAgent:
                             node.cache.pop(pod["metadata"]["uid"], None)
                         else:
                             node.cache[pod["metadata"]["uid"]] = pod
+                        node.dirty.add(pod["metadata"]["uid"])
                     self.wake.set()
                     if self.stop_event.is_set():
                         return
@@ -238,7 +259,10 @@ class NodeAgent:
             self._renew(node)
         with node.lock:
             pods = dict(node.cache)
-        for uid, pod in pods.items():
+            dirty, node.dirty = node.dirty, set()
+        due = dirty | {uid for uid, known in node.pods.items() if known.busy()} | self._finishing(node)
+        for uid in due & set(pods):
+            pod = pods[uid]
             try:
                 self._sync_pod(node, uid, pod)
             except Exception:  # one pod's trouble (the API server restarting) must not hold up the others
@@ -261,7 +285,11 @@ class NodeAgent:
             known = node.pods[uid] = self._admit(node, pod)
         if known.ended:
             return
-        if known.waiting is not None:
+        if known.hollow:
+            if known.waiting is not None:
+                self._start_hollow(known)
+            self._end_hollow(known)
+        elif known.waiting is not None:
             if time.monotonic() < known.retry_at:
                 return
             self._try_start(node, known)
@@ -279,9 +307,21 @@ class NodeAgent:
         run = PodRun(pod, folder, self._image, api, next(self.addresses), self.node_dir,
                      ("127.0.0.1", self.control_plane.port))
         known = Pod(run, {c["name"]: ContainerState() for c in pod["spec"]["containers"]},
-                    waiting=("ContainerCreating", ""))
-        self._try_start(node, known)
+                    waiting=("ContainerCreating", ""), hollow=node.spec.hollow)
+        if known.hollow:
+            self._start_hollow(known)
+        else:
+            self._try_start(node, known)
         return known
+
+    def _start_hollow(self, pod: Pod) -> None:
+        """Running at once (or when the hold is lifted), with nothing behind it."""
+        if self.hold.is_set():
+            return
+        pod.waiting = None
+        for state in pod.containers.values():
+            state.status = {"state": {"running": {"startedAt": now()}}}
+            state.ready = True
 
     def _try_start(self, node: Node, pod: Pod) -> None:
         run = pod.run
@@ -309,10 +349,13 @@ class NodeAgent:
         if run.ports:
             try:
                 self.forwarder.open(run.pod_ip, run.ports)
-            except OSError as exc:  # say who holds the port: a container runtime reports this too
+            except OSError as exc:  # pods share the machine's network: a process listening on all addresses at
+                # a declared port shadows it (a local `kubetune run` on 9400); the pod runs, unreachable there
                 held = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True, check=False).stdout
-                log.error("pod %s/%s: %s\n%s", run.namespace, run.name, exc, held)
-                raise
+                log.warning("pod %s/%s: %s; it runs, but %s's declared ports are not reachable\n%s", run.namespace,
+                            run.name, exc, run.pod_ip, held)
+                self._event(node, run, "PortConflict", f"{exc}: another process on this machine listens on a port "
+                            "this pod declares; the pod runs but its pod IP does not forward that port")
         log.info("pod %s/%s running on %s at %s", run.namespace, run.name, node.spec.name, run.pod_ip)
 
     def _start(self, pod: Pod, container: dict[str, Any]) -> None:
@@ -401,7 +444,7 @@ class NodeAgent:
     def _delete(self, node: Node, pod: dict[str, Any], known: Pod | None) -> None:
         """SIGTERM, the grace period, SIGKILL; the final status; then the object goes (grace 0, this uid)."""
         meta = pod["metadata"]
-        if known is not None and known.stopping is None:
+        if known is not None and known.stopping is None and known.run.processes:
             for state in known.containers.values():
                 state.restart_at = None  # a pod being deleted is not restarted
             grace = float(meta.get("deletionGracePeriodSeconds") or 0)
@@ -439,6 +482,19 @@ class NodeAgent:
             ender.start()
         for ender in enders:
             ender.join()
+
+    @staticmethod
+    def _event(node: Node, run: PodRun, reason: str, message: str) -> None:
+        stamp = now()
+        body = {"metadata": {"generateName": f"{run.name}.", "namespace": run.namespace},
+                "involvedObject": {"kind": "Pod", "apiVersion": "v1", "name": run.name, "namespace": run.namespace,
+                                   "uid": run.meta["uid"]},
+                "type": "Warning", "reason": reason, "message": message, "firstTimestamp": stamp,
+                "lastTimestamp": stamp, "count": 1, "source": {"component": "kubelet", "host": node.spec.name}}
+        try:
+            node.core.create_namespaced_event(run.namespace, body)
+        except ApiException as exc:
+            log.warning("event %s for %s/%s not posted: %s", reason, run.namespace, run.name, exc.reason)
 
     def _release(self, pod: Pod) -> None:
         if self.forwarder is not None:
@@ -487,6 +543,39 @@ class NodeAgent:
         if started or pod.ended:
             status.update(podIP=run.pod_ip, podIPs=[{"ip": run.pod_ip}])
         return status
+
+    # ---- hollow pods: told how to end ------------------------------------------------------------------
+    def finish(self, namespace: str, name: str, code: int = 0, message: str = "") -> None:
+        """End a hollow node's pod as if its container exited with `code` and left `message`."""
+        with self.finish_lock:
+            self.finishes[(namespace, name)] = (code, message)
+        self.wake.set()
+
+    def _finishing(self, node: Node) -> set[str]:
+        with self.finish_lock:
+            asked = set(self.finishes)
+        return {uid for uid, pod in node.pods.items() if (pod.run.namespace, pod.run.name) in asked}
+
+    def _end_hollow(self, pod: Pod) -> None:
+        with self.finish_lock:
+            ending = self.finishes.pop((pod.run.namespace, pod.run.name), None)
+        if ending is None or pod.waiting is not None:
+            return
+        code, message = ending
+        for state in pod.containers.values():
+            started = state.status.get("state", {}).get("running", {}).get("startedAt", now())
+            state.status = {"state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                                     "message": message, "startedAt": started, "finishedAt": now()}}}
+            state.ready = False
+        pod.ended = True
+
+    def release(self) -> None:
+        """Lift the hold: hollow nodes start their pods."""
+        self.hold.clear()
+        for node in self.nodes:
+            with node.lock:
+                node.dirty |= set(node.pods)
+        self.wake.set()
 
     # ---- lookups for pods and the log endpoint --------------------------------------------------------
     def _image(self, name: str) -> Image | None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.netutil import free_port
+from tests.control_plane import DIE_WITH_PARENT
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MESSAGE_LIMIT = 4096  # a kubelet keeps at most 4096 bytes of a termination message
@@ -275,9 +276,9 @@ class PodRun:
         assert image is not None, "prepare() checks images"
         mounts = self._mounts(container)
         env = self._env(container, image, mounts)
-        command = [*(container.get("command") or image.entrypoint),
-                   *(container.get("args") if container.get("args") is not None else
-                     (image.cmd if not container.get("command") else []))]
+        # Kubernetes' rule: command replaces ENTRYPOINT (and drops CMD), args replace CMD.
+        args: list[str] = container.get("args") or ([] if container.get("command") else list(image.cmd))
+        command = [*(container.get("command") or image.entrypoint), *args]
         if not command:
             raise NotReady("CreateContainerError", "no command specified")
         command = [self._local(VARIABLE.sub(lambda m: env.get(m.group(1), m.group(0)), arg), mounts)
@@ -299,8 +300,8 @@ class PodRun:
         if restart:  # the previous run's log is what `kubectl logs --previous` shows
             shutil.copyfile(log, log.with_suffix(".previous.log"))
         with log.open("wb") as out:
-            popen = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+            popen = subprocess.Popen([*DIE_WITH_PARENT, *command], cwd=cwd, env=env, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         process = Process(container["name"], popen, now(), log, termination_log,
                           container.get("terminationMessagePolicy") or "File")
         self.processes[container["name"]] = process

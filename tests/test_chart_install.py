@@ -25,7 +25,7 @@ from tests.test_chart import find, render
 OPERATOR_ACCOUNT = f"system:serviceaccount:{RELEASE_NAMESPACE}:kubetune-operator"
 # The Prometheus Operator's PodMonitor kind, served with an open schema: the chart's monitoring switches need
 # the API to exist (as on a cluster with kube-prometheus-stack), not its controller.
-POD_MONITOR_CRD = {
+POD_MONITOR_CRD: dict[str, Any] = {
     "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
     "metadata": {"name": "podmonitors.monitoring.coreos.com"},
     "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
@@ -104,7 +104,7 @@ def test_namespaced_release_grants_roles_only_in_its_namespaces(kube: KubeCluste
     release.extra_args = ("--set", "rbac.scope=namespaced", "--set", f"rbac.namespaces={{{NS}}}")
     release.install()
     role = kube.get("role", "kubetune-operator", namespace=NS)
-    assert {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "create", "patch"]} \
+    assert {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "patch"]} \
         in role["rules"]
     assert kube.get("serviceaccount", "kubetune-trainer", namespace=NS)["automountServiceAccountToken"] is False
     env = kube.get("deployment", "kubetune-operator", namespace=RELEASE_NAMESPACE)["spec"]["template"]["spec"][

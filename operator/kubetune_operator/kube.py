@@ -80,9 +80,12 @@ class Kube:
     def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get_custom(contract.API_GROUP, contract.API_VERSION, contract.PLURAL, namespace, name)
 
-    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self._call(self.custom.patch_namespaced_custom_object_status, contract.API_GROUP, contract.API_VERSION,
-                   namespace, contract.PLURAL, name, {"status": status}, _content_type=MERGE_PATCH)
+    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """The object as the server stored it after the patch."""
+        written: dict[str, Any] = self._call(
+            self.custom.patch_namespaced_custom_object_status, contract.API_GROUP, contract.API_VERSION, namespace,
+            contract.PLURAL, name, {"status": status}, _content_type=MERGE_PATCH)
+        return written
 
     def delete_ftj(self, namespace: str, name: str) -> None:
         try:
@@ -93,30 +96,31 @@ class Kube:
                 raise
 
     # ---- children -------------------------------------------------------------------------------
-    def create(self, obj: dict[str, Any]) -> str:
-        """Create-if-missing: "created", "exists" (there already, owned by the same owner) or "stale" (a
-        leftover of an earlier object of the same name that the garbage collector has not removed yet)."""
+    def create(self, obj: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        """Create-if-missing: ("created", the stored object), ("exists", None) when it is there already with the
+        same owner, or ("stale", None) for a leftover of an earlier object of the same name that the garbage
+        collector has not removed yet."""
         namespace, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
         create, read = {
             "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
             "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
             "Job": (self.batch.create_namespaced_job, None)}[kind]
         try:
-            self._call(create, namespace, obj)
+            stored = self._sanitized(self._call(create, namespace, obj))
         except ApiException as exc:
             if exc.status != 409:
                 raise
             if kind == "Job":
-                return "stale"  # this job's own Jobs were all in the list it just read: this one is older
+                return "stale", None  # this job's own Jobs were all in what the pass read: this one is older
             try:
                 found = self._sanitized(self._call(read, name, namespace))
             except ApiException as gone:
                 if gone.status == 404:
-                    return "stale"  # deleted meanwhile: the next pass creates it
+                    return "stale", None  # deleted meanwhile: the next pass creates it
                 raise
-            return "exists" if owner_uids(found) & owner_uids(obj) else "stale"
+            return ("exists" if owner_uids(found) & owner_uids(obj) else "stale"), None
         metrics.child_created(kind)
-        return "created"
+        return "created", {**stored, "kind": kind}
 
     def service_account_exists(self, namespace: str, name: str) -> bool:
         try:
@@ -162,9 +166,10 @@ class Kube:
                            label_selector=f"{contract.LABEL_JOB_NAME}={name}")
         return [self._sanitized(j) for j in found.items]
 
-    def list_pods(self, namespace: str, name: str, component: str = "trainer") -> list[dict[str, Any]]:
-        found = self._call(self.core.list_namespaced_pod, namespace,
-                           label_selector=f"{contract.LABEL_JOB_NAME}={name},{contract.LABEL_COMPONENT}={component}")
+    def list_pods(self, namespace: str, name: str, component: str | None = "trainer") -> list[dict[str, Any]]:
+        selector = f"{contract.LABEL_JOB_NAME}={name}" + (f",{contract.LABEL_COMPONENT}={component}" if component
+                                                          else "")
+        found = self._call(self.core.list_namespaced_pod, namespace, label_selector=selector)
         return [self._sanitized(p) for p in found.items]
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:

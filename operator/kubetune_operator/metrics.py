@@ -24,6 +24,8 @@ _API_ERRORS = Counter(contract.METRIC_OP_API_ERRORS.removesuffix("_total"),
                       "Kubernetes API errors by kind (HTTP status or exception name).", ["kind"], registry=REGISTRY)
 _CHILDREN = Counter(contract.METRIC_OP_CHILDREN.removesuffix("_total"), "Child objects created, by kind.", ["kind"],
                     registry=REGISTRY)
+_FAILURES = Counter(contract.METRIC_OP_FAILURES.removesuffix("_total"), "FineTuneJobs that ended Failed, by reason.",
+                    ["namespace", "reason"], registry=REGISTRY)
 _RESTARTS = Counter(contract.METRIC_OP_RESTARTS.removesuffix("_total"), "Gang restarts of FineTuneJobs.",
                     ["namespace", "job", "reason"], registry=REGISTRY)
 
@@ -47,6 +49,10 @@ def api_error(kind: str) -> None:
 
 def child_created(kind: str) -> None:
     _CHILDREN.labels(kind=kind).inc()
+
+
+def job_failed(namespace: str, reason: str) -> None:
+    _FAILURES.labels(namespace=namespace, reason=reason).inc()
 
 
 def gang_restart(namespace: str, job: str, reason: str) -> None:

@@ -15,10 +15,14 @@ SCRAPE_TIMEOUT_SECONDS = 2.0
 METRICS = {contract.METRIC_TRAIN_LOSS: "trainLoss", contract.METRIC_EVAL_LOSS: "evalLoss"}
 
 
+# Pod IPs are reached directly: an HTTP(S)_PROXY from the environment (a corporate proxy) must not carry scrapes.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def scrape(url: str) -> str | None:
     """The exposition text, or None when the endpoint is not up (yet): progress is best effort."""
     try:
-        with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_SECONDS) as response:
+        with _DIRECT.open(url, timeout=SCRAPE_TIMEOUT_SECONDS) as response:
             return str(response.read().decode("utf-8", "replace"))
     except (OSError, ValueError):
         return None

@@ -14,7 +14,8 @@ import json
 import logging
 import threading
 from collections import defaultdict
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes.client.rest import ApiException
@@ -27,6 +28,7 @@ from kubetune.jobfile import describe
 from kubetune_operator import builders, metrics, progress, serving
 from kubetune_operator.kube import Kube, owner_uids, server_message
 from kubetune_operator.settings import Settings
+from kubetune_operator.state import View
 from kubetune_operator.status import (
     FINISHED,
     Outcome,
@@ -48,6 +50,8 @@ WARNINGS = ("CreateRefused", "FailedCreate", "WaitingForOldChildren")  # Running
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _phases: dict[tuple[str, str], tuple[str, str]] = {}  # (namespace, name) -> (namespace, phase), for metrics
 _phases_lock = threading.Lock()
+_cost_written: dict[tuple[str, str], datetime] = {}  # when each job's gpuSeconds was last written
+COST_SECONDS = 60
 
 
 def validation_problem(ftj: dict[str, Any]) -> str | None:
@@ -80,19 +84,45 @@ def _attempt(obj: dict[str, Any]) -> int:
     return int((obj["metadata"].get("labels") or {}).get(builders.ATTEMPT_LABEL, "0"))
 
 
-def reconcile(kube: Kube, settings: Settings, namespace: str, name: str, now: datetime | None = None) -> bool:
-    """One pass, serialised per job (the event handler and the refresh loop both call it).
+@dataclass
+class Done:
+    """What a pass leaves for the runtime to act on."""
 
-    Returns whether the job still needs refreshing: finished jobs without a TTL only change by an edit.
-    """
+    follow: bool  # still followed: unfinished, a TTL to run, or a served model to follow
+    wake: datetime | None = None  # a pass is due then even if nothing changes (TTL, deadline, stall, cost)
+    scrape: str | None = None  # rank 0's metrics URL while it trains
+    ftj: dict[str, Any] | None = None  # the object as the status write returned it
+    created: list[dict[str, Any]] = field(default_factory=list)  # children created, as the API returned them
+
+
+def api_view(kube: Kube, namespace: str, name: str) -> View | None:
+    """The same view a watch feeds the runtime, read from the API (tests, and tools without watches)."""
+    ftj = kube.get_ftj(namespace, name)
+    if ftj is None:
+        return None
+    return View(ftj, kube.list_jobs(namespace, name), kube.list_pods(namespace, name, component=None))
+
+
+def reconcile(kube: Kube, settings: Settings, namespace: str, name: str, now: datetime | None = None,
+              view: View | None = None) -> Done:
+    """One pass, serialised per job. Without a view it reads the job, its Jobs and Pods from the API and scrapes
+    rank 0 itself."""
     with _locks[(namespace, name)], metrics.time_reconcile():
-        ftj = kube.get_ftj(namespace, name)
-        if ftj is None or ftj["metadata"].get("deletionTimestamp"):
-            with _phases_lock:
-                _phases.pop((namespace, name), None)
-            return False
-        settled = Pass(kube, settings, ftj, now or datetime.now(UTC)).run()
-        return not settled or builders_ttl(ftj) is not None
+        view = view or api_view(kube, namespace, name)
+        if view is None or view.ftj["metadata"].get("deletionTimestamp"):
+            forget((namespace, name))
+            return Done(False)
+        done = Pass(kube, settings, view, now or datetime.now(UTC))
+        settled = done.run()
+        return Done(not settled or builders_ttl(view.ftj) is not None, done.wake(), done.scrape_url, done.written,
+                    view.created)
+
+
+def forget(key: tuple[str, str]) -> None:
+    """A deleted job leaves nothing behind: no per-phase count, no cost timer."""
+    with _phases_lock:
+        _phases.pop(key, None)
+        _cost_written.pop(key, None)
 
 
 def job_counts() -> dict[tuple[str, str], int]:
@@ -104,14 +134,18 @@ def job_counts() -> dict[tuple[str, str], int]:
 
 
 class Pass:
-    def __init__(self, kube: Kube, settings: Settings, ftj: dict[str, Any], now: datetime) -> None:
-        self.kube, self.settings, self.ftj, self.now = kube, settings, ftj, now
+    def __init__(self, kube: Kube, settings: Settings, view: View, now: datetime) -> None:
+        self.kube, self.settings, self.view, self.now = kube, settings, view, now
+        self.ftj = ftj = view.ftj
         self.meta = ftj["metadata"]
         self.namespace, self.name, self.uid = self.meta["namespace"], self.meta["name"], self.meta.get("uid", "")
         self.old: dict[str, Any] = ftj.get("status") or {}
         self.new: dict[str, Any] = json.loads(json.dumps(self.old))
         self.events: list[tuple[str, str, str]] = []
         self.generation = self.meta.get("generation")
+        self.written: dict[str, Any] | None = None
+        self.scrape_url: str | None = None
+        self.recheck = False  # something only a later look can tell (FailedCreate events, a served model)
 
     # ---- the pass -----------------------------------------------------------------------------------
     def run(self) -> bool:
@@ -120,6 +154,7 @@ class Pass:
             if self._expire():  # a finished job never recreates children, even when they were deleted
                 return True
             settled = self._serving()
+            self.recheck = not settled
             if self.new.get("inferenceService") != self.old.get("inferenceService"):
                 self._write()
             return settled
@@ -133,7 +168,7 @@ class Pass:
 
     def _drive(self) -> None:
         policy = builders.resolved_job(self.ftj).spec.run_policy
-        listed = self.kube.list_jobs(self.namespace, self.name)
+        listed = self.view.jobs
         # Only what this object owns: a FineTuneJob deleted and created again under the same name finds the old
         # one's children until the garbage collector has removed them, and must neither adopt nor replace them.
         children = [j for j in listed if self.uid in owner_uids(j)]
@@ -158,7 +193,7 @@ class Pass:
         attempt = max(jobs)
         current = jobs[attempt]
         owned = {j["metadata"]["uid"] for j in jobs.values() if j["metadata"].get("uid")}
-        pods = [p for p in self.kube.list_pods(self.namespace, self.name) if owner_uids(p) & owned]
+        pods = [p for p in self.view.pods if owner_uids(p) & owned and _component(p) == "trainer"]
         by_attempt: defaultdict[int, list[dict[str, Any]]] = defaultdict(list)
         for pod in pods:
             by_attempt[_attempt(pod)].append(pod)
@@ -176,6 +211,7 @@ class Pass:
     def _failed_create(self, job: dict[str, Any]) -> Outcome | None:
         """A Job without pods may be one whose pods the API server refuses (quota, Pod Security, a policy):
         the Job controller says so only in FailedCreate Events on the Job."""
+        self.recheck = True  # the Job controller says why only in Events, which nothing here watches
         events = self.kube.failed_creates(self.namespace, job["metadata"]["uid"])
         if not events:
             return None
@@ -190,7 +226,9 @@ class Pass:
                 self._phase("Pending")
                 self._condition("Running", False, "Preflight", "pre-flight checks running (kubetune validate --deep)")
             return False
-        outcome = attempt_outcome(job, self.kube.list_pods(self.namespace, self.name, "preflight"))
+        uid = job["metadata"].get("uid")
+        outcome = attempt_outcome(job, [p for p in self.view.pods if _component(p) == "preflight"
+                                        and uid in owner_uids(p)])
         if outcome.state == "succeeded":
             self._condition("Validated", True, "PreflightPassed", "storage, data and model checked "
                             "(kubetune validate --deep)")
@@ -282,7 +320,7 @@ class Pass:
         (admission: quota, LimitRange, Pod Security, a policy; 422: invalid) or an old one is in the way."""
         what = f"{obj['kind']} {obj['metadata']['name']}"
         try:
-            result = self.kube.create(obj)
+            result, created = self.kube.create(obj)
         except ApiException as exc:
             if exc.status in (401, 404) or exc.status >= 500:
                 raise  # not about this object: the pass is retried
@@ -296,9 +334,12 @@ class Pass:
         if result == "stale":
             self._waiting_for_old_children(obj["kind"], obj["metadata"]["name"])
             return False
+        if created is not None:
+            self.view.created.append(created)
         return True
 
     def _waiting_for_old_children(self, kind: str, name: str) -> None:
+        self.recheck = True  # the old ConfigMap and Service are not watched: look again after a while
         self._phase("Pending")
         self._condition("Running", False, "WaitingForOldChildren", f"{kind} {name} "
                         f"belongs to an earlier FineTuneJob named {self.name}; waiting for the garbage collector "
@@ -425,12 +466,14 @@ class Pass:
         ip = ((zero or {}).get("status") or {}).get("podIP")
         if not ip:
             return
-        from kubetune import contract
-
-        text = progress.scrape(self.settings.trainer_metrics_url.format(pod_ip=ip, port=contract.DEFAULT_METRICS_PORT))
-        if text is None:
-            return
-        found, values = progress.parse(text, self.name, self.namespace)
+        self.scrape_url = self.settings.trainer_metrics_url.format(pod_ip=ip, port=contract.DEFAULT_METRICS_PORT)
+        if self.view.scraped is not None:  # the runtime's scraper keeps the last scrape
+            found, values = self.view.scraped
+        else:
+            text = progress.scrape(self.scrape_url)
+            if text is None:
+                return
+            found, values = progress.parse(text, self.name, self.namespace)
         old_step = (self.old.get("progress") or {}).get("step")
         if found:
             self.new["progress"] = found
@@ -462,14 +505,57 @@ class Pass:
     def _write(self) -> None:
         self.new = finite(self.new)  # the API server refuses NaN and Infinity in JSON: such a value is absent
         self.new.setdefault("phase", "Pending")
-        if self.generation is not None:
+        if self.generation is not None:  # the whole status was derived against this generation, every condition too
             self.new["observedGeneration"] = self.generation
+            for condition in self.new.get("conditions") or []:
+                condition["observedGeneration"] = self.generation
         self._remember_phase()
+        self._throttle_cost()
         if self.new == self.old:
             return
-        self.kube.patch_ftj_status(self.namespace, self.name, self._patch())
+        self.written = self.kube.patch_ftj_status(self.namespace, self.name, self._patch())
+        if self.new.get("phase") == "Failed" and self.old.get("phase") != "Failed":
+            metrics.job_failed(self.namespace, self.new["failure"]["reason"])  # alerts fire on new failures
+        if self.new.get("gpuSeconds") != self.old.get("gpuSeconds"):
+            with _phases_lock:
+                _cost_written[(self.namespace, self.name)] = self.now
         for event in self._transition_events():
             self.kube.event(self.ftj, *event, now=self.now)
+
+    def _throttle_cost(self) -> None:
+        """GPU-seconds grow every second a pod runs: written with other changes, at the end, or every
+        COST_SECONDS, not on every pass (a write a pass is the API cost that would not scale)."""
+        cost = ("gpuSeconds", "attemptGpuSeconds")
+        if self.new.get("phase") in FINISHED or "gpuSeconds" not in self.old:
+            return
+        others = {k for k in {*self.new, *self.old} - set(cost) if self.new.get(k) != self.old.get(k)}
+        with _phases_lock:
+            last = _cost_written.get((self.namespace, self.name))
+        if not others and last is not None and (self.now - last).total_seconds() < COST_SECONDS:
+            for key in cost:
+                self.new[key] = self.old.get(key)
+
+    def wake(self) -> datetime | None:
+        """When a pass is due even if nothing changes: TTL expiry, the deadline, the stall window, the next cost
+        figure, or a look at what nothing watches (FailedCreate events, a served model)."""
+        times: list[datetime] = []
+        status, policy = self.new, (self.ftj.get("spec") or {}).get("runPolicy") or {}
+        finished = parse_time(status.get("completionTime")) if status.get("phase") in FINISHED else None
+        ttl = builders_ttl(self.ftj)
+        if finished and ttl is not None:
+            times.append(finished + timedelta(seconds=ttl))
+        started = parse_time(status.get("startTime"))
+        if not finished and started and isinstance(policy.get("activeDeadlineSeconds"), int):
+            times.append(started + timedelta(seconds=policy["activeDeadlineSeconds"]))
+        if status.get("phase") == "Running":
+            last = parse_time(status.get("lastStepTime"))
+            if last and not condition_true(status, "Stalled"):
+                times.append(last + timedelta(seconds=self.settings.stall_seconds))
+            times.append(self.now + timedelta(seconds=COST_SECONDS))
+        if self.recheck or (isinstance(status.get("inferenceService"), dict) and
+                            not status["inferenceService"].get("ready")):
+            times.append(self.now + timedelta(seconds=self.settings.refresh_seconds))
+        return min(times) if times else None
 
     def _patch(self) -> dict[str, Any]:
         """A merge patch: keys that disappeared become null."""

@@ -1,91 +1,209 @@
-"""Operator process state: settings, the API client, the set of known jobs and the refresh loop."""
+"""Operator process state: settings, the API client, what the watches say (state.py), and the work queue.
+
+A FineTuneJob gets a pass when something it owns changes (its Jobs and Pods are watched by informers, the job
+itself by kopf), when rank 0's scraped progress moves (scraper.py), or when a pass asked to be woken (a TTL,
+a deadline, the stall window, the cost figure's next update). Passes read the watched state, not the API, so
+an idle running job costs no API request but its scrape; a slow resync revisits every unfinished job.
+"""
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
 
+from kubetune import contract
 from kubetune_operator import metrics, reconcile, settings
+from kubetune_operator.informer import Informer
 from kubetune_operator.kube import Kube, load_client
+from kubetune_operator.scraper import Scraper
+from kubetune_operator.state import Key, State, strip_ftj, strip_job, strip_pod
 
 log = logging.getLogger("kubetune.operator")
-REFRESH_WORKERS = 4  # concurrent passes of the refresh loop: bounded so 500 jobs do not open 500 connections
+WORKERS = 4  # concurrent passes: bounded so 10,000 jobs do not open 10,000 connections
+MANAGED = f"{contract.LABEL_APP_MANAGED_BY}={contract.MANAGED_BY}"
 
 
 class Runtime:
     def __init__(self) -> None:
         self.settings = settings.load()
         self.kube: Kube | None = None
-        self.known: set[tuple[str, str]] = set()  # every FineTuneJob seen
-        self.active: set[tuple[str, str]] = set()  # those the refresh loop still visits
-        self.lock = threading.Lock()
+        self.state = State()
+        self.active: set[Key] = set()  # jobs still followed (unfinished, a TTL to run, a service to follow)
+        self.lock = threading.Condition()
+        self.queue: list[Key] = []  # keys waiting for a pass, each at most once
+        self.queued: set[Key] = set()
+        self.running: set[Key] = set()  # keys in a pass now (a change meanwhile queues them again after)
+        self.wakes: list[tuple[float, Key]] = []  # (monotonic time, key): passes asked for later
         self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
+        self.threads: list[threading.Thread] = []
+        self.informers: list[Informer] = []
+        self.scraper: Scraper | None = None
 
+    # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self, kopf_settings: kopf.OperatorSettings) -> None:
         kopf_settings.posting.enabled = True
         kopf_settings.posting.level = logging.WARNING  # our own Events say what happened; no per-handler chatter
         kopf_settings.peering.standalone = not self.settings.peering
         kopf_settings.watching.server_timeout = 300
-        self.kube = Kube(load_client())
         metrics.serve(self.settings.metrics_port)
+        self.launch(Kube(load_client()))
+        log.info("kubetune operator: image %s, resync %ss, namespaces %s", self.settings.trainer_image,
+                 self.settings.resync_seconds, ",".join(self.settings.namespaces) or "(all)")
+
+    def launch(self, kube: Kube) -> None:
+        """Watches, scraper, workers and the timer, without kopf (FineTuneJob events come through on_event)."""
+        self.kube = kube
         self.stop.clear()
-        self.thread = threading.Thread(target=self._refresh_loop, name="kubetune-refresh", daemon=True)
-        self.thread.start()
-        log.info("kubetune operator: image %s, refresh %ss, namespaces %s", self.settings.trainer_image,
-                 self.settings.refresh_seconds, ",".join(self.settings.namespaces) or "(all)")
+        namespaces = self.settings.namespaces
+        batch, core = kube.batch, kube.core
+        self.informers = [
+            Informer("jobs", batch.list_namespaced_job if namespaces else batch.list_job_for_all_namespaces,
+                     self._child("Job"), strip_job, MANAGED, namespaces).start(),
+            Informer("pods", core.list_namespaced_pod if namespaces else core.list_pod_for_all_namespaces,
+                     self._child("Pod"), strip_pod, MANAGED, namespaces).start(),
+        ]
+        self.scraper = Scraper(self.state, self.enqueue, self.settings.refresh_seconds).start()
+        for index in range(WORKERS):
+            self._thread(f"kubetune-pass-{index}", self._work)
+        self._thread("kubetune-timer", self._timer)
 
     def shutdown(self) -> None:
         self.stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout=10)
+        with self.lock:
+            self.lock.notify_all()
+        for informer in self.informers:
+            informer.stop()
+        if self.scraper is not None:
+            self.scraper.stop()
+        for thread in self.threads:
+            thread.join(timeout=10)
 
+    def _thread(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    # ---- what changes -----------------------------------------------------------------------------------
     def on_event(self, event: Any, body: Any) -> None:
-        """Watch events: new jobs and spec edits reconcile at once; status echoes wait for the refresh loop."""
-        meta = body["metadata"]
-        key = (meta["namespace"], meta["name"])
+        """kopf's FineTuneJob events: new jobs and spec edits get a pass at once; status echoes of our own
+        writes do not (the pass that wrote them already knows)."""
+        obj = strip_ftj(dict(body))
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
         if event.get("type") == "DELETED":
+            self.state.drop_ftj(key)
+            reconcile.forget(key)
             with self.lock:
-                self.known.discard(key)
                 self.active.discard(key)
+            if self.scraper is not None:
+                self.scraper.follow(key, None)
             return
-        with self.lock:
-            new = key not in self.known
-            self.known.add(key)
-        status = body.get("status") or {}
-        if new or meta.get("generation") != status.get("observedGeneration") or not status.get("phase"):
-            self._reconcile(key)
+        before = self.state.ftjs.get(key)
+        self.state.put_ftj(obj)
+        status = obj.get("status") or {}
+        if before is None or obj["metadata"].get("deletionTimestamp") or not status.get("phase") or \
+                obj["metadata"].get("generation") != status.get("observedGeneration"):
+            self.enqueue(key)
 
-    def _reconcile(self, key: tuple[str, str]) -> None:
-        assert self.kube is not None, "start() first"
-        try:
-            again = reconcile.reconcile(self.kube, self.settings, *key)
-        except Exception:  # one job's trouble must not stall the others; the next pass retries
-            log.exception("reconcile of %s/%s failed", *key)
-            again = True
+    def _child(self, kind: str) -> Any:
+        def handle(event: str, obj: dict[str, Any]) -> None:
+            key = self.state.child(kind, event, obj)
+            if key is not None and key in self.state.ftjs:
+                self.enqueue(key)
+        return handle
+
+    def enqueue(self, key: Key) -> None:
         with self.lock:
-            if again and key in self.known:
+            if key not in self.queued:
+                self.queued.add(key)
+                self.queue.append(key)
+                self.lock.notify()
+
+    def wake_at(self, key: Key, when: datetime) -> None:
+        delay = max(0.0, (when - datetime.now(UTC)).total_seconds())
+        with self.lock:
+            heapq.heappush(self.wakes, (time.monotonic() + delay, key))
+            self.lock.notify_all()
+
+    # ---- passes ---------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self.stop.is_set():
+            with self.lock:
+                key = next((k for k in self.queue if k not in self.running), None)
+                if key is None:
+                    self.lock.wait(1.0)
+                    continue
+                self.queue.remove(key)
+                self.queued.discard(key)
+                self.running.add(key)
+            try:
+                self._reconcile(key)
+            finally:
+                with self.lock:
+                    self.running.discard(key)
+                    if key in self.queued:
+                        self.lock.notify()
+
+    def _reconcile(self, key: Key) -> None:
+        """One pass from the watched state; a pass that raised is tried again after the refresh period."""
+        assert self.kube is not None, "launch() first"
+        view = self.state.view(key)
+        if view is None:
+            return
+        try:
+            done = reconcile.reconcile(self.kube, self.settings, *key, view=view)
+        except Exception:  # one job's trouble must not stall the others
+            log.exception("reconcile of %s/%s failed", *key)
+            with self.lock:
+                self.active.add(key)
+            self.wake_at(key, datetime.now(UTC) + timedelta(seconds=self.settings.refresh_seconds))
+            return
+        if done.ftj is not None:
+            self.state.put_ftj(strip_ftj(done.ftj))
+        for created in done.created:
+            if created.get("kind") in ("Job", "Pod"):
+                self.state.child(created["kind"], "ADDED", (strip_job if created["kind"] == "Job" else strip_pod)(
+                    created))
+        if self.scraper is not None:
+            self.scraper.follow(key, done.scrape)
+        with self.lock:
+            if done.follow:
                 self.active.add(key)
             else:
                 self.active.discard(key)
+        if done.wake is not None:
+            self.wake_at(key, done.wake)
 
-    def _refresh_loop(self) -> None:
-        with ThreadPoolExecutor(REFRESH_WORKERS, thread_name_prefix="kubetune-pass") as pool:
-            while not self.stop.wait(self.settings.refresh_seconds):
-                with self.lock:
-                    keys = sorted(self.active)
-                list(pool.map(self._reconcile, keys))
+    def _timer(self) -> None:
+        """Due wakes into the queue; a slow resync of every followed job; the per-phase job counts."""
+        next_resync = next_counts = time.monotonic()
+        while not self.stop.is_set():
+            now = time.monotonic()
+            with self.lock:
+                due = []
+                while self.wakes and self.wakes[0][0] <= now:
+                    due.append(heapq.heappop(self.wakes)[1])
+                resync = sorted(self.active) if now >= next_resync else []
+                wait = min([w for w, _ in self.wakes[:1]] + [next_resync, next_counts]) - now
+            for key in {*due, *resync}:
+                self.enqueue(key)
+            if resync:
+                next_resync = now + self.settings.resync_seconds
+            if now >= next_counts:
                 metrics.set_job_counts(reconcile.job_counts())
+                next_counts = now + self.settings.refresh_seconds
+            with self.lock:
+                self.lock.wait(max(0.05, min(wait, 1.0)))
 
     def healthy(self) -> dict[str, Any]:
-        alive = self.thread is not None and self.thread.is_alive()
-        if not alive:
-            raise kopf.PermanentError("the refresh loop is not running")
-        return {"jobs": len(self.known)}
+        if not self.threads or not all(t.is_alive() for t in self.threads):
+            raise kopf.PermanentError("a worker of the operator is not running")
+        return {"jobs": len(self.state.ftjs), "followed": len(self.active)}
 
 
 RUNTIME = Runtime()

@@ -33,8 +33,10 @@ class Settings:
         "KUBETUNE_OPERATOR_METRICS_PORT", contract.DEFAULT_OPERATOR_METRICS_PORT)))
     # Port of /healthz (liveness and readiness).
     health_port: int = field(default_factory=lambda: int(os.environ.get("KUBETUNE_HEALTH_PORT", 8080)))
-    # Seconds between status refreshes of each FineTuneJob (progress scrape, Job/Pod state).
+    # Seconds between scrapes of a running job's rank 0 (progress, loss); also the retry delay of a failed pass.
     refresh_seconds: float = field(default_factory=lambda: float(os.environ.get("KUBETUNE_REFRESH_SECONDS", 10)))
+    # Seconds between safety passes over every unfinished job (changes themselves are watched, not polled).
+    resync_seconds: float = field(default_factory=lambda: float(os.environ.get("KUBETUNE_RESYNC_SECONDS", 300)))
     # Seconds a running job's step may stand still before the Stalled condition turns True.
     stall_seconds: float = field(default_factory=lambda: float(os.environ.get("KUBETUNE_STALL_SECONDS", 900)))
     # Leader election between replicas (kopf peering); off: one replica by design.

@@ -6,7 +6,7 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
 {{- define "kubetune.namespacedRules" -}}
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
-  verbs: [get, list, watch, delete]  # watch (kopf), read back, delete after ttlSecondsAfterFinished
+  verbs: [list, watch, delete]  # watched (kopf); delete after ttlSecondsAfterFinished
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
   verbs: [patch]
@@ -15,13 +15,13 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
   verbs: [update]  # children block their owner's foreground deletion: OwnerReferencesPermissionEnforcement checks this
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, create, patch]  # one Job per gang attempt; patch: suspend/resume
+  verbs: [list, watch, create, patch]  # one Job per gang attempt; patch: suspend/resume; watched, not polled
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [create, get]  # create-if-missing; on 409, get: is it this job's (owner uid) or a deleted one's?
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list]
+  verbs: [list, watch]  # the pods it labelled: their changes start a pass
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list]  # list: the Job controller's FailedCreate events say why a Job has no pods

@@ -1,0 +1,224 @@
+"""The operator's rules, with a clock the test controls: restart accounting, deadlines, Kueue, status bookkeeping.
+
+The test runs the operator's passes itself (`reconcile.reconcile(..., now=...)`) against the real control plane,
+so time is whatever the test says while the real Job controller, scheduler and node agent act on the objects;
+the pure rules (conditions, GPU-seconds, progress parsing) are unit tests. Each test names the deliberate bug it
+catches (issue 32's list; `make mutants` puts them back one at a time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import kubernetes
+import pytest
+from kubernetes.client.rest import ApiException
+
+from kubetune import contract
+from kubetune.jobfile import job_document
+from kubetune_operator import progress, reconcile
+from kubetune_operator.kube import Kube
+from kubetune_operator.runtime import Runtime
+from kubetune_operator.settings import Settings
+from kubetune_operator.status import now_iso, pod_gpu_seconds, set_condition
+from tests.cluster import SCRIPTED_IMAGE, KubeCluster
+from tests.fixtures_cluster import S3_SECRET
+from tests.operator_harness import NS, Api, wait_for
+from tests.scripted_trainer import ScriptedTrainer
+from tests.test_operator import BASE
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+SETTINGS = Settings(trainer_image=f"{SCRIPTED_IMAGE}:1", preflight=False, stall_seconds=900.0)
+
+
+@pytest.fixture(scope="module")
+def env(kube: KubeCluster) -> Iterator[tuple[Kube, Api, ScriptedTrainer]]:
+    """The namespace and its Secret, an admin client as the operator's, the scripted trainer; no operator runs."""
+    kube.clean_scripts()
+    kube.delete_namespace(NS)
+    kube.namespace(NS)
+    kubernetes.client.CoreV1Api(kube.client()).create_namespaced_secret(NS, {
+        "metadata": {"name": S3_SECRET},
+        "stringData": {contract.SECRET_ACCESS_KEY_ID: "test", contract.SECRET_SECRET_ACCESS_KEY: "test-secret"}})
+    yield Kube(kube.client()), Api(kube.kubeconfig), ScriptedTrainer(kube.scripts)
+    kube.delete_namespace(NS)
+
+
+def submit(api: Api, name: str, **overrides: Any) -> dict[str, Any]:
+    doc = job_document(name, BASE, overrides)
+    doc["metadata"]["namespace"] = NS
+    return api.apply(doc)
+
+
+def run_pass(kube: Kube, name: str, at: datetime) -> dict[str, Any]:
+    reconcile.reconcile(kube, SETTINGS, NS, name, now=at)
+    status: dict[str, Any] = (kube.get_ftj(NS, name) or {}).get("status") or {}
+    return status
+
+
+def job_failed(api: Api, job: str) -> bool:
+    return any(c["type"] == "Failed" and c["status"] == "True"
+               for c in ((api.job(job) or {}).get("status") or {}).get("conditions") or [])
+
+
+# ---- pure rules --------------------------------------------------------------------------------------------
+def test_last_transition_time_moves_only_when_status_flips() -> None:
+    """Bug: lastTransitionTime moved on a reason change without a status flip."""
+    first = set_condition([], "Running", False, "Pending", "waiting for pods", T0)
+    later = set_condition(first, "Running", False, "Unschedulable", "0/2 nodes", T0 + timedelta(seconds=30))
+    assert later[0]["lastTransitionTime"] == now_iso(T0) and later[0]["reason"] == "Unschedulable"
+    flipped = set_condition(later, "Running", True, "PodsRunning", "1 pod(s) running", T0 + timedelta(seconds=60))
+    assert flipped[0]["lastTransitionTime"] == now_iso(T0 + timedelta(seconds=60))
+
+
+def test_gpu_seconds_count_every_gpu_of_a_pod() -> None:
+    """Bug: GPU-seconds not multiplied by GPUs per node (8 GPUs for 60 s is 480)."""
+    pod = {"status": {"containerStatuses": [{"state": {"running": {"startedAt": now_iso(T0)}}}]}}
+    assert pod_gpu_seconds([pod], 8, T0 + timedelta(seconds=60)) == pytest.approx(480)
+    ended = {"status": {"containerStatuses": [{"state": {"terminated": {
+        "startedAt": now_iso(T0), "finishedAt": now_iso(T0 + timedelta(seconds=30))}}}]}}
+    assert pod_gpu_seconds([ended], 2, T0 + timedelta(hours=1)) == pytest.approx(60)
+
+
+def test_progress_keeps_fractional_epochs_and_the_eta() -> None:
+    """Bug: progress.epoch truncated to an integer."""
+    labels = 'job="j",namespace="ml"'
+    text = "\n".join([f"{contract.METRIC_STEP}{{{labels}}} 5", f"{contract.METRIC_TOTAL_STEPS}{{{labels}}} 20",
+                      f"{contract.METRIC_EPOCH}{{{labels}}} 0.5", f"{contract.METRIC_ETA}{{{labels}}} 93.25",
+                      f"{contract.METRIC_PROGRESS}{{{labels}}} 0.25"]) + "\n"
+    found, _ = progress.parse(text, "j", "ml")
+    assert found == {"step": 5, "totalSteps": 20, "epoch": 0.5, "percent": 25.0, "etaSeconds": 93.2}
+
+
+# ---- on the real control plane, with the test's clock -------------------------------------------------------
+def test_observed_generation_follows_every_edit(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
+    """Bug: status.observedGeneration never written (nor on each condition)."""
+    kube, api, _ = env
+    submit(api, "generation", resources={"gpusPerNode": 4})  # unschedulable: nothing moves but the edits
+    status = run_pass(kube, "generation", T0)
+    assert status["observedGeneration"] == 1
+    assert {c.get("observedGeneration") for c in status["conditions"]} == {1}
+    api.patch_ftj("generation", {"spec": {"runPolicy": {"suspend": True}}})
+    assert api.ftj("generation")["metadata"]["generation"] == 2  # type: ignore[index]
+    status = run_pass(kube, "generation", T0 + timedelta(seconds=10))
+    assert status["observedGeneration"] == 2 and status["phase"] == "Suspended"
+    assert {c.get("observedGeneration") for c in status["conditions"]} == {2}
+
+
+def test_suspend_and_resume_are_not_a_spec_change(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
+    """Bug: suspend/resume shown as SpecChanged (the spec hash must leave runPolicy.suspend out)."""
+    kube, api, _ = env
+    submit(api, "flip", resources={"gpusPerNode": 4})
+    run_pass(kube, "flip", T0)
+    for suspend, second in ((True, 10), (False, 20)):
+        api.patch_ftj("flip", {"spec": {"runPolicy": {"suspend": suspend}}})
+        status = run_pass(kube, "flip", T0 + timedelta(seconds=second))
+        assert not any(c["type"] == "SpecChanged" and c["status"] == "True" for c in status["conditions"])
+        assert api.job("flip-0")["spec"]["suspend"] is suspend  # type: ignore[index]
+
+
+def test_unschedulable_keeps_the_running_conditions_transition_time(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
+    """Pending -> Unschedulable is a new reason, not a flip: Running=False keeps its lastTransitionTime."""
+    kube, api, _ = env
+    submit(api, "queued-gpus", resources={"gpusPerNode": 4})
+    first = next(c for c in run_pass(kube, "queued-gpus", T0)["conditions"] if c["type"] == "Running")
+    wait_for("the scheduler's verdict", lambda: any(
+        c.get("reason") == "Unschedulable" for p in api.pods("queued-gpus-0")
+        for c in p["status"].get("conditions") or []))
+    later = next(c for c in run_pass(kube, "queued-gpus", T0 + timedelta(seconds=30))["conditions"]
+                 if c["type"] == "Running")
+    assert later["reason"] == "Unschedulable" and first["reason"] != "Unschedulable"
+    assert later["lastTransitionTime"] == first["lastTransitionTime"] == now_iso(T0)
+
+
+def test_a_queued_job_waits_for_kueue(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
+    """Bug: the operator unsuspends a queued Job itself. Kueue (played by the test) admits it by unsuspending."""
+    kube, api, trainer = env
+    submit(api, "queued", runPolicy={"queueName": "team-a"}, resources={"gpusPerNode": 0})
+    for second in (0, 10, 20):
+        status = run_pass(kube, "queued", T0 + timedelta(seconds=second))
+        assert api.job("queued-0")["spec"]["suspend"] is True, "the operator unsuspended a queued Job"  # type: ignore
+        running = next(c for c in status["conditions"] if c["type"] == "Running")
+        assert status["phase"] == "Pending" and running["reason"] == "Queued", status
+    assert api.job("queued-0")["metadata"]["labels"][contract.LABEL_QUEUE] == "team-a"  # type: ignore[index]
+    api.batch.patch_namespaced_job("queued-0", NS, {"spec": {"suspend": False}},  # Kueue admits it
+                                   _content_type="application/merge-patch+json")
+    wait_for("the trainer", lambda: trainer.started("queued-0-0"))
+    wait_for("Running", lambda: run_pass(kube, "queued", T0 + timedelta(seconds=40))["phase"] == "Running")
+
+
+def test_a_restart_gets_what_is_left_of_the_deadline(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
+    """Bug: a restart attempt given the whole activeDeadlineSeconds. 600 s: a failure at T0+400 leaves the next
+    Job 200 s; at T0+700 the job fails DeadlineExceeded and no new Job starts."""
+    kube, api, trainer = env
+    submit(api, "deadline", runPolicy={"activeDeadlineSeconds": 600, "backoffLimit": 5}, resources={"gpusPerNode": 0})
+    run_pass(kube, "deadline", T0)
+    assert api.job("deadline-0")["spec"]["activeDeadlineSeconds"] == 600  # type: ignore[index]
+    wait_for("the trainer", lambda: trainer.started("deadline-0-0"))
+    trainer.exit("deadline-0-0", 1, {"outcome": "Failed", "exitCode": 1, "message": "boom"})
+    wait_for("attempt 0 failed", lambda: job_failed(api, "deadline-0"))
+    run_pass(kube, "deadline", T0 + timedelta(seconds=400))
+    assert api.job("deadline-1")["spec"]["activeDeadlineSeconds"] == 200  # type: ignore[index]
+    wait_for("the trainer", lambda: trainer.started("deadline-1-0"))
+    trainer.exit("deadline-1-0", 1, {"outcome": "Failed", "exitCode": 1, "message": "boom again"})
+    wait_for("attempt 1 failed", lambda: job_failed(api, "deadline-1"))
+    status = run_pass(kube, "deadline", T0 + timedelta(seconds=700))
+    assert status["phase"] == "Failed" and status["failure"]["reason"] == "DeadlineExceeded", status
+    assert api.job("deadline-2") is None
+
+
+def test_gpu_seconds_add_up_over_attempts_and_outlive_their_pods(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
+    """Bug: gpuSeconds counting only the current attempt (or forgetting an attempt whose pods are gone)."""
+    kube, api, trainer = env
+    submit(api, "cost", runPolicy={"backoffLimit": 2})  # one GPU per pod, on gpu-node
+    run_pass(kube, "cost", T0)
+    wait_for("the trainer", lambda: trainer.started("cost-0-0"))
+    time.sleep(2)  # container times have whole seconds: let attempt 0 hold its GPU for some
+    trainer.exit("cost-0-0", 1, {"outcome": "Failed", "exitCode": 1, "message": "boom"})
+    wait_for("attempt 0 failed", lambda: job_failed(api, "cost-0"))
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    run_pass(kube, "cost", now)  # starts attempt 1
+    wait_for("the trainer", lambda: trainer.started("cost-1-0"))
+    status = run_pass(kube, "cost", now + timedelta(seconds=100))
+    first = status["attemptGpuSeconds"]["0"]
+    assert first > 0 and status["attemptGpuSeconds"]["1"] > 90
+    assert status["gpuSeconds"] == pytest.approx(first + status["attemptGpuSeconds"]["1"], abs=0.2)
+    api.batch.delete_namespaced_job("cost-0", NS, propagation_policy="Background")
+    wait_for("attempt 0's pods gone", lambda: not api.pods("cost-0"))
+    later = run_pass(kube, "cost", now + timedelta(seconds=200))
+    assert later["attemptGpuSeconds"]["0"] == first and later["gpuSeconds"] >= status["gpuSeconds"] + 90
+
+
+class FlakyKube(Kube):
+    """The real client, with one API 500 on the next create: the pass fails before it made anything, so no
+    watch event will come to start another."""
+
+    fail_next = False
+
+    def create(self, obj: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        if self.fail_next:
+            self.fail_next = False
+            raise ApiException(status=500, reason="Internal Server Error")
+        return super().create(obj)
+
+
+def test_a_pass_that_raised_is_tried_again(env: tuple[Kube, Api, ScriptedTrainer], kube: KubeCluster) -> None:
+    """Bug: a pass that raised dropped the job: it would never move again without a new event. The operator's
+    runtime (watches, work queue, timer; no kopf) with an API 500 on its first create."""
+    _, api, trainer = env
+    created = submit(api, "flaky", resources={"gpusPerNode": 0})
+    runtime = Runtime()
+    runtime.settings = SETTINGS
+    flaky = FlakyKube(kube.client())
+    flaky.fail_next = True
+    runtime.launch(flaky)
+    try:
+        runtime.on_event({"type": "ADDED"}, created)  # what kopf hands on
+        wait_for("the failed pass tried again", lambda: (NS, "flaky") in runtime.active and not flaky.fail_next)
+        wait_for("the trainer", lambda: trainer.started("flaky-0-0"))  # no new event was needed to get here
+        wait_for("Running", lambda: api.status("flaky").get("phase") == "Running")
+    finally:
+        runtime.shutdown()
