@@ -247,3 +247,20 @@ def test_curves_png_survives_non_finite_losses(tmp_path: Path) -> None:
                               {"step": 3, "eval_loss": 0.5, "eval_accuracy": 0.7}]}
     path = write_curves(tmp_path / contract.CURVES_FILE, metrics)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_loss_or_eta_series_before_there_is_one() -> None:
+    """Absent means absent: a 0 loss before the first step reads as a perfect loss (issue 26)."""
+    from prometheus_client import generate_latest
+
+    metrics = telemetry.TrainerMetrics("fresh", "ml")
+    names = {contract.METRIC_TRAIN_LOSS, contract.METRIC_EVAL_LOSS, contract.METRIC_ETA}
+    fresh = generate_latest(metrics.registry).decode()
+    assert [line for line in fresh.splitlines() if line.split("{")[0] in names] == []
+    metrics.record_step(step=1, total=10, epoch=0.1, loss=0.7, learning_rate=1e-3, samples=8, tokens=64, seconds=0.5)
+    trained = generate_latest(metrics.registry).decode()
+    assert f'{contract.METRIC_TRAIN_LOSS}{{job="fresh",namespace="ml"}} 0.7' in trained
+    assert contract.METRIC_ETA + "{" in trained and contract.METRIC_EVAL_LOSS + "{" not in trained
+    metrics.record_evaluation({"eval_loss": 0.9}, "eval")
+    evaluated = generate_latest(metrics.registry).decode()
+    assert f'{contract.METRIC_EVAL_LOSS}{{job="fresh",namespace="ml"}} 0.9' in evaluated

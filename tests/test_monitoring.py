@@ -38,7 +38,8 @@ def test_dashboard_has_the_fleet_job_and_operator_rows_and_the_job_variables() -
                                                                            "Operator"]
     assert [v["name"] for v in model["templating"]["list"]] == ["datasource", "namespace", "job"]
     titles = {p["title"] for p in model["panels"]}
-    assert {"Jobs by phase", "Failed", "Gang restarts by reason", "Loss: train vs eval", "Evaluation metrics",
+    assert {"Jobs by phase", "Failed (24h)", "Failures by reason",
+            "Gang restarts by reason", "Loss: train vs eval", "Evaluation metrics",
             "Learning rate", "Throughput", "Progress", "ETA", "Memory per rank", "Checkpoint save time",
             "Data transfer", "Reconcile duration", "API errors by kind"} <= titles
     job_row = model["panels"].index(next(p for p in model["panels"] if p["title"].startswith("Job:")))
@@ -68,6 +69,7 @@ def test_every_referenced_metric_is_exported_and_every_contract_metric_is_shown(
         operator_metrics.api_error("500")
         operator_metrics.child_created("Job")
         operator_metrics.gang_restart("ns", "names", "test")
+        operator_metrics.job_failed("ns", "test")
         operator_metrics.set_job_counts({("ns", "Running"): 1})
         operator_exported = _registry_names(operator_metrics.REGISTRY)
         assert operator_exported >= OPERATOR_METRICS, OPERATOR_METRICS - operator_exported
@@ -135,10 +137,10 @@ CASES = {
         _job("bad", STATE, state="failed"): "0 0 1 1",
         _job("good", STATE, state="failed"): "0 0 0 0",
     }, {"1m": [], "2m": [_alert("KubetuneJobFailed", job="bad", namespace="ml")]}),
-    "KubetuneJobsFailed": _case("KubetuneJobsFailed", {
-        f'{contract.METRIC_OP_JOBS}{{namespace="ml",phase="Failed"}}': "0 0 2",
-        f'{contract.METRIC_OP_JOBS}{{namespace="ml",phase="Running"}}': "3 3 3",
-    }, {"1m": [], "2m": [_alert("KubetuneJobsFailed", 2, namespace="ml")]}),
+    "KubetuneJobsFailed": _case("KubetuneJobsFailed", {  # two new failures at 2m, then none: it clears by 20m
+        f'{contract.METRIC_OP_FAILURES}{{namespace="ml",reason="TrainerError"}}': "0 0 2x30",
+        f'{contract.METRIC_OP_JOBS}{{namespace="ml",phase="Failed"}}': "0 0 2x30",  # the failed jobs stay
+    }, {"1m": [], "3m": [_alert("KubetuneJobsFailed", 2, namespace="ml")], "20m": []}),
     "KubetuneTrainingStalled": _case("KubetuneTrainingStalled", {
         # stuck: 15 steps, then none while still training; moving: a step a minute; evaluating: flat but not
         # training; fresh: no step yet in its first 10 minutes (too young to judge).

@@ -202,7 +202,7 @@ def test_a_missing_relative_path_names_where_it_was_looked_for(tmp_path: Path, m
     assert code == EXIT_BAD_INPUT, log
     assert f"spec.data.train: data/train.csv: no such file or folder (looked for {tmp_path / 'jobs/data/train.csv'}" \
         in log
-    assert "relative to the manifest" in log and "Traceback" not in log
+    assert f"relative paths are relative to {tmp_path / 'jobs'}" in log and "Traceback" not in log
 
 
 @pytest.mark.parametrize(("spec", "expected"), [

@@ -19,6 +19,7 @@ def test_metrics_are_served_with_the_contract_names() -> None:
     metrics.api_error("409")
     metrics.child_created("Job")
     metrics.gang_restart("ml", "reviews", "Preempted")
+    metrics.job_failed("ml", "OOMKilled")
     port = free_port()
     metrics.serve(port)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -31,3 +32,4 @@ def test_metrics_are_served_with_the_contract_names() -> None:
     assert samples[(contract.METRIC_OP_CHILDREN, (("kind", "Job"),))] >= 1
     restarts = (contract.METRIC_OP_RESTARTS, (("job", "reviews"), ("namespace", "ml"), ("reason", "Preempted")))
     assert samples[restarts] >= 1
+    assert samples[(contract.METRIC_OP_FAILURES, (("namespace", "ml"), ("reason", "OOMKilled")))] == 1

@@ -120,3 +120,4 @@ METRIC_OP_RECONCILE_SECONDS = "kubetune_operator_reconcile_duration_seconds"  # 
 METRIC_OP_API_ERRORS = "kubetune_operator_api_errors_total"   # counter, label kind (http status or exception)
 METRIC_OP_CHILDREN = "kubetune_operator_children_created_total"  # counter, label kind
 METRIC_OP_RESTARTS = "kubetune_operator_gang_restarts_total"  # counter, labels namespace, job, reason
+METRIC_OP_FAILURES = "kubetune_operator_job_failures_total"   # counter, labels namespace, reason (ended Failed)

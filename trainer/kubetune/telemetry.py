@@ -88,8 +88,9 @@ class TrainerMetrics:
         self.memory_peak = Gauge(c.METRIC_MEMORY_PEAK, "Peak device memory: CUDA max allocated, else peak RSS.",
                                  per_rank, registry=self.registry).labels(**self.labels, rank=self.rank)
         self.set_memory_source(lambda: float(procmem.rss_bytes()), _peak_at_least_current)
-        for name in ("train_loss", "eval_loss", "learning_rate", "step", "total_steps", "epoch", "progress", "eta",
-                     "last_checkpoint_step"):
+        # Losses and the ETA have no series until they have a value: a 0 would read as a perfect loss (and a
+        # finished run) on a dashboard, in `kubectl get ftj` and to the loss alerts. They bind at their first set.
+        for name in ("learning_rate", "step", "total_steps", "epoch", "progress", "last_checkpoint_step"):
             setattr(self, name, getattr(self, name).labels(**self.labels))
         self.resumes.inc(0)
         self.first_step: tuple[int, float] | None = None
@@ -119,7 +120,7 @@ class TrainerMetrics:
     def record_step(self, *, step: int, total: int, epoch: float, loss: float, learning_rate: float,
                     samples: int, tokens: int, seconds: float) -> None:
         """One optimizer update; non-finite losses are exported as they are (NaN, +Inf)."""
-        self.train_loss.set(loss)
+        self.train_loss.labels(**self.labels).set(loss)
         self.learning_rate.set(learning_rate)
         self.epoch.set(epoch)
         self.samples.inc(samples)
@@ -130,7 +131,7 @@ class TrainerMetrics:
         if self.first_step is None:  # measured from the start of this process's first step (resumes included)
             self.first_step = (step - 1, now - seconds)
         done, since = step - self.first_step[0], now - self.first_step[1]
-        self.eta.set(since / max(done, 1) * max(total - step, 0))
+        self.eta.labels(**self.labels).set(since / max(done, 1) * max(total - step, 0))
 
     def record_evaluation(self, metrics: Mapping[str, Any], prefix: str) -> None:
         """Validation rows ('eval_loss', 'eval_accuracy', ...) or test results ('loss', 'accuracy', ...)."""
@@ -139,11 +140,12 @@ class TrainerMetrics:
                 continue
             name = key.removeprefix("eval_")
             if prefix == "eval" and name == "loss":
-                self.eval_loss.set(value)
+                self.eval_loss.labels(**self.labels).set(value)
             elif prefix == "eval":
                 self.eval_metric.labels(**self.labels, metric=name).set(value)
-            else:
-                self.eval_metric.labels(**self.labels, metric=TEST_PREFIX + name).set(value)
+            else:  # test results, or a training step's metrics besides its loss (dpo: train_reward_accuracy)
+                label = TEST_PREFIX + name if prefix == "test" else f"{prefix}_{name}"
+                self.eval_metric.labels(**self.labels, metric=label).set(value)
 
     def record_checkpoint(self, step: int, seconds: float) -> None:
         self.checkpoint_seconds.observe(seconds)

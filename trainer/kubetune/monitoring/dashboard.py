@@ -71,7 +71,8 @@ def fleet_row() -> Section:
     return (
         Section("Fleet")
         .with_panel(stat("FineTuneJobs", "short", [(f"sum({c.METRIC_OP_JOBS})", "jobs")]))
-        .with_panel(stat("Failed", "short", [(f'sum({c.METRIC_OP_JOBS}{{phase="Failed"}}) or vector(0)', "failed")]))
+        .with_panel(stat("Failed (24h)", "short",
+                         [(f"sum(increase({c.METRIC_OP_FAILURES}[24h])) or vector(0)", "failed")]))
         .with_panel(stat("Gang restarts (24h)", "short",
                          [(f"sum(increase({c.METRIC_OP_RESTARTS}[24h])) or vector(0)", "restarts")]))
         .with_panel(timeseries("Jobs by phase", "short", [(f"sum by (phase) ({c.METRIC_OP_JOBS})", "{{phase}}")],
@@ -79,6 +80,10 @@ def fleet_row() -> Section:
         .with_panel(timeseries("Trainers by state", "short",
                                [(f"sum by (state) ({c.METRIC_STATE} == 1)", "{{state}}")], width=12,
                                description="Trainer processes (rank 0) in each state."))
+        .with_panel(timeseries("Failures by reason", "short",
+                               [(f"sum by (namespace, reason) (increase({c.METRIC_OP_FAILURES}[1h]))",
+                                 "{{namespace}} {{reason}}")], width=12,
+                               description="FineTuneJobs that ended Failed in the last hour, by failure reason."))
         .with_panel(timeseries("Gang restarts by reason", "short",
                                [(f"sum by (namespace, job, reason) (increase({c.METRIC_OP_RESTARTS}[1h]))",
                                  "{{namespace}}/{{job}} {{reason}}")], width=12))

@@ -31,10 +31,11 @@ def trainer_rules(stall_for: str = STALL_FOR) -> list[dict[str, Any]]:
                "The trainer reported the failed state; `kubectl describe ftj {{ $labels.job }} -n "
                "{{ $labels.namespace }}` shows the reason.", "critical"),
         _alert("KubetuneJobsFailed",
-               f'sum by (namespace) ({c.METRIC_OP_JOBS}{{phase="Failed"}}) > 0',
-               "{{ $value }} FineTuneJob(s) failed in {{ $labels.namespace }}",
-               "The operator counts FineTuneJobs in phase Failed (also those whose trainer never started: image "
-               "pull, scheduling, OOM).", "warning"),
+               f"sum by (namespace) (increase({c.METRIC_OP_FAILURES}[15m])) > 0",
+               "{{ $value }} FineTuneJob(s) failed in {{ $labels.namespace }} in the last 15 minutes",
+               "The operator counts FineTuneJobs that ended Failed (also those whose trainer never started: image "
+               "pull, scheduling, OOM); the alert clears 15 minutes after the last new failure, however many "
+               "failed jobs are still kept.", "warning"),
         _alert("KubetuneTrainingStalled",
                f"{training} and on (namespace, job) max {BY_JOB} (changes({c.METRIC_STEP}[{stall_for}])) == 0 "
                f"and on (namespace, job) max {BY_JOB} ({c.METRIC_STEP} offset {stall_for}) >= 0",
