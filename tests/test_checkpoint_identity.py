@@ -20,7 +20,7 @@ from kubetune.train import identity
 from kubetune.train.outputs import model_card
 from kubetune.train.progress import Progress
 from kubetune.train.recipe import FineTuneRecipe
-from tests.fixtures_models import classification_job
+from tests.fixtures_models import causal_job, classification_job
 from tests.trainer_runs import SPLIT, gpt2_job, split_instructions
 
 STEPS = SPLIT["train"] // 16  # 7
@@ -158,3 +158,13 @@ def test_early_stopping_ties_go_to_the_lower_loss_then_the_later_step(tmp_path: 
     run = {"data": {}, "hardware": {}}
     card = model_card(parse_job(doc).model_dump(mode="json", by_alias=True), metrics, run, ["merged"])
     assert "Ties on the metric go to the lower validation loss, then to the later step." in card
+
+
+def test_fields_that_do_not_shape_training_leave_the_identity_alone() -> None:
+    """evaluation.minImprovement (a gate on the result) and the dpo-only fields are not part of a non-dpo job's
+    identity: adding them must not orphan the checkpoints every job already had (the digest is the one kubetune
+    computed before they existed), nor may setting the gate retrain."""
+    doc = causal_job("x", "s3://models/a/", "s3://data/t.jsonl", "s3://out/x/")
+    gated = causal_job("x", "s3://models/a/", "s3://data/t.jsonl", "s3://out/x/", evaluation={"minImprovement": 0.5})
+    digests = {identity.digest(identity.training_identity(parse_job(d), "m", [], 1)) for d in (doc, gated)}
+    assert digests == {"f738a4df887f3ab8"}

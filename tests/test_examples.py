@@ -47,13 +47,17 @@ def test_cluster_example_passes_kubetune_validate(path: Path, capsys: pytest.Cap
     assert f"valid FineTuneJob {documents(path)[0]['metadata']['name']!r}" in capsys.readouterr().out
 
 
-def prepare_demo_tree(root: Path, minilm: Path, tiny_gpt2: Path) -> Path:
-    """The layout `make demo` prepares (.kubetune/demo beside examples/), from the real models and samples."""
+def prepare_demo_tree(root: Path, minilm: Path, tiny_gpt2: Path, sft_output: bool = True) -> Path:
+    """The layout `make demo` prepares (.kubetune/demo beside examples/), from the real models and samples; with
+    sft_output, also a stand-in for what `make demo-dpo`'s first step leaves (the SFT model's merged/)."""
     demo = root / ".kubetune" / "demo"
     write_samples(demo / "data")
     (demo / "models").mkdir(parents=True)
     (demo / "models" / "all-MiniLM-L6-v2").symlink_to(minilm)
     (demo / "models" / "tiny-gpt2").symlink_to(tiny_gpt2)
+    if sft_output:
+        (demo / "output" / "instructions-tiny-gpt2").mkdir(parents=True)
+        (demo / "output" / "instructions-tiny-gpt2" / "merged").symlink_to(tiny_gpt2)
     (root / "examples").mkdir()
     return root / "examples"
 

@@ -51,7 +51,8 @@ def on_this_machine(doc: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path, tiny_gpt2: Path) -> Path:
-    return prepare_demo_tree(tmp_path_factory.mktemp("examples-run"), minilm_path, tiny_gpt2)
+    # No SFT stand-in: preferences-dpo.yaml tunes what instructions-causal-lm.yaml (run before it) published.
+    return prepare_demo_tree(tmp_path_factory.mktemp("examples-run"), minilm_path, tiny_gpt2, sft_output=False)
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.samples import INSTRUCTIONS, REVIEWS, sample_path, write_samples
+from kubetune.samples import INSTRUCTIONS, PREFERENCES, REVIEWS, sample_path, write_samples
 
 _WORD = re.compile(r"[a-z']+")
 
@@ -105,7 +105,7 @@ def test_instructions_unique(instructions: list[dict[str, Any]]) -> None:
 def test_write_samples(tmp_path: Path) -> None:
     dest = tmp_path / "nested" / "samples"
     written = write_samples(dest)
-    assert set(written) == {"reviews", "instructions"}
+    assert set(written) == {"reviews", "instructions", "preferences"}
     assert written["reviews"] == dest / REVIEWS
     assert written["instructions"] == dest / INSTRUCTIONS
     for key, name in (("reviews", REVIEWS), ("instructions", INSTRUCTIONS)):
@@ -117,3 +117,20 @@ def test_write_samples(tmp_path: Path) -> None:
 def test_sample_path_unknown() -> None:
     with pytest.raises(FileNotFoundError, match="known samples"):
         sample_path("nope.jsonl")
+
+
+def test_preference_pairs_cover_the_instruction_prompts() -> None:
+    """One pair per instruction prompt (issue 30): the instruction's own answer chosen, another reply rejected;
+    chat pairs share the history up to the last user turn."""
+    instructions = [json.loads(line) for line in sample_path(INSTRUCTIONS).read_text().splitlines()]
+    pairs = [json.loads(line) for line in sample_path(PREFERENCES).read_text().splitlines()]
+    assert len(pairs) == len(instructions)
+    for pair, source in zip(pairs, instructions, strict=True):
+        assert pair["chosen"] and pair["rejected"] and pair["chosen"] != pair["rejected"]
+        if "prompt" in source:
+            assert (pair["prompt"], pair["chosen"]) == (source["prompt"], source["completion"])
+        else:
+            assert pair["messages"][-1]["role"] == "user" and source["messages"][: len(pair["messages"])] == \
+                pair["messages"]
+            assert pair["chosen"] == source["messages"][len(pair["messages"])]["content"]
+

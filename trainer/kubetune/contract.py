@@ -38,6 +38,11 @@ ENV_COLLECTIVE_TIMEOUT = "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS"
 ENV_IO_TIMEOUT = "KUBETUNE_IO_TIMEOUT_SECONDS"  # trainer: how long ranks wait on rank 0's downloads and uploads
 ENV_STATE_DIR = "KUBETUNE_STATE_DIR"
 ENV_DEVICE_MEMORY = "KUBETUNE_DEVICE_MEMORY"  # one training device's memory (80Gi): validate's and the trainer's fit
+# Set by the operator so any image runs under readOnlyRootFilesystem: home, caches and temporary files on volumes.
+ENV_HOME = "HOME"
+ENV_HF_HOME = "HF_HOME"
+ENV_TMPDIR = "TMPDIR"
+ENV_OMP_THREADS = "OMP_NUM_THREADS"  # the pod's cpu shared by its processes (no cgroup quota without a cpu limit)
 
 # Credentials come from the Secret in spec.storage.secretRef via secretKeyRef.
 SECRET_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
@@ -47,6 +52,7 @@ DEFAULT_MASTER_PORT = 29500
 DEFAULT_METRICS_PORT = 9400
 DEFAULT_OPERATOR_METRICS_PORT = 9401
 DEFAULT_GRACE_SECONDS = 30
+GRACE_MARGIN_SECONDS = 15  # a pod's grace beyond the trainer's budget: torchrun passing SIGTERM on, exit
 DEFAULT_COLLECTIVE_TIMEOUT_SECONDS = 600
 DEFAULT_IO_TIMEOUT_SECONDS = 24 * 3600
 
@@ -54,6 +60,8 @@ DEFAULT_IO_TIMEOUT_SECONDS = 24 * 3600
 SPEC_MOUNT_PATH = "/etc/kubetune/spec.yaml"
 WORK_DIR = "/var/lib/kubetune"
 TERMINATION_LOG = "/dev/termination-log"
+TMP_DIR = "/tmp"  # the work volume's tmp/ folder, mounted here
+HF_HOME_DIR = f"{WORK_DIR}/.cache/huggingface"  # as in the trainer image
 
 # Labels on every child object.
 LABEL_JOB_NAME = "kubetune.io/job-name"

@@ -10,10 +10,17 @@ from typing import Any
 import yaml
 
 from kubetune import contract
-from kubetune.spec import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, FineTuneJobSpec, RunPolicySpec
+from kubetune.spec import (
+    CAUSAL_LM_METRICS,
+    CLASSIFICATION_METRICS,
+    PREFERENCE_METRICS,
+    FineTuneJobSpec,
+    RunPolicySpec,
+)
 
 # Cross-field rules the API server enforces itself (CEL), mirroring the pydantic validators.
 # has() guards keep each rule meaningful on objects the API server has not defaulted (and in tests).
+DPO = "has(self.method) && has(self.method.type) && self.method.type == 'dpo'"  # method.type defaults to lora
 CEL_RULES = [
     {
         "rule": "self.model.task != 'sequence-classification' || "
@@ -43,20 +50,37 @@ CEL_RULES = [
     },
     {
         "rule": "!has(self.evaluation) || !has(self.evaluation.metric) || self.evaluation.metric in "
+        f"({DPO} ? " + repr(list(PREFERENCE_METRICS)) + " : "
         "(self.model.task == 'causal-lm' ? " + repr(list(CAUSAL_LM_METRICS)) + " : "
-        + repr(list(CLASSIFICATION_METRICS)) + ")",
+        + repr(list(CLASSIFICATION_METRICS)) + "))",
         "message": "evaluation.metric: must be one of " + ", ".join(CLASSIFICATION_METRICS)
-        + " (sequence-classification) or " + ", ".join(CAUSAL_LM_METRICS) + " (causal-lm)",
+        + " (sequence-classification), " + ", ".join(CAUSAL_LM_METRICS) + " (causal-lm) or "
+        + ", ".join(PREFERENCE_METRICS) + " (method.type dpo)",
     },
     {
         "rule": "self.model.task == 'causal-lm' || !has(self.data.packing) || !self.data.packing",
         "message": "data.packing: only causal-lm packs examples",
     },
     {
+        "rule": f"!({DPO}) || self.model.task == 'causal-lm'",
+        "message": "method.type: dpo tunes causal LMs (model.task causal-lm)",
+    },
+    {
+        "rule": f"!({DPO}) || !has(self.data.packing) || !self.data.packing",
+        "message": "data.packing: dpo keeps each chosen/rejected pair whole in one micro-batch",
+    },
+    {
+        "rule": "!has(self.evaluation) || !has(self.evaluation.minImprovement) || has(self.data.test) || "
+        "!has(self.data.split) || !has(self.data.split.test) || self.data.split.test > 0.0",
+        "message": "evaluation.minImprovement: the gate compares base and fine-tuned on the test split: give "
+        "data.test or a data.split.test above 0",
+    },
+    {
         # method.type defaults to lora, so an absent type counts as lora here; qlora is LoRA on a 4-bit base.
         "rule": "!has(self.deploy) || !has(self.deploy.kserve) || !has(self.output.mergeAdapter) || "
         "self.output.mergeAdapter || (has(self.method) && has(self.method.type) && "
-        "!(self.method.type in ['lora', 'qlora']))",
+        "!(self.method.type in ['lora', 'qlora']) && !(self.method.type == 'dpo' && (!has(self.method.dpo) || "
+        "!has(self.method.dpo.weights) || self.method.dpo.weights == 'lora')))",
         "message": "deploy.kserve: serving needs merged/: set output.mergeAdapter to true",
     },
     {

@@ -203,7 +203,7 @@ def _check_model(job: FineTuneJob, storage: Storage, work: Path) -> dict[str, An
         raise UserError(f"spec.model.uri: {uri}: architecture {config.model_type!r} cannot do "
                         f"{spec.model.task} ({exc})") from None
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    if spec.method.type in ("lora", "qlora") and spec.method.lora.target_modules:
+    if spec.method.weights in ("lora", "qlora") and spec.method.lora.target_modules:
         missing = [t for t in spec.method.lora.target_modules if t not in names]
         if missing:
             problems.append(f"spec.method.lora.targetModules: {missing} are not modules of this "

@@ -178,7 +178,11 @@ class MemoryPlan:
         hp = spec.hyperparameters
         gpu = spec.resources.gpus_per_node > 0  # qlora and more GPUs are no advice for a CPU job
         options = []
-        if spec.method.type in ("full", "partial"):
+        if spec.method.type == "dpo" and spec.method.weights == "full":
+            options.append("spec.method.dpo.weights: lora (the reference is then the same weights, adapters off)")
+            if not spec.method.dpo.precompute_reference:
+                options.append("spec.method.dpo.precomputeReference: true (no frozen reference copy)")
+        elif spec.method.type in ("full", "partial"):
             options.append("spec.method.type: lora" + (" (or qlora)" if gpu else ""))
         elif spec.method.type == "lora" and gpu and self.device_bytes is not None:
             options.append("spec.method.type: qlora (4-bit base, GPU only)")
@@ -230,7 +234,7 @@ def plan(spec: FineTuneJobSpec | FineTuneJob, *, world_size: int, device_bytes: 
     notes: list[str] = []
     checkpointing_options = [False, True] if hp.gradient_checkpointing is None else [hp.gradient_checkpointing]
     strategies = ["ddp", "fsdp"] if hp.strategy == "auto" else [hp.strategy]
-    if hp.strategy == "auto" and (world == 1 or spec.method.type == "qlora"):
+    if hp.strategy == "auto" and (world == 1 or spec.method.weights == "qlora"):
         strategies = ["ddp"]  # one process: sharding saves nothing; qlora: the trainer does not shard 4-bit weights
     counted = precision or hp.precision
     gpu = spec.resources.gpus_per_node > 0 if gpu is None else gpu
@@ -245,8 +249,13 @@ def plan(spec: FineTuneJobSpec | FineTuneJob, *, world_size: int, device_bytes: 
         chosen = fitting[0] if fitting else min(candidates, key=lambda c: c.needed)
     if shape.model_type not in ("gpt2", "bert", "roberta", "llama", "mistral", "qwen2"):
         notes.append(f"model_type {shape.model_type!r}: parameters counted as a llama-style decoder")
-    if spec.method.type == "partial" and spec.method.partial and spec.method.partial.train_modules:
+    if spec.method.weights == "partial" and spec.method.partial and spec.method.partial.train_modules:
         notes.append("partial.trainModules: counted as full fine-tuning (an upper bound)")
+    if spec.method.type == "dpo":
+        reference = ("precomputed before training, no copy kept" if spec.method.dpo.precompute_reference else
+                     "the same weights with the adapters off" if spec.method.weights == "lora" else
+                     "a frozen copy, counted in weights")
+        notes.append(f"dpo: activations for chosen and rejected rows; reference: {reference}")
     if gpu and chosen.trainable:
         best = chosen.trainable * 4 // (world if chosen.strategy == "fsdp" else 1)
         notes.append(f"host memory per process: {_gib(best)} for the best model's copy (kept off the GPU)")
@@ -256,7 +265,7 @@ def plan(spec: FineTuneJobSpec | FineTuneJob, *, world_size: int, device_bytes: 
 
 def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: str, checkpointing: bool,
               precision: str, gpu: bool) -> MemoryPlan:
-    hp, method, task = spec.hyperparameters, spec.method.type, spec.model.task
+    hp, method, task = spec.hyperparameters, spec.method.weights, spec.model.task
     labels = len(spec.model.labels or [])
     total = shape.parameters(task, labels)
     trainable = _trainable(spec, shape, total, labels)
@@ -283,6 +292,10 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, world: int, strategy: st
     if hp.offload_optimizer and strategy == "fsdp":  # FSDP's CPU offload; DDP keeps the state on the device
         optimizer = 0
     activations = activation_bytes(spec, shape, checkpointing, precision, gpu)
+    if spec.method.type == "dpo":  # each pair is two rows; full weights also keep a frozen reference copy
+        activations *= 2
+        if method == "full" and not spec.method.dpo.precompute_reference:
+            weights += total * (2 if gpu and precision in ("bf16", "fp16") else 4)  # fsdp: refused, not sharded
     held = weights + gathered + gradients + optimizer + activations + best
     headroom = held * HEADROOM_FRACTION + (GPU_HEADROOM_BYTES if gpu else 0)
     return MemoryPlan(int(weights), int(gradients), int(optimizer), int(activations), strategy, checkpointing,
@@ -305,7 +318,7 @@ def _gathered(spec: FineTuneJobSpec, shape: ModelShape, trainable: int, precisio
 
 
 def _trainable(spec: FineTuneJobSpec, shape: ModelShape, total: int, labels: int) -> int:
-    method, task = spec.method.type, spec.model.task
+    method, task = spec.method.weights, spec.model.task
     head = shape.head_parameters(task, labels)
     if task == "causal-lm" and shape.tied:
         head = shape.vocab * shape.hidden  # a tied head is the embedding matrix
@@ -331,7 +344,7 @@ def _trainable(spec: FineTuneJobSpec, shape: ModelShape, total: int, labels: int
 
 def _root_trainable(spec: FineTuneJobSpec, shape: ModelShape, labels: int) -> int:
     """Trainable parameters of the root unit: all of it (full), the head (partial), a fresh classifier (LoRA)."""
-    method, task = spec.method.type, spec.model.task
+    method, task = spec.method.weights, spec.model.task
     if method == "full" or (method == "partial" and (spec.method.partial is None
                                                       or spec.method.partial.train_last_layers is None)):
         return shape.root_parameters(task, labels)
@@ -355,7 +368,7 @@ def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, checkpointing: bo
     precision = precision or hp.precision
     gpu = spec.resources.gpus_per_node > 0 if gpu is None else gpu
     s, b, h, a, i = spec.data.max_seq_length, hp.batch_size, shape.hidden, shape.heads, shape.intermediate
-    half = precision in ("bf16", "fp16") or spec.method.type == "qlora" or (
+    half = precision in ("bf16", "fp16") or spec.method.weights == "qlora" or (
         precision == "auto" and gpu)
     per_element = 2 if half else 4
     mlp = 4 if shape.gated else (5 if shape.python_gelu else 2)
@@ -366,7 +379,7 @@ def activation_bytes(spec: FineTuneJobSpec, shape: ModelShape, checkpointing: bo
     masks = (2 * s * b * h + scores) if shape.dropout else 0
     # QLoRA: peft's prepare_model_for_kbit_training upcasts the norms, so the residual stream, the norms' inputs
     # and outputs (4 of the 8 s*b*h tensors) are fp32 (H100, 683 M, 8 x 1024: measured 16763 MiB, estimate 13521).
-    wide = 4 * s * b * h * 2 if spec.method.type == "qlora" else 0
+    wide = 4 * s * b * h * 2 if spec.method.weights == "qlora" else 0
     layer = per_element * (8 * s * b * h + mlp * s * b * i + 2 * scores) + masks + wide
     # Checkpointed, a layer keeps its input (the residual stream stays fp32 under autocast) and one is recomputed.
     layers = shape.layers * s * b * h * 4 + layer if checkpointing else shape.layers * layer

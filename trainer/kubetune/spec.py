@@ -13,11 +13,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetune import contract
+
 Task = Literal["sequence-classification", "causal-lm"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 CLASSIFICATION_METRICS = ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall")
 CAUSAL_LM_METRICS = ("eval_loss", "eval_perplexity")
+PREFERENCE_METRICS = ("eval_loss", "eval_preference_accuracy", "eval_reward_margin")
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -67,6 +70,19 @@ LabelValue = Annotated[str, _matching(LABEL_VALUE, "a label value (at most 63 le
                        Field(json_schema_extra={"pattern": LABEL_VALUE, "maxLength": 63})]
 DnsSubdomain = Annotated[str, _matching(DNS_SUBDOMAIN, "a DNS subdomain (lowercase letters, digits, '-' and '.')",
                                         253), Field(json_schema_extra={"pattern": DNS_SUBDOMAIN, "maxLength": 253})]
+_QUANTITY_FACTORS = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+                     "P": 1e15, "E": 1e18, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50,
+                     "Ei": 2.0**60}
+
+
+def quantity_value(text: str) -> float:
+    """A checked Quantity as a number: 32Gi -> 34359738368.0, 500m -> 0.5, 1e3 -> 1000.0."""
+    number, suffix = re.fullmatch(r"([0-9.]+)(.*)", text).groups()  # type: ignore[union-attr]
+    if len(suffix) > 1 and suffix[0] in "eE" and suffix[1] != "i":  # an exponent, not the exa suffixes E and Ei
+        return float(number + suffix)
+    return float(number) * _QUANTITY_FACTORS[suffix]
+
+
 LABEL_KEYS_RULE: dict[str, Any] = {"rule": f"self.all(k, k.matches(r'{LABEL_KEY}') && size(k) <= 317)",
                    "message": "nodeSelector: keys must be label keys ([prefix/]name)"}
 
@@ -128,20 +144,46 @@ class PartialSpec(_Spec):
         return self
 
 
+class DpoSpec(_Spec):
+    beta: float = Field(default=0.1, gt=0.0, le=100.0, allow_inf_nan=False,
+                        description="Strength of the pull towards the reference model (DPO's beta; IPO's tau).")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        default="sigmoid", description="sigmoid: DPO (Rafailov et al. 2023); ipo: IPO (Azar et al. 2023), its "
+        "log-ratios averaged per answer token as TRL does.")
+    # le, not lt: the API server compares an integer value (0) with int(0.5) for an exclusive maximum and refuses it.
+    label_smoothing: float = Field(
+        default=0.0, ge=0.0, le=0.5, description="sigmoid only: the share of pairs assumed mislabelled "
+        "(conservative DPO): the loss also pulls a little towards the rejected answer (0.5: no preference left).")
+    weights: Literal["lora", "full"] = Field(
+        default="lora", description="lora: LoRA adapters train (method.lora), the reference is the same model with "
+        "them disabled; full: every weight trains, the reference is a frozen copy.")
+    precompute_reference: bool = Field(
+        default=False, description="Score every example with the reference model once before training and free it "
+        "(no frozen copy in memory under weights: full; one forward less per step).")
+
+
 class MethodSpec(_Spec):
-    type: Literal["full", "partial", "lora", "qlora"] = Field(
+    type: Literal["full", "partial", "lora", "qlora", "dpo"] = Field(
         default="lora",
         description="full: all weights; partial: last layers or chosen modules; lora: PEFT LoRA; "
-        "qlora: LoRA on 4-bit base weights (bitsandbytes, CUDA only).",
+        "qlora: LoRA on 4-bit base weights (bitsandbytes, CUDA only); dpo: preference tuning of a causal LM on "
+        "chosen/rejected answer pairs (method.dpo).",
     )
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (method.type=lora or qlora).")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (method.type=lora or qlora, "
+                           "and dpo with dpo.weights lora).")
     partial: PartialSpec | None = Field(default=None, description="Which weights train (method.type=partial).")
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="Preference tuning settings (method.type=dpo).")
 
     @model_validator(mode="after")
     def _partial_present(self) -> MethodSpec:
         if self.type == "partial" and self.partial is None:
             raise ValueError("partial: method.type=partial needs partial.trainLastLayers or partial.trainModules")
         return self
+
+    @property
+    def weights(self) -> str:
+        """Which weights train: the type itself, or for dpo its dpo.weights (lora or full)."""
+        return self.dpo.weights if self.type == "dpo" else self.type
 
 
 class SplitSpec(_Spec):
@@ -174,6 +216,9 @@ class DataSpec(_Spec):
     prompt_field: str = Field(default="prompt", description="Causal LM prompt column.")
     completion_field: str = Field(default="completion", description="Causal LM completion column.")
     messages_field: str = Field(default="messages", description="Causal LM chat column: [{role, content}].")
+    chosen_field: str = Field(default="chosen", description="dpo: the preferred answer column (text, or an "
+                              "assistant message after the shared messagesField history).")
+    rejected_field: str = Field(default="rejected", description="dpo: the dispreferred answer column.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="Seeded split used when files are absent.")
     cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="Row cleaning before the split.")
     max_seq_length: int = Field(default=256, ge=8, le=32768, description="Tokens per example (truncated).")
@@ -189,9 +234,9 @@ class HyperparametersSpec(_Spec):
     learning_rate: float | None = Field(
         default=None, gt=0.0, le=1.0,
         description="Peak learning rate (AdamW). Default by method and task: lora 1e-3 (classification) / "
-        "2e-4 (causal LM), partial 1e-4 / 5e-5, full 2e-5 / 1e-5.",
+        "2e-4 (causal LM), partial 1e-4 / 5e-5, full 2e-5 / 1e-5, dpo 5e-6 (lora) / 1e-6 (full).",
     )
-    batch_size: int = Field(default=16, ge=1, le=65536, description="Examples per device per micro-step.")
+    batch_size: int = Field(default=16, ge=1, le=65536, description="Examples (dpo: pairs) per device per micro-step.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096, description="Micro-steps per update.")
     epochs: int = Field(default=3, ge=1, le=10000, description="Passes over the training data.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many updates (overrides epochs).")
@@ -223,6 +268,8 @@ DEFAULT_LEARNING_RATES = {
     ("partial", "sequence-classification"): 1e-4, ("partial", "causal-lm"): 5e-5,
     ("full", "sequence-classification"): 2e-5, ("full", "causal-lm"): 1e-5,
     ("qlora", "sequence-classification"): 1e-3, ("qlora", "causal-lm"): 2e-4,
+    # DPO moves a tuned model a little: TRL's default 1e-6 for full weights, LoRA about ten times higher.
+    ("dpo", "lora"): 5e-6, ("dpo", "full"): 1e-6,
 }
 
 
@@ -277,6 +324,19 @@ class ResourcesSpec(_Spec):
         json_schema_extra={"x-kubernetes-validations": [LABEL_KEYS_RULE], "maxProperties": 64})
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
     priority_class_name: DnsSubdomain | None = Field(default=None, description="Pod priorityClassName.")
+    guaranteed: bool = Field(
+        default=False, description="Limits equal to requests, cpu included: Guaranteed QoS, which the kubelet's "
+        "static CPU and topology managers need to give a pod whole cores next to its GPUs (use a whole-number cpu). "
+        "false: cpu is a request only (Burstable QoS).")
+    shm_size: Quantity | None = Field(
+        default=None, description="Size of /dev/shm, which NCCL uses: memory-backed and counted in resources.memory; "
+        "past it a write fails ('no space left on device') instead of the pod being OOMKilled. null = a quarter of "
+        "resources.memory.")
+    ephemeral_storage: Quantity | None = Field(
+        default=None, description="Local disk per pod for the work volume (model and data downloads, checkpoint "
+        "staging, outputs, temporary files): the pod's ephemeral-storage request and the volume's size limit (past "
+        "it the kubelet evicts the pod). null = no size limit, and a request of what the pre-flight estimates from "
+        "the model's size.")
 
     @field_validator("node_selector")
     @classmethod
@@ -287,6 +347,13 @@ class ResourcesSpec(_Spec):
                 raise ValueError(f"{key!r} is not a label key ([prefix/]name, the name at most 63 characters)")
         return value
 
+    @model_validator(mode="after")
+    def _shm_within_memory(self) -> ResourcesSpec:
+        if self.shm_size is not None and quantity_value(self.shm_size) >= quantity_value(self.memory):
+            raise ValueError(f"shmSize: {self.shm_size} is not below resources.memory {self.memory}: /dev/shm counts "
+                             "in the pod's memory, so leave the trainer room")
+        return self
+
 
 class RunPolicySpec(_Spec):
     backoff_limit: int = Field(default=3, ge=0, description="Retries of a failed pod (bad input never retries).")
@@ -294,6 +361,15 @@ class RunPolicySpec(_Spec):
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description="Delete children after this.")
     suspend: bool = Field(default=False, description="Hold the job without running pods.")
     queue_name: LabelValue | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name).")
+    max_free_restarts: int | None = Field(
+        default=20, ge=0, description="Restarts after a disruption (eviction, preemption, a checkpoint on SIGTERM), "
+        "which do not spend backoffLimit; one more fails the job. null = no cap.")
+    termination_grace_period_seconds: int | None = Field(
+        default=None, ge=contract.GRACE_MARGIN_SECONDS + 5, le=86400,
+        description="Seconds a pod gets after SIGTERM (eviction, preemption, a node drain) to checkpoint and exit; "
+        f"the trainer's own budget is {contract.GRACE_MARGIN_SECONDS} s less. null = from the pre-flight's estimate "
+        "of the checkpoint each pod uploads, at 100 MB/s; "
+        f"{contract.DEFAULT_GRACE_SECONDS + contract.GRACE_MARGIN_SECONDS} without one.")
 
 
 class DryRunSpec(_Spec):
@@ -330,6 +406,9 @@ class FineTuneJobSpec(_Spec):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods and what they get.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, queueing.")
     image: str | None = Field(default=None, description="Trainer image; default is the operator's.")
+    image_pull_secrets: list[DnsSubdomain] = Field(
+        default_factory=list, description="Secrets (docker-registry, in the job's namespace) for pulling the image, "
+        "besides the operator's own.", json_schema_extra={"maxItems": 16})
     deploy: DeploySpec | None = Field(default=None, description="What to do with the model once it is written.")
     dry_run: DryRunSpec | None = Field(
         default=None, description="Train briefly on a sample and report throughput, full-job time, memory and "
@@ -338,12 +417,24 @@ class FineTuneJobSpec(_Spec):
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> FineTuneJobSpec:
-        allowed = CLASSIFICATION_METRICS if self.model.task == "sequence-classification" else CAUSAL_LM_METRICS
+        allowed: tuple[str, ...] = (CLASSIFICATION_METRICS if self.model.task == "sequence-classification"
+                                    else CAUSAL_LM_METRICS)
+        if self.method.type == "dpo":
+            allowed = PREFERENCE_METRICS
         if self.evaluation.metric not in allowed:
+            what = "method.type dpo" if self.method.type == "dpo" else f"task {self.model.task}"
             raise ValueError(
-                f"evaluation.metric: {self.evaluation.metric!r} is not one of {', '.join(allowed)} "
-                f"for task {self.model.task}"
+                f"evaluation.metric: {self.evaluation.metric!r} is not one of {', '.join(allowed)} for {what}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_fits_task(self) -> FineTuneJobSpec:
+        if self.method.type == "dpo" and self.model.task != "causal-lm":
+            raise ValueError(f"method.type: dpo tunes causal LMs (model.task causal-lm), not {self.model.task}")
+        if self.method.type == "dpo" and self.data.packing:
+            raise ValueError("data.packing: dpo keeps each chosen/rejected pair whole in one micro-batch; set it to "
+                             "false or leave it out")
         return self
 
     @model_validator(mode="after")
@@ -363,13 +454,12 @@ class FineTuneJobSpec(_Spec):
     @model_validator(mode="after")
     def _default_learning_rate(self) -> FineTuneJobSpec:
         if self.hyperparameters.learning_rate is None:
-            key = (self.method.type, self.model.task)
-            self.hyperparameters.learning_rate = DEFAULT_LEARNING_RATES[key]
+            self.hyperparameters.learning_rate = DEFAULT_LEARNING_RATES[self._rate_key()]
         return self
 
     @model_validator(mode="after")
     def _deploy_needs_merged(self) -> FineTuneJobSpec:
-        adapter_only = self.method.type in ("lora", "qlora") and not self.output.merge_adapter
+        adapter_only = self.method.weights in ("lora", "qlora") and not self.output.merge_adapter
         if self.deploy and self.deploy.kserve and adapter_only:
             raise ValueError("deploy.kserve: serving needs merged/: set output.mergeAdapter to true")
         return self
@@ -383,7 +473,10 @@ class FineTuneJobSpec(_Spec):
 
     def learning_rate(self) -> float:
         """The peak learning rate in force: the spec's, else the method's default (filled in at validation)."""
-        return self.hyperparameters.learning_rate or DEFAULT_LEARNING_RATES[(self.method.type, self.model.task)]
+        return self.hyperparameters.learning_rate or DEFAULT_LEARNING_RATES[self._rate_key()]
+
+    def _rate_key(self) -> tuple[str, str]:
+        return ("dpo", self.method.dpo.weights) if self.method.type == "dpo" else (self.method.type, self.model.task)
 
     def checkpoint_uri(self) -> str:
         return self.checkpoint.uri or self.output.uri.rstrip("/") + "/checkpoints/"

@@ -7,14 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.data.clean import REASONS, clean_files, drop_cross_split
-from kubetune.data.encode import Encoded, encode_causal_lm, encode_classification
+from kubetune.data.clean import PREFERENCE_REASONS, REASONS, clean_files, drop_cross_split
+from kubetune.data.encode import Encoded, encode_causal_lm, encode_classification, encode_preference
 from kubetune.data.read import DataFile, read_data
 from kubetune.data.split import PARTS, split_data
 from kubetune.errors import UserError
 from kubetune.spec import FineTuneJobSpec
 
-__all__ = ["Encoded", "PreparedData", "encode_causal_lm", "encode_classification", "prepare_data"]
+__all__ = ["Encoded", "PreparedData", "encode_causal_lm", "encode_classification", "encode_preference",
+           "prepare_data"]
 
 
 @dataclass
@@ -29,6 +30,7 @@ def prepare_data(spec: FineTuneJobSpec, paths: dict[str, Path | None]) -> Prepar
     """Read, clean and split. `paths`: local file or folder per part; validation/test may be None."""
     data = spec.data
     labels = spec.model.labels if spec.model.task == "sequence-classification" else None
+    reasons = PREFERENCE_REASONS if spec.method.type == "dpo" else REASONS
     dropped: dict[str, Counter[str]] = {}
     files: dict[str, list[DataFile]] = {}
     sources: dict[str, list[dict[str, Any]]] = {}
@@ -46,10 +48,10 @@ def prepare_data(spec: FineTuneJobSpec, paths: dict[str, Path | None]) -> Prepar
     for part, rows in sources.items():
         if not rows:
             read = sum(len(f.rows) for f in files[part])
-            reasons = ", ".join(f"{dropped[part][r]} {r}" for r in REASONS)
+            counts = ", ".join(f"{dropped[part][r]} {r}" for r in reasons)
             raise UserError(
                 f"spec.data.{part}: no usable rows after cleaning ({read} rows read from {len(files[part])} "
-                f"file(s) under {paths[part]}; dropped: {reasons})"
+                f"file(s) under {paths[part]}; dropped: {counts})"
             )
 
     fractions = {p: getattr(data.split, p) for p in PARTS}
@@ -68,7 +70,7 @@ def prepare_data(spec: FineTuneJobSpec, paths: dict[str, Path | None]) -> Prepar
         ],
         "rowsRead": sum(len(f.rows) for part_files in files.values() for f in part_files),
         "rowsKept": sum(len(rows) for rows in sources.values()),
-        "dropped": {r: sum(c[r] for c in dropped.values()) for r in REASONS},
+        "dropped": {r: sum(c[r] for c in dropped.values()) for r in reasons},
         "splitSizes": {p: len(parts[p]) for p in PARTS},
         "splitFrom": carved,
     }

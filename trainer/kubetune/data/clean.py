@@ -12,8 +12,10 @@ from kubetune.spec import DataSpec, FineTuneJobSpec
 
 Record = dict[str, Any]
 # duplicate: same input and target as an earlier row; conflict: same input, another label (the first row wins);
-# crossSplit: an evaluation row whose input is also in train (or, for test, in validation).
+# crossSplit: an evaluation row whose input is also in train (or, for test, in validation); identical (preference
+# data only): a pair whose chosen and rejected answers are the same, so there is nothing to prefer.
 REASONS = ("empty", "malformed", "duplicate", "conflict", "crossSplit")
+PREFERENCE_REASONS = (*REASONS, "identical")
 
 
 class _BadLabel(Exception):
@@ -32,16 +34,19 @@ def clean_files(files: list[DataFile], spec: FineTuneJobSpec, dropped: Counter[s
     """Clean every row of `files` (one split's source) in order; counts dropped rows into `dropped`."""
     data = spec.data
     classification = spec.model.task == "sequence-classification"
+    preference = spec.method.type == "dpo"
     records: list[Record] = []
     seen: dict[str, Record] = {}
     for file in files:
-        check_columns(file, data, classification)
+        check_columns(file, data, classification, preference)
         for index, row in enumerate(file.rows):
             try:
                 if row is None:
                     raise _Drop("malformed")
                 if classification:
                     record = _classification(row, data, spec.model.labels or [])
+                elif preference:
+                    record = _preference(row, data)
                 else:
                     record = _causal_lm(row, data)
             except _Drop as drop:
@@ -66,7 +71,8 @@ def clean_files(files: list[DataFile], spec: FineTuneJobSpec, dropped: Counter[s
 
 
 def input_key(record: Record) -> str:
-    """What the model is given: the text for classification (so conflicting labels meet), the whole example else."""
+    """What the model is given: the text for classification (so conflicting labels meet), the whole example else
+    (a preference pair: its prompt and both answers)."""
     if "text" in record:
         return str(record["text"])
     return json.dumps(record, sort_keys=True, ensure_ascii=False)
@@ -84,7 +90,7 @@ def drop_cross_split(sources: dict[str, list[Record]], dropped: dict[str, Counte
         sources[part] = kept
 
 
-def check_columns(file: DataFile, data: DataSpec, classification: bool) -> None:
+def check_columns(file: DataFile, data: DataSpec, classification: bool, preference: bool = False) -> None:
     """A field that no row has is a wrong field name in the spec (or the wrong file), not bad rows."""
     keys: set[str] = set()
     for row in file.rows:
@@ -94,6 +100,10 @@ def check_columns(file: DataFile, data: DataSpec, classification: bool) -> None:
         return  # no readable row: its rows count as malformed and an empty dataset is reported after cleaning
     if classification:
         needed = [("spec.data.textField", data.text_field), ("spec.data.labelField", data.label_field)]
+    elif preference:
+        needed = [("spec.data.chosenField", data.chosen_field), ("spec.data.rejectedField", data.rejected_field)]
+        if data.messages_field not in keys:
+            needed.insert(0, ("spec.data.promptField", data.prompt_field))
     elif data.messages_field in keys:
         needed = []
     else:
@@ -148,14 +158,25 @@ def _numeric_names(labels: list[str]) -> bool:
 
 
 def _causal_lm(row: Record, data: DataSpec) -> Record:
-    messages = row.get(data.messages_field)
-    if isinstance(messages, str) and not messages.strip():
-        messages = None  # an empty cell in a csv that mixes chat and prompt/completion rows
+    messages = _messages(row, data)
     if messages is None:
         return {
             "prompt": _text(row.get(data.prompt_field), data.cleaning.drop_empty),
             "completion": _text(row.get(data.completion_field), data.cleaning.drop_empty),
         }
+    # the assistant turns are the target: without one there is nothing to learn
+    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+        raise _Drop("empty")
+    return {"messages": messages}
+
+
+def _messages(row: Record, data: DataSpec) -> list[Record] | None:
+    """The row's chat messages, cleaned; None when it has none (a prompt/completion row)."""
+    messages = row.get(data.messages_field)
+    if isinstance(messages, str) and not messages.strip():
+        return None  # an empty cell in a csv that mixes chat and prompt/completion rows
+    if messages is None:
+        return None
     if isinstance(messages, str):  # csv and some parquet exports store the list as JSON text
         try:
             messages = json.loads(messages)
@@ -163,15 +184,39 @@ def _causal_lm(row: Record, data: DataSpec) -> Record:
             raise _Drop("malformed") from None
     if not isinstance(messages, list):
         raise _Drop("malformed")
-    cleaned = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+    return [_message(m) for m in messages]
+
+
+def _message(message: Any) -> Record:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise _Drop("malformed")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise _Drop("malformed")
+    return {"role": message["role"].strip(), "content": (content or "").strip()}
+
+
+def _answer(value: Any) -> str:
+    """A preference answer: text, or an assistant message ({role, content} or a list holding one)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        message = _message(value)
+        if message["role"] != "assistant":
             raise _Drop("malformed")
-        content = message.get("content")
-        if content is not None and not isinstance(content, str):
-            raise _Drop("malformed")
-        cleaned.append({"role": message["role"].strip(), "content": (content or "").strip()})
-    # the assistant turns are the target: without one there is nothing to learn
-    if not any(m["role"] == "assistant" and m["content"] for m in cleaned):
-        raise _Drop("empty")
-    return {"messages": cleaned}
+        value = message["content"]
+    return _text(value, drop_empty=True)  # an empty answer is never a preference
+
+
+def _preference(row: Record, data: DataSpec) -> Record:
+    """{prompt | messages, chosen, rejected}: the shared context and the two answers to it."""
+    messages = _messages(row, data)
+    chosen, rejected = _answer(row.get(data.chosen_field)), _answer(row.get(data.rejected_field))
+    if chosen == rejected:
+        raise _Drop("identical")
+    if messages is None:
+        return {"prompt": _text(row.get(data.prompt_field), data.cleaning.drop_empty), "chosen": chosen,
+                "rejected": rejected}
+    if not messages or messages[-1]["role"] == "assistant":
+        raise _Drop("malformed")  # the history must end where the answers start: after a user turn
+    return {"messages": messages, "chosen": chosen, "rejected": rejected}

@@ -30,6 +30,44 @@ def encode_classification(records: list[Record], tokenizer: Any, max_length: int
 
 
 def encode_causal_lm(records: list[Record], tokenizer: Any, max_length: int) -> Encoded:
+    whole, stops = _encode_whole(records, tokenizer)
+    out = Encoded()
+    for input_ids, labels in whole:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            out.dropped += 1
+            continue
+        out.append({"input_ids": input_ids, "labels": labels})
+    out.stop_ids = stops
+    return out
+
+
+def encode_preference(records: list[Record], tokenizer: Any, max_length: int) -> Encoded:
+    """Pairs {chosen, rejected}, each {input_ids, labels} as for causal LM (loss on the answer only), and input_ids:
+    both sides' tokens (length grouping, the vocabulary check). Truncation keeps the prompt and cuts the answers;
+    a pair left with an empty answer, or with two identical ones, is dropped and counted."""
+    sides = []
+    for record in records:
+        for answer in (record["chosen"], record["rejected"]):
+            if "messages" in record:
+                sides.append({"messages": [*record["messages"], {"role": "assistant", "content": answer}]})
+            else:
+                sides.append({"prompt": record["prompt"], "completion": answer})
+    whole, stops = _encode_whole(sides, tokenizer)
+    out = Encoded()
+    for chosen, rejected in zip(whole[::2], whole[1::2], strict=True):
+        pair = [{"input_ids": ids[:max_length], "labels": labels[:max_length]} for ids, labels in (chosen, rejected)]
+        answers = [[t for t in side["labels"] if t != IGNORE_INDEX] for side in pair]
+        if not all(answers) or answers[0] == answers[1]:
+            out.dropped += 1
+            continue
+        out.append({"chosen": pair[0], "rejected": pair[1], "input_ids": pair[0]["input_ids"] + pair[1]["input_ids"]})
+    out.stop_ids = stops
+    return out
+
+
+def _encode_whole(records: list[Record], tokenizer: Any) -> tuple[list[tuple[list[int], list[int]]], frozenset[int]]:
+    """(input_ids, labels) of every record, untruncated, and the stop tokens that end trained answers."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the model's tokenizer has no eos_token; causal-lm fine-tuning needs one to end completions")
@@ -47,7 +85,8 @@ def encode_causal_lm(records: list[Record], tokenizer: Any, max_length: int) -> 
     texts = [text for _, pieces in examples for text, _, _ in pieces]
     ids_of = iter(_tokenize(tokenizer, texts, add_special_tokens=False))
     special = set(tokenizer.all_special_ids)
-    out, stops = Encoded(), set()
+    out: list[tuple[list[int], list[int]]] = []
+    stops: set[int] = set()
     for prefix, pieces in examples:
         input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
         for _, trained, end in pieces:
@@ -60,13 +99,8 @@ def encode_causal_lm(records: list[Record], tokenizer: Any, max_length: int) -> 
                 stops.add(eos)
             input_ids += ids
             labels += ids if trained else [IGNORE_INDEX] * len(ids)
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            out.dropped += 1
-            continue
-        out.append({"input_ids": input_ids, "labels": labels})
-    out.stop_ids = frozenset(stops)
-    return out
+        out.append((input_ids, labels))
+    return out, frozenset(stops)
 
 
 def _bos(tokenizer: Any) -> list[int]:

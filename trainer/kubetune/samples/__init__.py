@@ -9,9 +9,12 @@ from pathlib import Path
 # only has to happen here.
 REVIEWS = "reviews.jsonl"
 INSTRUCTIONS = "instructions.jsonl"
+# One preference pair per instruction prompt, written for kubetune's DPO demo: chosen is the instruction sample's
+# own answer; rejected is an evasive, a curt or an off-topic reply (another prompt's answer), in turn.
+PREFERENCES = "preferences.jsonl"
 
 # Keys of the dict write_samples returns, mapped to the packaged file each one comes from.
-_SAMPLES: dict[str, str] = {"reviews": REVIEWS, "instructions": INSTRUCTIONS}
+_SAMPLES: dict[str, str] = {"reviews": REVIEWS, "instructions": INSTRUCTIONS, "preferences": PREFERENCES}
 
 
 def sample_path(name: str) -> Path:
@@ -30,7 +33,7 @@ def sample_path(name: str) -> Path:
 
 
 def write_samples(dest: Path) -> dict[str, Path]:
-    """Copy both sample files into ``dest`` (created if missing) and return where each one landed.
+    """Copy every sample file into ``dest`` (created if missing) and return where each one landed.
 
     Copies rather than pointing at the package: the demo uploads the directory to object storage and
     the tests may modify it, and neither should be able to touch the installed package.
@@ -45,4 +48,4 @@ def write_samples(dest: Path) -> dict[str, Path]:
     return written
 
 
-__all__ = ["INSTRUCTIONS", "REVIEWS", "sample_path", "write_samples"]
+__all__ = ["INSTRUCTIONS", "PREFERENCES", "REVIEWS", "sample_path", "write_samples"]

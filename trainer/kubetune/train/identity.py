@@ -34,6 +34,11 @@ def training_identity(job: FineTuneJob, model_sha256: str, data_files: list[dict
     shaping = {key: spec[key] for key in SHAPING_FIELDS}
     for key, fields in URI_FIELDS.items():
         shaping[key] = {k: v for k, v in shaping[key].items() if k not in fields}
+    # Fields that do not move the trajectory (a gate on the result) or that only dpo reads stay out, so adding
+    # them left every other job's checkpoints resumable.
+    del shaping["evaluation"]["minImprovement"]
+    if job.spec.method.type != "dpo":
+        del shaping["method"]["dpo"], shaping["data"]["chosenField"], shaping["data"]["rejectedField"]
     found = {
         "model": model_sha256,
         "data": [[f["split"], f["sha256"]] for f in data_files],  # in reading order: order shapes training too

@@ -18,7 +18,7 @@ def load_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None,
                ) -> tuple[nn.Module, ParamCounts, dict[str, torch.Tensor] | None]:
     """(model, counts, rank 0's full state dict). On other ranks the model is empty (meta) and the state None:
     sharding.wrap fills it from rank 0, so a node never holds more than one loaded copy of the weights."""
-    if not distributed.is_distributed() or spec.method.type == "qlora":
+    if not distributed.is_distributed() or spec.method.weights == "qlora":
         # QLoRA: bitsandbytes quantises while loading, so each rank loads its own (4-bit, small) copy.
         model, counts = build_model(spec, model_dir, pad_token_id, gradient_checkpointing, frozen_dtype=frozen_dtype,
                                     precision=precision)

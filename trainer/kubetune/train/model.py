@@ -248,7 +248,7 @@ def apply_lora(model: nn.Module, spec: FineTuneJobSpec) -> nn.Module:
 
 def require_cuda_for_qlora(spec: FineTuneJobSpec, device: torch.device) -> None:
     """QLoRA's 4-bit kernels (bitsandbytes) run on CUDA only: elsewhere it is bad input, not a crash."""
-    if spec.method.type == "qlora" and device.type != "cuda":
+    if spec.method.weights == "qlora" and device.type != "cuda":
         raise UserError(f"spec.method.type: qlora needs a CUDA GPU (bitsandbytes 4-bit weights) and this process "
                         f"runs on {device.type}: use method.type lora here, or run on a GPU")
 
@@ -321,7 +321,7 @@ def build_model(spec: FineTuneJobSpec, model_dir: Path, pad_token_id: int | None
     """The model with its trainable parameters chosen; empty_like (rank 0's new modules) builds it on meta;
     frozen_dtype (see frozen_weights_dtype) holds the weights that do not train in half precision; precision
     is the run's (QLoRA computes in it)."""
-    method = spec.method.type
+    method = spec.method.weights  # dpo trains lora or full weights
     if method == "qlora":
         model = load_quantized_base(spec, model_dir, pad_token_id, precision)
     elif empty_like is None:

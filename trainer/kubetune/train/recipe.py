@@ -20,7 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from kubetune import contract, telemetry
 from kubetune.cpus import usable_cpus
-from kubetune.data import encode_causal_lm, encode_classification, prepare_data
+from kubetune.data import encode_causal_lm, encode_classification, encode_preference, prepare_data
 from kubetune.errors import NotImprovedError, PreemptedError, UserError
 from kubetune.spec import LOWER_IS_BETTER, FineTuneJob
 from kubetune.storage import Storage, join_uri
@@ -31,6 +31,7 @@ from kubetune.train import (
     identity,
     interrupts,
     outputs,
+    preference,
     quality,
     sharded_checkpoint,
     sharding,
@@ -95,6 +96,7 @@ class FineTuneRecipe:
         # Unserved until setup() starts the endpoint; lets the loop's pieces run on their own (tests, tools).
         self.metrics = telemetry.TrainerMetrics(job.metadata.name, job.metadata.namespace or "local")
         self.published: dict[str, Any] | None = None  # the metrics of an identical finished run: nothing to do
+        self.dpo = job.spec.method.dpo if job.spec.method.type == "dpo" else None  # preference tuning
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -126,7 +128,7 @@ class FineTuneRecipe:
         if self.is_main:
             log.info("%s", self.memory.table())
         self.strategy = self.memory.strategy  # ddp or fsdp: the spec's, or for auto what the estimate says fits
-        if self.strategy == "fsdp" and spec.method.type == "qlora":
+        if self.strategy == "fsdp" and spec.method.weights == "qlora":
             raise UserError("hyperparameters.strategy: fsdp does not shard qlora's 4-bit weights; use ddp (each GPU "
                             "holds the 4-bit base), more memory per GPU, or method.type lora with fsdp")
         self.identity = identity.training_identity(self.job, inputs.model_sha256, self.data.report["files"],
@@ -138,7 +140,7 @@ class FineTuneRecipe:
         self.max_length = max_length  # batches padded for the GPU stop here too: past it, positions run out
         self.train_set = self._encode("training", self.data.train, max_length)
         self.stop_ids: frozenset[int] = getattr(self.train_set, "stop_ids", frozenset())  # generation stops on them
-        self.packed = packing_enabled(spec.data.packing, spec.model.task)
+        self.packed = packing_enabled(spec.data.packing, spec.model.task) and self.dpo is None
         if self.packed:  # training rows only: evaluation scores examples one by one, packed or not
             self.train_set = pack_examples(self.train_set, max_length)
         self.validation_set = self._encode("validation", self.data.validation, max_length)
@@ -152,7 +154,7 @@ class FineTuneRecipe:
         self.model, self.counts, full_state = load_model(spec, inputs.model, self.tokenizer.pad_token_id,
                                                          gradient_checkpointing=self.memory.gradient_checkpointing,
                                                          frozen_dtype=frozen_weights_dtype(
-                                                             spec.method.type, self.strategy, self.precision),
+                                                             spec.method.weights, self.strategy, self.precision),
                                                          precision=self.precision)
         self.loaded_weights = full_state is not None or not distributed.is_distributed()  # read from disk here
         # partial.trainModules may select parameters the forward never uses: DDP must then look for them.
@@ -160,6 +162,8 @@ class FineTuneRecipe:
         self.ddp: nn.Module = sharding.wrap(self.model, full_state, self.strategy, self.device, self.precision,
                                             hp.offload_optimizer, find_unused=by_pattern)
         del full_state  # rank 0's loaded weights now live in the shards (fsdp) or the replica (ddp)
+        if self.dpo is not None:
+            self.reference = self._reference(inputs.model)
 
         world = distributed.world_size()
         self.lengths = [len(e["input_ids"]) for e in self.train_set]
@@ -355,7 +359,13 @@ class FineTuneRecipe:
             stop = float(interrupts.requested() is not None)
             totals = distributed.all_reduce_sum(torch.tensor([loss, targets, stop]))
             mean_loss = float(totals[0] / totals[1])
-            state.train_losses.append({"step": state.step, "loss": mean_loss})
+            row: dict[str, float] = {"step": state.step, "loss": mean_loss}
+            if self.dpo is not None:  # the step's preference metrics over the global batch
+                step_metrics = preference.means(distributed.all_reduce_sum(self.step_sums))
+                del step_metrics["loss"]
+                row.update(step_metrics)
+                self.metrics.record_evaluation(step_metrics, "train")  # observability
+            state.train_losses.append(row)
             self.metrics.record_step(  # observability: O(1) updates, nothing held across the step
                 step=state.step, total=self.total_steps,
                 epoch=state.epoch + consumed / epoch_size,
@@ -382,21 +392,23 @@ class FineTuneRecipe:
         job asked for)."""
         if self.spec.model.task == "sequence-classification":
             return encode_classification(records, self.tokenizer, max_length)
-        encoded = encode_causal_lm(records, self.tokenizer, max_length)
+        pairs = self.spec.method.type == "dpo"
+        encoded = (encode_preference if pairs else encode_causal_lm)(records, self.tokenizer, max_length)
+        left = ("an empty answer, or two identical ones, " if pairs else "no completion token ")
         if encoded.dropped and not encoded:
-            raise UserError(f"spec.data.maxSeqLength: {max_length} tokens leave no completion token in any of the "
+            raise UserError(f"spec.data.maxSeqLength: {max_length} tokens leave {left}in every one of the "
                             f"{encoded.dropped} {split} examples (prompts or earlier turns fill them); raise "
                             "maxSeqLength or shorten them")
         if encoded.dropped and self.is_main:
-            log.warning("spec.data.maxSeqLength: %d of the %d %s examples keep no completion token after "
-                        "truncation to %d tokens and are left out", encoded.dropped, len(records), split,
-                        max_length)
+            log.warning("spec.data.maxSeqLength: %d of the %d %s examples keep %safter truncation to %d tokens and "
+                        "are left out", encoded.dropped, len(records), split, left, max_length)
+        self.data.report.setdefault("droppedByTruncation", {})[split] = encoded.dropped
         return encoded
 
     def _update(self, group: list[list[int]]) -> tuple[float, float, int]:
         """One optimizer step over a group of micro-batches (gradient accumulation)."""
         hp = self.spec.hyperparameters
-        loss_sum, targets, samples = self._accumulate(group)
+        loss_sum, targets, samples = (self._accumulate_pairs if self.dpo else self._accumulate)(group)
         if hp.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
@@ -406,6 +418,49 @@ class FineTuneRecipe:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, targets, samples
+
+    def _accumulate_pairs(self, group: list[list[int]]) -> tuple[float, float, int]:
+        """DPO's gradients over a group: per micro-batch one forward of its chosen and rejected sides (and the
+        reference's); every pair of the global batch weighs alike. Returns this rank's loss sum and pair count
+        twice (targets and examples); the step's metric sums wait in self.step_sums."""
+        pad, multiple = self.tokenizer.pad_token_id, length_multiple(self.device)
+        pairs = float(sum(len(indices) for indices in group))
+        scale = distributed.world_size() / max(float(distributed.all_reduce_sum(torch.tensor([pairs]))[0]), 1.0)
+        totals = torch.zeros(len(preference.SUMS) + 1, dtype=torch.float64)
+        for i, indices in enumerate(group):
+            examples = [self.train_set[j] for j in indices]
+            batch = batch_to(preference.collate_pairs(examples, pad, multiple, self.max_length), self.device)
+            reference = self.reference.logps(batch, self.precision.autocast, examples)
+            context = contextlib.nullcontext() if i == len(group) - 1 else sharding.no_sync(self.ddp)
+            with context, fast_dropout.enabled():
+                with self.precision.autocast():
+                    logits = self.ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                policy, counts = preference.sequence_logps(logits, batch["labels"])
+                terms = preference.pair_terms(policy, reference, counts, self.dpo)  # type: ignore[arg-type]
+                self.scaler.scale(terms["loss"].sum() * scale).backward()
+            totals += preference.sums(terms).cpu()
+        self.step_sums = totals
+        return float(totals[0]), pairs, int(pairs)
+
+    def _reference(self, model_dir: Path) -> preference.Reference:
+        """LoRA: the trained model with its adapters off; full: a frozen copy of the starting model, or (with
+        precomputeReference) one used once to score every pair and freed."""
+        dpo, hp = self.spec.method.dpo, self.spec.hyperparameters
+        frozen = None
+        if dpo.weights == "full":
+            if self.strategy == "fsdp" and not dpo.precompute_reference:
+                raise UserError("spec.method.dpo.precomputeReference: full-weight dpo under fsdp needs it true (the "
+                                "frozen reference copy is not sharded)")
+            frozen = build_model(self.spec, model_dir, self.tokenizer.pad_token_id)[0].requires_grad_(False)
+            half = self.device.type == "cuda" and self.precision.dtype != torch.float32
+            frozen.to(self.device, dtype=self.precision.dtype if half else None)  # the plan counts it so
+        reference = preference.Reference(self.model, frozen)
+        if dpo.precompute_reference:
+            reference.precompute([self.train_set, self.validation_set, self.test_set], hp.batch_size,
+                                 self.tokenizer.pad_token_id, length_multiple(self.device), self.max_length,
+                                 self.device, self.precision.autocast)
+            reference.model = self.model  # the frozen copy, if any, is garbage now
+        return reference
 
     def _accumulate(self, group: list[list[int]]) -> tuple[float, float, int]:
         """Gradients of the group's loss, every target of the global batch weighted alike (however micro-batches
@@ -435,6 +490,11 @@ class FineTuneRecipe:
         return float(total_loss), targets, samples
 
     def _evaluate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.dpo is not None:
+            return preference.evaluate_pairs(self.model, self.reference, examples, self.dpo,
+                                             self.spec.hyperparameters.batch_size, self.tokenizer.pad_token_id,
+                                             self.precision.autocast, self.device, length_multiple(self.device),
+                                             self.max_length)
         return evaluate(self.model, examples, self.spec.model.task, self.spec.model.labels or [],
                         self.spec.hyperparameters.batch_size, self.tokenizer.pad_token_id, self.precision,
                         self.device, self.max_length)
@@ -540,7 +600,7 @@ class FineTuneRecipe:
         self.metrics.set_state("uploading")  # observability
         memory = distributed.gather_objects({"rank": distributed.rank(), "loadedWeights": self.loaded_weights,
                                              **sharding.state_bytes(self.model, self.optimizer)})
-        adapter_only = spec.method.type in ("lora", "qlora") and not spec.output.merge_adapter
+        adapter_only = spec.method.weights in ("lora", "qlora") and not spec.output.merge_adapter
         # Every rank joins the gather (fsdp); only the adapter's weights when the adapter is all that is saved.
         model = sharding.full_model(self.model, self._empty_model, trained_only=adapter_only)
         if self.is_main:
@@ -550,7 +610,7 @@ class FineTuneRecipe:
             staging = self.work_dir / "output"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            folders = outputs.save_model(model, self.tokenizer, spec.method.type, spec.output.merge_adapter,
+            folders = outputs.save_model(model, self.tokenizer, spec.method.weights, spec.output.merge_adapter,
                                          staging, base_dir=self.model_dir, stop_ids=self.stop_ids)
             example = self.data.train[0] if self.data.train else None  # for the model card's snippets
             outputs.write_reports(staging, metrics, run, job, folders, example)
