@@ -23,6 +23,11 @@ demo: setup
 demo-llm: setup
 	$(PY) -m kubetune.demo --llm
 
+# SFT then DPO on the tiny GPT-2: the preference accuracy the model gains (examples/preferences-dpo.yaml).
+.PHONY: demo-dpo
+demo-dpo: setup
+	$(PY) -m kubetune.demo --dpo
+
 # Both images for a cluster, built and pushed: make images REGISTRY=registry.you/kubetune TAG=0.1.0
 # (ENGINE=podman to choose; docker when it is installed). Then: helm install ... --set image.registry=$(REGISTRY)
 .PHONY: images
