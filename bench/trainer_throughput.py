@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import _common as common
+import _dpo
 import _mfu
 
-SIDES = ("hf", "kubetune", "kubetune-torch-dropout")  # the last: kubetune without fast_dropout
+SIDES = ("hf", "kubetune", "kubetune-torch-dropout", "kubetune-dpo", "trl-dpo")  # -torch-dropout: no fast_dropout
 TARGET_RATIO = 2.0
 TARGET_MFU = 0.75
 TARGET_PACKING_RATIO = 1.5
+TARGET_DPO_RATIO = 1.5  # issue 30: pairs/s against TRL's DPOTrainer on the CPU
 # Test accuracy "equal within noise": on ~100 test examples one example is 1%, the binomial spread several.
 ACCURACY_TOLERANCE_EXAMPLES = 2
 DEMO_LEARNING_RATE = 2.0e-3  # examples/reviews-sentiment.yaml; LoRA on MiniLM needs more than the spec's 2e-4
@@ -232,7 +234,12 @@ def child_main(side: str, config_path: Path, result_path: Path) -> None:
     config = common.read_json(config_path)
     common.setup_env(config["threads"])
     common.set_torch_threads(config["threads"])
-    result = run_hf(config) if side == "hf" else run_kubetune(config)
+    if side == "kubetune-dpo":
+        result = _dpo.run_kubetune(config, Stopwatch())
+    elif side == "trl-dpo":
+        result = _dpo.run_trl(config)
+    else:
+        result = run_hf(config) if side == "hf" else run_kubetune(config)
     result_path.write_text(json.dumps(result))
 
 
@@ -269,6 +276,7 @@ def run_side(side: str, config: dict[str, Any], work: Path, quiet_wait: float) -
     result["peakRssMiB"] = child.peak_rss_mib
     result["processSeconds"] = child.seconds
     result["backgroundCpu"] = child.background_cpu
+    result.setdefault("samplesPerSecond", result.get("pairsPerSecond"))
     print(f"  {side}: {result['samplesPerSecond']:.1f} samples/s, other processes used "
           f"{100 * child.background_cpu:.0f}% of the CPUs meanwhile", file=sys.stderr, flush=True)
     return result
@@ -296,9 +304,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per side (alternating); the median is shown")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
                         help="before each run, wait up to this many seconds for other processes to go quiet")
-    parser.add_argument("--case", choices=["classification", "causal-lm", "all"], default="all")
+    parser.add_argument("--case", choices=["classification", "causal-lm", "dpo", "all"], default="all")
     parser.add_argument("--causal-epochs", type=int, default=8,
                         help="causal-LM case: passes over the instruction samples (default 8, about a minute)")
+    parser.add_argument("--dpo-epochs", type=int, default=3, help="dpo case: passes over the train pairs (default 3)")
+    parser.add_argument("--dpo-learning-rate", type=float, default=1e-3, help="dpo case: both sides' learning rate")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep files here (default: a temp dir)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
@@ -315,6 +325,8 @@ def main() -> None:
         classification_case(args)
     if args.case in ("causal-lm", "all"):
         causal_lm_case(args)
+    if args.case in ("dpo", "all"):
+        dpo_case(args)
 
 
 def auto_precision() -> str:
@@ -438,6 +450,51 @@ def report_causal(args: argparse.Namespace, results: dict[str, dict[str, Any]], 
                       "threads": args.threads, "shape": CAUSAL_SHAPE, "epochs": args.causal_epochs,
                       "packed": packed, "unpacked": plain, "ratio": ratio, "target": TARGET_PACKING_RATIO,
                       "matmulPeakFlops": peak}))
+
+
+def dpo_case(args: argparse.Namespace) -> None:
+    """kubetune's DPO against TRL's DPOTrainer (bench/_dpo.py says what is alike and how it is measured)."""
+    from kubetune.samples import PREFERENCES
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-dpo-") as tmp:
+        work = args.work_dir / "dpo" if args.work_dir else Path(tmp)
+        model = build_causal_model(work / "model")
+        probe = common.write_yaml(_dpo.job(model, {"train": str(common.sample_path(PREFERENCES))}, work / "probe",
+                                           args.dpo_epochs, args.dpo_learning_rate), work / "probe.yaml")
+        split = _dpo.write_split(probe, work / "split")
+        peaks = {name: [_mfu.matmul_peak(name)] for name in ("fp32", "bf16")}
+        runs: dict[str, list[dict[str, Any]]] = {"kubetune-dpo": [], "trl-dpo": []}
+        for repeat in range(args.repeats):
+            folder = work / f"run-{repeat + 1}"
+            for side in ("kubetune-dpo", "trl-dpo") if repeat % 2 == 0 else ("trl-dpo", "kubetune-dpo"):
+                doc = _dpo.job(model, split, folder / side / "output", args.dpo_epochs, args.dpo_learning_rate)
+                config = {"threads": args.threads, "job": str(common.write_yaml(doc, folder / f"{side}.yaml")),
+                          "workDir": str(folder / side / "work"), "model": str(model), "train": split["train"],
+                          "epochs": args.dpo_epochs, "learningRate": args.dpo_learning_rate}
+                (folder / side).mkdir(parents=True, exist_ok=True)
+                runs[side].append(run_side(side, config, folder / side, args.quiet_wait))
+                for name in peaks:
+                    peaks[name].append(_mfu.matmul_peak(name))
+        results = {side: median_run(r) for side, r in runs.items()}
+    ours, trl = results["kubetune-dpo"], results["trl-dpo"]
+    print()
+    print(f"dpo: GPT-2 ({', '.join(f'{k} {v}' for k, v in CAUSAL_SHAPE.items())}), LoRA r 16 on every linear, "
+          f"beta {_dpo.BETA}, batch {_dpo.BATCH} pairs, max length {_dpo.MAX_LENGTH}, {args.dpo_epochs} epochs "
+          f"of {split['train']}")
+    rows = [[name, r["precision"], r["steps"], r["pairs"], r["trainSeconds"], r["pairsPerSecond"], r["meanLoss"],
+             r["peakRssMiB"], 100 * r["backgroundCpu"]] for name, r in (("kubetune", ours), ("TRL DPOTrainer", trl))]
+    print(common.table(["trainer", "precision", "steps", "pairs", "train s", "pairs/s", "mean loss",
+                        "peak RSS MiB", "other load %"], rows))
+    for name, r in (("kubetune", ours), ("TRL", trl)):
+        peak = max(peaks.get(r["precision"], peaks["fp32"]))  # against the peak of the dtype it computed in
+        print(f"{name}: {mfu_line(r, peak, r['precision'])}")
+    ratio = ours["pairsPerSecond"] / trl["pairsPerSecond"]
+    print(f"pairs/s ratio kubetune / TRL: {ratio:.2f}x (target >= {TARGET_DPO_RATIO:.1f}x) "
+          f"{'MET' if ratio >= TARGET_DPO_RATIO else 'NOT MET'}")
+    print(json.dumps({"benchmark": "trainer_throughput_dpo", "machine": common.machine(), "threads": args.threads,
+                      "shape": CAUSAL_SHAPE, "epochs": args.dpo_epochs, "kubetune": ours, "trl": trl,
+                      "ratio": ratio, "target": TARGET_DPO_RATIO,
+                      "matmulPeakFlops": {name: max(values) for name, values in peaks.items()}}))
 
 
 def mfu_line(result: dict[str, Any], peak: float, precision: str) -> str:
