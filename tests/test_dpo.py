@@ -236,3 +236,37 @@ def test_identical_and_truncated_pairs_are_dropped_and_counted(tmp_path: Path, t
     assert "spec.data.maxSeqLength: 1 of the 113 training examples keep an empty answer" in log
     run = json.loads((tmp_path / "out" / contract.RUN_FILE).read_text())
     assert run["data"]["dropped"]["identical"] == 2 and run["data"]["droppedByTruncation"]["training"] == 1
+
+
+def test_an_sft_jobs_adapter_is_a_starting_model(tmp_path: Path, tiny_gpt2: Path, pairs: dict[str, Path]) -> None:
+    """Issue 30, item 4: model.uri may be another job's adapter/ (here an SFT job that wrote no merged/): its
+    base, named in that job's run.json, with the adapter folded in is where DPO starts and its reference."""
+    from peft import PeftModel
+
+    from kubetune.cli import main as cli
+    from tests.trainer_runs import split_instructions
+
+    instructions = split_instructions(tmp_path / "sft-data")
+    sft = causal_job("sft", tiny_gpt2, instructions["train"], tmp_path / "sft", method={"type": "lora"},
+                     data={"packing": False}, hyperparameters={"learningRate": 1e-2, "maxSteps": 4})
+    sft["spec"]["output"]["mergeAdapter"] = False
+    code, log = Trainer(write_job(sft, tmp_path / "sft.yaml"), tmp_path / "state-sft").run()
+    assert code == contract.EXIT_OK and not (tmp_path / "sft" / contract.MERGED_DIR).exists(), log
+    adapter = tmp_path / "sft" / contract.ADAPTER_DIR
+    job = write_job(dpo_job("after-sft", adapter, pairs, tmp_path / "dpo", hyperparameters={"maxSteps": 2}),
+                    tmp_path / "dpo.yaml")
+    assert cli(["validate", str(job)]) == contract.EXIT_OK  # the memory plan reads the base's config
+    code, log = Trainer(job, tmp_path / "state-dpo").run()
+    assert code == contract.EXIT_OK, log
+    start = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), adapter).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    from kubetune.data.clean import _preference
+    from kubetune.spec import DataSpec
+
+    records = [_preference(json.loads(line), DataSpec(train="x.jsonl"))
+               for line in pairs["test"].read_text().splitlines()]
+    batch = preference.collate_pairs(list(encode_preference(records, tokenizer, 128)), tokenizer.eos_token_id)
+    with torch.no_grad():
+        logps = preference.Reference(start, frozen=start.eval()).logps(batch, contextlib.nullcontext)
+    metrics = json.loads((tmp_path / "dpo" / contract.METRICS_FILE).read_text())
+    assert metrics["baseTest"]["chosen_logp"] == pytest.approx(float(logps.chunk(2)[0].mean()), rel=1e-4)

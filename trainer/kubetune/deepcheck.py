@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune import lineage
 from kubetune.data.clean import check_columns, clean_files
 from kubetune.data.read import EXTENSIONS, file_format, read_file
 from kubetune.errors import UserError
@@ -28,9 +29,9 @@ from kubetune.storage import Storage, is_s3, join_uri
 
 SAMPLE_BYTES = 1 << 20  # the first MiB of each text data file: enough rows to check, quick over any link
 SAMPLE_FILES = 3        # of a folder of files, the first few
-MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-               "vocab.json", "merges.txt", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
-               "chat_template.jinja", "generation_config.json")
+MODEL_FILES = ("config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "tokenizer.model",
+               "sentencepiece.bpe.model", "chat_template.jinja", "generation_config.json")
 
 
 @dataclass
@@ -118,7 +119,7 @@ def _check_part(job: FineTuneJob, storage: Storage, uri: str, work: Path) -> int
     estimated = 0
     for path, total_bytes in files:
         data = read_file(path, file_format(path, spec.data.format))
-        check_columns(data, spec.data, classification)
+        check_columns(data, spec.data, classification, spec.method.type == "dpo")
         dropped: Counter[str] = Counter()
         kept = clean_files([data], spec, dropped)
         if not kept:
@@ -174,6 +175,11 @@ def _check_model(job: FineTuneJob, storage: Storage, work: Path) -> dict[str, An
     spec = job.spec
     uri = spec.model.uri
     folder = _model_files(storage, uri, work)
+    for depth in range(lineage.MAX_DEPTH):  # another job's adapter/: the model is its base's shape
+        if not lineage.is_adapter(folder):
+            break
+        uri = lineage.base_uri(storage, uri, work / f"lineage-{depth}")
+        folder = _model_files(storage, uri, work / f"base-{depth}")
     if not (folder / "config.json").is_file():
         raise UserError(f"spec.model.uri: {uri}: not a model folder (no config.json)")
     import torch

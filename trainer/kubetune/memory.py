@@ -210,6 +210,18 @@ def _gib(value: int) -> str:
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
+    """A local model's config.json; for another job's adapter/ (kubetune/lineage.py), its base model's."""
+    from kubetune import lineage
+    from kubetune.storage import Storage, is_s3
+
+    for _ in range(lineage.MAX_DEPTH):
+        if not lineage.is_adapter(Path(folder)):
+            break
+        base = lineage.base_uri(Storage(), str(folder), Path(folder))
+        if is_s3(base):
+            raise UserError(f"spec.model.uri: {folder}: a LoRA adapter on {base}, in S3: `kubetune validate --deep` "
+                            "reads that model's config")
+        folder = base
     path = Path(folder) / "config.json"
     try:
         config: dict[str, Any] = json.loads(path.read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kubetune import lineage
 from kubetune.errors import UserError
 from kubetune.spec import FineTuneJobSpec
 from kubetune.storage import is_s3
@@ -36,7 +37,7 @@ def check_local_inputs(spec: FineTuneJobSpec, manifest_file: str | Path | None =
     model = spec.model.uri
     if not is_s3(model):
         path = Path(resolve_local(model, manifest_file))
-        if path.is_dir() and not (path / "config.json").is_file():
+        if path.is_dir() and not (path / "config.json").is_file() and not lineage.is_adapter(path):
             problems.append(f"spec.model.uri: {model}: not a model folder (no config.json)")
     if problems:
         raise UserError("\n".join(problems))

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune import lineage
 from kubetune.contract import MANIFEST_NAME
+from kubetune.errors import UserError
 from kubetune.spec import FineTuneJobSpec
 from kubetune.storage import Storage, is_s3
 from kubetune.storage.manifest import local_files, sha256_file
@@ -35,8 +37,25 @@ def content_sha256(folder: Path) -> str:
     return hashlib.sha256("".join(f"{path} {sha}\n" for path, sha in sorted(entries)).encode()).hexdigest()
 
 
+def start_model(storage: Storage, spec: FineTuneJobSpec, folder: Path, dest: Path) -> Path:
+    """The model training starts from: the fetched folder, or, for another job's adapter/, that adapter (and the
+    adapters under it) folded into the base model it was trained on."""
+    uri, adapters = spec.model.uri, list[Path]()
+    while lineage.is_adapter(folder):
+        if len(adapters) == lineage.MAX_DEPTH:
+            raise UserError(f"spec.model.uri: {spec.model.uri}: more than {lineage.MAX_DEPTH} adapters deep")
+        adapters.append(folder)
+        uri = lineage.base_uri(storage, uri, dest / f"lineage-{len(adapters)}")
+        folder = storage.fetch(uri, dest / f"base-{len(adapters)}")
+    if not adapters:
+        return folder
+    from kubetune.train.model import merge_adapters
+
+    return merge_adapters(spec, folder, adapters[::-1], dest / "start")
+
+
 def _fetch_all(storage: Storage, spec: FineTuneJobSpec, dest: Path) -> dict[str, Any]:
-    model = storage.fetch(spec.model.uri, dest / "model")
+    model = start_model(storage, spec, storage.fetch(spec.model.uri, dest / "model"), dest)
     data: dict[str, str | None] = {}
     objects = []
     for split in ("train", "validation", "test"):

@@ -99,6 +99,21 @@ def _damaged_weights(model_dir: Path) -> str:
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def merge_adapters(spec: FineTuneJobSpec, base_dir: Path, adapters: list[Path], dest: Path) -> Path:
+    """The base with each adapter folded in, in order, saved at dest in the base's stored dtype with the last
+    adapter's tokenizer: another job's adapter/ output as this job's starting model (kubetune/lineage.py)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    model: Any = load_base_model(spec, base_dir)
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.to(stored_dtype(base_dir))
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapters[-1]).save_pretrained(dest)
+    return dest
+
+
 def stored_dtype(model_dir: Path) -> torch.dtype:
     """The dtype the base's floating weights are stored in (most tensors of the safetensors headers; else the
     config's dtype; else fp32): what merged/ is written in, so it is the size the base was."""
