@@ -270,3 +270,20 @@ def test_an_sft_jobs_adapter_is_a_starting_model(tmp_path: Path, tiny_gpt2: Path
         logps = preference.Reference(start, frozen=start.eval()).logps(batch, contextlib.nullcontext)
     metrics = json.loads((tmp_path / "dpo" / contract.METRICS_FILE).read_text())
     assert metrics["baseTest"]["chosen_logp"] == pytest.approx(float(logps.chunk(2)[0].mean()), rel=1e-4)
+
+
+def test_two_processes_train_the_same_global_batches(tmp_path: Path, tiny_gpt2: Path, pairs: dict[str, Path]) -> None:
+    """torchrun with 2 processes of 4 pairs against one process of 4 pairs x 2 accumulation steps: the same
+    global batches (each pair whole on one rank), the same sharded evaluation sums; dropout draws differ."""
+    runs = {}
+    for nproc, accumulation in ((1, 2), (2, 1)):
+        doc = dpo_job(f"world-{nproc}", tiny_gpt2, pairs, tmp_path / f"out-{nproc}",
+                      hyperparameters={"batchSize": 4, "gradientAccumulationSteps": accumulation, "maxSteps": 6})
+        trainer = Trainer(write_job(doc, tmp_path / f"{nproc}.yaml"), tmp_path / f"state-{nproc}", nproc=nproc)
+        code, log = trainer.run()
+        assert code == contract.EXIT_OK, log
+        runs[nproc] = json.loads((tmp_path / f"out-{nproc}" / contract.METRICS_FILE).read_text())
+    one, two = runs[1], runs[2]
+    assert two["baseTest"] == pytest.approx(one["baseTest"], rel=1e-5)  # every pair scored once across ranks
+    assert two["globalBatchSize"] == one["globalBatchSize"] == 8 and two["steps"] == one["steps"] == 6
+    assert two["test"]["loss"] == pytest.approx(one["test"]["loss"], abs=0.05)
