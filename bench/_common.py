@@ -8,7 +8,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,22 @@ def job_document(name: str, train: Path | str, output: Path | str, **spec: Any) 
 
 
 write_yaml = jobfile.write_job
+
+
+def write_split(job_path: Path, dest: Path, row: Callable[[dict[str, Any]], dict[str, Any]] = dict) -> dict[str, str]:
+    """kubetune's own clean + split of the job's train data, one jsonl per part (each record through `row`), so
+    another trainer trains on the same rows."""
+    from kubetune.data import prepare_data
+
+    spec = jobfile.load_job(job_path).spec
+    prepared = prepare_data(spec, {"train": Path(spec.data.train), "validation": None, "test": None})
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for part in ("train", "validation", "test"):
+        path = dest / f"{part}.jsonl"
+        path.write_text("".join(json.dumps(row(r)) + "\n" for r in getattr(prepared, part)))
+        paths[part] = str(path)
+    return paths
 
 
 @dataclass

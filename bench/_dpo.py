@@ -38,22 +38,6 @@ def job(model: Path, split: dict[str, str], output: Path, epochs: int, learning_
     })
 
 
-def write_split(job_path: Path, dest: Path) -> dict[str, str]:
-    """kubetune's clean + split of the preference pairs, one file per part, so TRL trains on the same rows."""
-    from kubetune.data import prepare_data
-    from kubetune.jobfile import load_job
-
-    spec = load_job(job_path).spec
-    prepared = prepare_data(spec, {"train": Path(spec.data.train), "validation": None, "test": None})
-    dest.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for part in ("train", "validation", "test"):
-        path = dest / f"{part}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in getattr(prepared, part)))
-        paths[part] = str(path)
-    return paths
-
-
 def pair_flops(model: Any, lengths: list[int]) -> float:
     """Policy forward + backward over the rows, and the reference's forward (2 FLOPs a weight a token)."""
     trainable, frozen = _mfu.matmul_weights(model)

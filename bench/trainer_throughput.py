@@ -246,19 +246,7 @@ def child_main(side: str, config_path: Path, result_path: Path) -> None:
 # ---- parent: prepare, run both, report -------------------------------------------------------------
 def write_split(job_path: Path, dest: Path) -> dict[str, str]:
     """kubetune's own clean + split of the reviews, written out so the HF side trains on the same rows."""
-    from kubetune.data import prepare_data
-    from kubetune.jobfile import load_job
-
-    spec = load_job(job_path).spec
-    prepared = prepare_data(spec, {"train": Path(spec.data.train), "validation": None, "test": None})
-    dest.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for part in ("train", "validation", "test"):
-        rows = getattr(prepared, part)
-        path = dest / f"{part}.jsonl"
-        path.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows))
-        paths[part] = str(path)
-    return paths
+    return common.write_split(job_path, dest, lambda r: {"text": r["text"], "label": r["label"]})
 
 
 def run_side(side: str, config: dict[str, Any], work: Path, quiet_wait: float) -> dict[str, Any]:
@@ -461,7 +449,7 @@ def dpo_case(args: argparse.Namespace) -> None:
         model = build_causal_model(work / "model")
         probe = common.write_yaml(_dpo.job(model, {"train": str(common.sample_path(PREFERENCES))}, work / "probe",
                                            args.dpo_epochs, args.dpo_learning_rate), work / "probe.yaml")
-        split = _dpo.write_split(probe, work / "split")
+        split = common.write_split(probe, work / "split")  # the pairs as kubetune cleans them, for TRL too
         peaks = {name: [_mfu.matmul_peak(name)] for name in ("fp32", "bf16")}
         runs: dict[str, list[dict[str, Any]]] = {"kubetune-dpo": [], "trl-dpo": []}
         for repeat in range(args.repeats):
