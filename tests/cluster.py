@@ -125,6 +125,20 @@ class KubeCluster:
                 raise
         self._until(f"namespace {name} deleted", lambda: not _exists(core.read_namespace, name), timeout)
 
+    def install_crd(self) -> None:
+        """The FineTuneJob CRD, create-if-missing (helm installs the same bytes from the chart)."""
+        from kubetune.crd import build_crd
+
+        extensions = kubernetes.client.ApiextensionsV1Api(self.client())
+        try:
+            extensions.create_custom_resource_definition(build_crd())
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        self._until("the FineTuneJob CRD Established", lambda: any(
+            c.type == "Established" and c.status == "True" for c in
+            extensions.read_custom_resource_definition("finetunejobs.kubetune.io").status.conditions or []), 30)
+
     def clean_scripts(self) -> None:
         shutil.rmtree(self.scripts, ignore_errors=True)
         self.scripts.mkdir(parents=True)

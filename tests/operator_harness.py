@@ -25,7 +25,7 @@ NS = "ml"
 OPERATOR_SELECTOR = "app.kubernetes.io/component=operator"
 TEST_VALUES: dict[str, Any] = {  # fast refreshes for tests; the pre-flight has tests of its own
     "image": {"trainer": {"repository": SCRIPTED_IMAGE, "tag": "1"}},
-    "operator": {"refreshSeconds": 1, "preflight": False, "stallSeconds": 4},
+    "operator": {"refreshSeconds": 1, "preflight": False, "stallSeconds": 4, "imagePullSeconds": 6},
 }
 
 

@@ -47,9 +47,11 @@ class ScriptedTrainer:
     def raw_metrics(self, role: str, values: dict[str, Any]) -> None:
         self._write(role, "metrics", values)
 
-    def exit(self, role: str, code: int, message: dict[str, Any] | str | None = None, log: str | None = None) -> None:
-        """End the pod with `code`; `message` goes to its termination log, `log` to its output first."""
-        self._write(role, "exit", {"code": code, "message": message, "log": log})
+    def exit(self, role: str, code: int, message: dict[str, Any] | str | None = None, log: str | None = None,
+             signal: int | None = None) -> None:
+        """End the pod with `code` (or killed by `signal`); `message` goes to its termination log, `log` to its
+        output first."""
+        self._write(role, "exit", {"code": code, "message": message, "log": log, "signal": signal})
 
     def on_sigterm(self, role: str, code: int | None, message: dict[str, Any] | str | None = None) -> None:
         """How the pod answers SIGTERM: exit `code` (after writing `message`), or with None keep running."""

@@ -23,11 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "kubetune"
 KUBE_VERSION = "1.33.0"
 MONITORING_APIS = [f"monitoring.coreos.com/v1/{kind}" for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule")]
-PEERING_APIS = ["kopf.dev/v1/KopfPeering", "kopf.dev/v1/ClusterKopfPeering"]
 # The operator settings agreed in the design (operator/kubetune_operator/settings.py reads them).
 OPERATOR_ENV = {"KUBETUNE_TRAINER_IMAGE", "KUBETUNE_NAMESPACES", "KUBETUNE_OPERATOR_METRICS_PORT",
-                "KUBETUNE_HEALTH_PORT", "KUBETUNE_REFRESH_SECONDS", "KUBETUNE_STALL_SECONDS", "KUBETUNE_PEERING",
-                "KUBETUNE_TRAINER_SERVICE_ACCOUNT", "KUBETUNE_PREFLIGHT", "KUBETUNE_RESYNC_SECONDS"}
+                "KUBETUNE_HEALTH_PORT", "KUBETUNE_REFRESH_SECONDS", "KUBETUNE_STALL_SECONDS",
+                "KUBETUNE_LEADER_ELECTION",
+                "KUBETUNE_TRAINER_SERVICE_ACCOUNT", "KUBETUNE_PREFLIGHT", "KUBETUNE_RESYNC_SECONDS",
+                "KUBETUNE_IMAGE_PULL_SECONDS", "KUBETUNE_LEASE_NAME", "KUBETUNE_LEASE_NAMESPACE", "KUBETUNE_POD_NAME",
+                # the chart's defaults for every job's pods (jobPods.*)
+                "KUBETUNE_IMAGE_PULL_SECRETS", "KUBETUNE_PREFLIGHT_IMAGE", "KUBETUNE_PREFLIGHT_NODE_SELECTOR",
+                "KUBETUNE_PREFLIGHT_TOLERATIONS"}
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -89,10 +93,6 @@ def validation_problems(objects: list[dict[str, Any]]) -> list[str]:
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
             problems += monitoring_problems(obj)
             continue
-        if obj["apiVersion"] == "kopf.dev/v1":  # kopf's peering objects: only metadata
-            if obj["kind"] not in ("KopfPeering", "ClusterKopfPeering") or obj["metadata"]["name"] != "default":
-                problems.append(f"{obj['kind']}: not kopf's default peering object")
-            continue
         try:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -101,14 +101,14 @@ def validation_problems(objects: list[dict[str, Any]]) -> list[str]:
 
 
 SWITCHES = ["metrics.serviceMonitor.enabled", "metrics.podMonitor.enabled", "metrics.prometheusRule.enabled",
-            "grafana.dashboard.enabled", "operator.peering.enabled"]
+            "grafana.dashboard.enabled", "operator.leaderElection.enabled"]
 
 
 def combination(scope: str, flags: tuple[bool, ...]) -> dict[str, Any]:
     values: dict[str, Any] = {"rbac.scope": scope, **dict(zip(SWITCHES, flags, strict=True))}
     if scope == "namespaced":
         values["rbac.namespaces"] = ["team-a", "team-b"]
-    if values["operator.peering.enabled"]:
+    if values["operator.leaderElection.enabled"]:
         values["operator.replicas"] = 2
     return values
 
@@ -135,8 +135,9 @@ def test_app_version_is_the_package_version() -> None:
                                     {"metrics.service.enabled": False, "serviceAccount.trainer.create": False,
                                      "serviceAccount.operator.create": False, "serviceAccount.operator.name": "mine"},
                                     {"grafana.dashboard.enabled": True},
-                                    {"operator.peering.enabled": True, "operator.replicas": 3},
-                                    dict.fromkeys(SWITCHES[:4], True)], ids=repr)
+                                    {"operator.leaderElection.enabled": True, "operator.replicas": 3},
+                                    dict.fromkeys(SWITCHES[:4], True),
+                                    {"networkPolicy.enabled": True, "networkPolicy.egress.enabled": True}], ids=repr)
 def test_lint_strict(tmp_path: Path, values: dict[str, Any]) -> None:
     # helm 4's lint reports a template's `fail` (missing Prometheus Operator/kopf APIs) as INFO, not an error;
     # those messages are tested with `helm template` below.
@@ -148,7 +149,7 @@ def test_every_switch_combination_renders_objects_the_official_schemas_accept(tm
     combos = [combination(scope, flags) for scope in ("cluster", "namespaced")
               for flags in itertools.product([False, True], repeat=len(SWITCHES))]
     with ThreadPoolExecutor(4) as pool:  # helm is a separate process: threads overlap them
-        rendered = list(pool.map(lambda v: render(tmp_path, v, MONITORING_APIS + PEERING_APIS), combos))
+        rendered = list(pool.map(lambda v: render(tmp_path, v, MONITORING_APIS), combos))
     # Each distinct object once: loading the official schema takes ~50 ms per object.
     distinct = {json.dumps(o, sort_keys=True): o for objects in rendered for o in objects}
     assert validation_problems(list(distinct.values())) == []
@@ -158,12 +159,11 @@ def test_every_switch_combination_renders_objects_the_official_schemas_accept(tm
         assert ("PodMonitor" in kinds) == values["metrics.podMonitor.enabled"]
         assert ("PrometheusRule" in kinds) == values["metrics.prometheusRule.enabled"]
         assert ("ConfigMap" in kinds) == values["grafana.dashboard.enabled"]
-        assert len(find(objects, "Role")) == (2 if values["rbac.scope"] == "namespaced" else 0)
         deployment = find(objects, "Deployment")[0]
-        assert deployment["spec"]["replicas"] == (2 if values["operator.peering.enabled"] else 1)
-        peering = [o for o in objects if o["apiVersion"] == "kopf.dev/v1"]
-        assert len(peering) == (0 if not values["operator.peering.enabled"] else
-                                2 if values["rbac.scope"] == "namespaced" else 1)
+        electing = values["operator.leaderElection.enabled"]
+        assert deployment["spec"]["replicas"] == (2 if electing else 1)
+        assert len(find(objects, "Role")) == (2 if values["rbac.scope"] == "namespaced" else 0) + electing
+        assert deployment["spec"]["strategy"]["type"] == ("RollingUpdate" if electing else "Recreate")
 
 
 def test_monitoring_switches_render_offline() -> None:
@@ -179,9 +179,9 @@ def test_monitoring_switches_render_offline() -> None:
     assert {"PodMonitor", "ServiceMonitor", "PrometheusRule", "ConfigMap"} <= kinds
 
 
-def test_peering_fails_clearly_without_kopf_crds(tmp_path: Path) -> None:
-    done = helm_with_values(tmp_path, "template", {"operator.peering.enabled": True})
-    assert done.returncode != 0 and "needs the kopf.dev/v1/ClusterKopfPeering API" in done.stderr
+def test_more_than_one_replica_needs_leader_election(tmp_path: Path) -> None:
+    done = helm_with_values(tmp_path, "template", {"operator.replicas": 2})
+    assert done.returncode != 0 and "at '/operator/replicas': maximum: got 2, want 1" in done.stderr  # the schema
 
 
 @pytest.mark.parametrize(("values", "message"), [
@@ -193,6 +193,8 @@ def test_peering_fails_clearly_without_kopf_crds(tmp_path: Path) -> None:
     ({"rbac.namespaces": ["Team_A"]}, "at '/rbac/namespaces/0'"),
     ({"metrics.podMonitor.interval": "often"}, "at '/metrics/podMonitor/interval'"),
     ({"extra": True}, "additional properties 'extra' not allowed"),
+    ({"jobPods.imagePullSecrets": ["Team_Registry"]}, "at '/jobPods/imagePullSecrets/0'"),
+    ({"networkPolicy.egress.rule": []}, "at '/networkPolicy/egress': additional properties 'rule' not allowed"),
 ], ids=lambda v: json.dumps(v) if isinstance(v, dict) else "")
 def test_values_schema_rejects_wrong_values(tmp_path: Path, values: dict[str, Any], message: str) -> None:
     done = helm_with_values(tmp_path, "template", values)
@@ -240,7 +242,7 @@ def test_operator_deployment_is_restricted_and_probed(tmp_path: Path) -> None:
     assert set(env) == OPERATOR_ENV
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/trainer:0.1.0"
     assert container["image"] == "ghcr.io/kubetune/operator:0.1.0"
-    assert env["KUBETUNE_NAMESPACES"] == "" and env["KUBETUNE_PEERING"] == "false"
+    assert env["KUBETUNE_NAMESPACES"] == "" and env["KUBETUNE_LEADER_ELECTION"] == "false"
     assert env["KUBETUNE_TRAINER_SERVICE_ACCOUNT"] == "kubetune-trainer"
 
 
@@ -260,17 +262,24 @@ def test_every_operator_setting_reaches_its_own_variable(tmp_path: Path) -> None
     """Distinct values for every setting: each must arrive in its own variable (a template that fills one from
     another's value passes with the defaults, where several are alike)."""
     values = {"operator.refreshSeconds": 3, "operator.resyncSeconds": 77, "operator.stallSeconds": 1234,
+              "operator.imagePullSeconds": 41,
               "operator.preflight": False,
-              "operator.healthPort": 8181, "operator.metricsPort": 9555, "operator.peering.enabled": True,
-              "operator.replicas": 2, "serviceAccount.trainer.name": "trainers"}
-    objects = render(tmp_path, values, api_versions=PEERING_APIS)
+              "operator.healthPort": 8181, "operator.metricsPort": 9555, "operator.leaderElection.enabled": True,
+              "operator.replicas": 2, "serviceAccount.trainer.name": "trainers",
+              "jobPods.imagePullSecrets": ["reg-a", "reg-b"], "jobPods.preflight.image": "reg.local/trainer:cpu",
+              "jobPods.preflight.nodeSelector": {"pool": "cpu"}, "jobPods.preflight.tolerations": [{"key": "t"}]}
+    objects = render(tmp_path, values)
     env = {e["name"]: e.get("value") for e in
            find(objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert {k: env[k] for k in OPERATOR_ENV - {"KUBETUNE_TRAINER_IMAGE", "KUBETUNE_NAMESPACES"}} == {
+    downward = {"KUBETUNE_LEASE_NAMESPACE", "KUBETUNE_POD_NAME"}  # from the pod itself (fieldRef)
+    assert {k: env[k] for k in OPERATOR_ENV - {"KUBETUNE_TRAINER_IMAGE", "KUBETUNE_NAMESPACES"} - downward} == {
         "KUBETUNE_REFRESH_SECONDS": "3", "KUBETUNE_RESYNC_SECONDS": "77", "KUBETUNE_STALL_SECONDS": "1234",
+        "KUBETUNE_IMAGE_PULL_SECONDS": "41",
         "KUBETUNE_PREFLIGHT": "false",
-        "KUBETUNE_HEALTH_PORT": "8181", "KUBETUNE_OPERATOR_METRICS_PORT": "9555", "KUBETUNE_PEERING": "true",
-        "KUBETUNE_TRAINER_SERVICE_ACCOUNT": "trainers"}
+        "KUBETUNE_HEALTH_PORT": "8181", "KUBETUNE_OPERATOR_METRICS_PORT": "9555", "KUBETUNE_LEADER_ELECTION": "true",
+        "KUBETUNE_TRAINER_SERVICE_ACCOUNT": "trainers", "KUBETUNE_LEASE_NAME": "t-kubetune-operator",
+        "KUBETUNE_IMAGE_PULL_SECRETS": "reg-a,reg-b", "KUBETUNE_PREFLIGHT_IMAGE": "reg.local/trainer:cpu",
+        "KUBETUNE_PREFLIGHT_NODE_SELECTOR": '{"pool":"cpu"}', "KUBETUNE_PREFLIGHT_TOLERATIONS": '[{"key":"t"}]'}
 
 
 def test_trainer_service_account_mounts_no_token_in_every_job_namespace(tmp_path: Path) -> None:
@@ -288,8 +297,8 @@ def test_trainer_service_account_mounts_no_token_in_every_job_namespace(tmp_path
 
 def test_rbac_grants_no_wildcards_and_no_secrets(tmp_path: Path) -> None:
     for scope in ("cluster", "namespaced"):
-        objects = render(tmp_path, {"rbac.scope": scope, "operator.peering.enabled": True,
-                                    "operator.replicas": 2}, PEERING_APIS)
+        objects = render(tmp_path, {"rbac.scope": scope, "operator.leaderElection.enabled": True,
+                                    "operator.replicas": 2})
         rules = [r for o in objects if o["kind"] in ("Role", "ClusterRole") for r in o["rules"]]
         for rule in rules:
             for field in ("apiGroups", "resources", "verbs"):

@@ -58,7 +58,8 @@ def test_helm_installs_upgrades_and_uninstalls_the_chart(kube: KubeCluster, rele
 
     def env(deployed: dict[str, Any]) -> list[dict[str, Any]]:  # the server leaves out empty values
         container = deployed["spec"]["template"]["spec"]["containers"][0]
-        return [{k: v for k, v in e.items() if v != ""} for e in container["env"]]
+        return [{k: v for k, v in e.items() if v != ""} | ({"valueFrom": {"fieldRef": {"fieldPath": e["valueFrom"][
+            "fieldRef"]["fieldPath"]}}} if "fieldRef" in e.get("valueFrom", {}) else {}) for e in container["env"]]
 
     assert env(deployment) == env(find(rendered, "Deployment")[0])
     assert deployment["status"].get("readyReplicas") == 1 or release.wait_ready()
@@ -104,7 +105,7 @@ def test_namespaced_release_grants_roles_only_in_its_namespaces(kube: KubeCluste
     release.extra_args = ("--set", "rbac.scope=namespaced", "--set", f"rbac.namespaces={{{NS}}}")
     release.install()
     role = kube.get("role", "kubetune-operator", namespace=NS)
-    assert {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "patch"]} \
+    assert {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "patch", "delete"]} \
         in role["rules"]
     assert kube.get("serviceaccount", "kubetune-trainer", namespace=NS)["automountServiceAccountToken"] is False
     env = kube.get("deployment", "kubetune-operator", namespace=RELEASE_NAMESPACE)["spec"]["template"]["spec"][

@@ -116,7 +116,7 @@ def test_installed_rbac_is_exactly_what_the_operator_uses(kube: KubeCluster, sco
     def wait(what: str, check: Any) -> Any:
         return wait_for(what, check, timeout=90, operator=chart)
 
-    submit("done", runPolicy={"ttlSecondsAfterFinished": 3}, deploy={"kserve": {}})
+    submit("done", deploy={"kserve": {}})
     wait("the trainer pod", lambda: trainer.started("done-0-0"))
     assert trainer.ended("done-preflight")  # the pre-flight ran first, as its own pod
     trainer.exit("done-0-0", 0, {"outcome": "Succeeded", "exitCode": 0})
@@ -124,11 +124,17 @@ def test_installed_rbac_is_exactly_what_the_operator_uses(kube: KubeCluster, sco
     api.custom.patch_namespaced_custom_object_status(  # KServe's controller, played: the model is served
         serving.KSERVE_GROUP, serving.KSERVE_VERSION, NS, serving.INFERENCE_SERVICES, service["metadata"]["name"],
         {"status": {"url": "http://done.ml.example.com", "conditions": [{"type": "Ready", "status": "True"}]}})
-    wait("TTL deletion", lambda: api.ftj("done") is None)
-    submit("again", runPolicy={"backoffLimit": 1})
-    wait("the trainer pod", lambda: trainer.started("again-0-0"))
-    trainer.exit("again-0-0", 1, {"outcome": "Failed", "exitCode": 1, "message": "boom"})
-    wait("attempt 1 running", lambda: trainer.started("again-1-0"))
+    wait("served", lambda: (api.status("done").get("inferenceService") or {}).get("ready"))
+    submit("expiring", runPolicy={"ttlSecondsAfterFinished": 2})  # a served job is not the TTL's: this one is
+    wait("the trainer pod", lambda: trainer.started("expiring-0-0"))
+    trainer.exit("expiring-0-0", 0, {"outcome": "Succeeded", "exitCode": 0})
+    wait("TTL deletion", lambda: api.ftj("expiring") is None)
+    submit("again", runPolicy={"backoffLimit": 4})  # four attempts: the oldest is removed
+    for attempt in range(3):
+        wait("the trainer pod", lambda a=attempt: trainer.started(f"again-{a}-0"))  # type: ignore[misc]
+        trainer.exit(f"again-{attempt}-0", 1, {"outcome": "Failed", "exitCode": 1, "message": "boom"})
+    wait("attempt 3 running", lambda: trainer.started("again-3-0"))
+    wait("attempt 0 removed", lambda: api.job("again-0") is None)
     submit("held")
     wait("the trainer pod", lambda: trainer.started("held-0-0"))
     api.patch_ftj("held", {"spec": {"runPolicy": {"suspend": True}}})

@@ -20,7 +20,6 @@ from kubetune.crd import build_crd
 from kubetune.jobfile import job_document
 from kubetune.spec import FineTuneJob
 from tests.cluster import KubeCluster
-from tests.operator_harness import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD = build_crd()
@@ -70,15 +69,7 @@ SAMPLES: dict[str, tuple[dict[str, Any], bool]] = {
 @pytest.fixture(scope="module")
 def custom(kube: KubeCluster) -> Iterator[kubernetes.client.CustomObjectsApi]:
     """The CRD created from the generated document (create-if-missing: the chart installs the same bytes)."""
-    extensions = kubernetes.client.ApiextensionsV1Api(kube.client())
-    try:
-        extensions.create_custom_resource_definition(CRD)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-    wait_for("the CRD Established", lambda: any(
-        c.type == "Established" and c.status == "True"
-        for c in extensions.read_custom_resource_definition(CRD["metadata"]["name"]).status.conditions or []))
+    kube.install_crd()
     kube.namespace(NS)
     yield kubernetes.client.CustomObjectsApi(kube.client())
     kube.delete_namespace(NS)  # no operator of a later module may find the samples

@@ -13,6 +13,7 @@ import math
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import kubernetes
@@ -207,6 +208,7 @@ def test_gang_restart_after_one_worker_fails(api: Api, operator: ChartOperator, 
     status = api.status("gang")
     assert status["budgetUsed"] == 1 and api.condition("gang", "Restarting")["status"] == "True"
     assert "RuntimeError: NCCL timeout" in api.condition("gang", "Restarting")["message"]
+    assert "rank 1 (pod gang-0-1-" in api.condition("gang", "Restarting")["message"]
     assert any(e["reason"] == "GangRestart" for e in api.events("gang"))
     assert 'job="gang"' in operator.metrics()
     started(trainer, "gang-1-0", operator)
@@ -218,6 +220,40 @@ def test_gang_restart_after_one_worker_fails(api: Api, operator: ChartOperator, 
              "BackoffLimitExceeded", operator=operator)
     assert "RuntimeError: again" in api.status("gang")["failure"]["message"]
     assert len(api.jobs("gang")) == 2
+
+
+def test_a_killed_trainer_is_described_by_its_exit_and_its_logs_end(
+        api: Api, operator: ChartOperator, trainer: ScriptedTrainer) -> None:
+    """Issue 26: after `kill -9` the restart says exit 137 (SIGKILL), which rank, and the end of its log in whole
+    lines (it was the log's first kilobyte, starting mid-word)."""
+    submit(api, "killed", runPolicy={"backoffLimit": 2}, **CPU)
+    started(trainer, "killed-0-0", operator)
+    log = "\n".join(f"step {i}: loss 0.{i:04d} and some more words to fill the line up" for i in range(80))
+    trainer.exit("killed-0-0", 137, log=log + "\nlast words before the kill", signal=9)
+    wait_for("the restart", lambda: api.condition("killed", "Restarting").get("status") == "True",
+             operator=operator)
+    text = api.condition("killed", "Restarting")["message"]
+    assert "rank 0 (pod killed-0-0-" in text and "exited 137 (SIGKILL)" in text, text
+    assert "last words before the kill" in text and "step 0:" not in text, text
+    event = next(e for e in api.events("killed") if e["reason"] == "GangRestart")
+    assert "exited 137 (SIGKILL)" in event["message"] and len(event["message"]) <= 1024
+
+
+def test_old_attempts_are_removed_but_their_cost_is_kept(api: Api, operator: ChartOperator,
+                                                         trainer: ScriptedTrainer) -> None:
+    """Issue 26: a job restarted many times keeps its newest three attempts' Jobs (and pods), not all of them."""
+    submit(api, "churn", runPolicy={"backoffLimit": 5}, **CPU)
+    for attempt in range(4):
+        started(trainer, f"churn-{attempt}-0", operator)
+        time.sleep(1.1)  # a second of CPU held per attempt (container times have whole seconds)
+        trainer.exit(f"churn-{attempt}-0", 1, {"outcome": "Failed", "exitCode": 1, "message": f"boom {attempt}"})
+    started(trainer, "churn-4-0", operator)
+    wait_for("attempt 0 removed", lambda: api.job("churn-0") is None and api.job("churn-1") is None,
+             operator=operator)
+    assert [j["metadata"]["name"] for j in api.jobs("churn")] == ["churn-2", "churn-3", "churn-4"]
+    wait_for("its pods gone", lambda: not api.pods("churn-0"), operator=operator)
+    status = api.status("churn")
+    assert status["restarts"] == 4 and set(status["attemptGpuSeconds"]) >= {"0", "1", "2", "3"}
 
 
 def test_a_new_gang_waits_for_the_old_one_to_stop(api: Api, operator: ChartOperator,
@@ -489,6 +525,34 @@ def test_operator_killed_mid_job_resumes_without_duplicates(api: Api, operator: 
     created = [c for c in status["conditions"] if c["type"] == "Created"]
     assert len(created) == 1 and created[0]["lastTransitionTime"] == next(
         c for c in before["conditions"] if c["type"] == "Created")["lastTransitionTime"]
+
+
+def test_a_job_that_ends_while_the_operator_is_down_gets_its_final_figures(
+        api: Api, operator: ChartOperator, trainer: ScriptedTrainer, kube: KubeCluster) -> None:
+    """Issue 26: final figures from the termination message, times from the Job's own record, not from when an
+    operator came back; test results once (testAccuracy), never also as evalTestAccuracy."""
+    submit(api, "offline", **CPU)
+    started(trainer, "offline-0-0", operator)
+    trainer.raw_metrics("offline-0-0", {contract.METRIC_STEP: 8, contract.METRIC_TOTAL_STEPS: 70,
+                                        contract.METRIC_EPOCH: 0.61, contract.METRIC_TRAIN_LOSS: 0.98765,
+                                        contract.METRIC_EVAL: {"test_accuracy": 0.5}})
+    wait_for("step 8", lambda: api.status("offline").get("progress", {}).get("step") == 8, operator=operator)
+    assert "evalTestAccuracy" not in api.status("offline").get("metrics", {})
+    assert api.status("offline")["metrics"]["trainLoss"] == 0.9877  # rounded for the LOSS column
+    kube.run("kubectl", "scale", "deployment/kubetune-operator", "-n", operator.namespace, "--replicas=0")
+    wait_for("no operator", lambda: not operator.pods())
+    trainer.exit("offline-0-0", 0, result(step=70, totalSteps=70, test={"accuracy": 0.9}, final={
+        "trainLoss": 0.0561, "epoch": 5, "validation": {"eval_loss": 0.31, "eval_accuracy": 0.88}}))
+    wait_for("the Job complete", lambda: (api.job("offline-0") or {}).get("status", {}).get("completionTime"))
+    ended = api.job("offline-0")["status"]["completionTime"]  # type: ignore[index]
+    time.sleep(3)
+    kube.run("kubectl", "scale", "deployment/kubetune-operator", "-n", operator.namespace, "--replicas=1")
+    operator.wait_ready()
+    wait_for("Succeeded", lambda: phase(api, "offline") == "Succeeded", operator=operator)
+    status = api.status("offline")
+    assert datetime.fromisoformat(status["completionTime"].replace("Z", "+00:00")) == datetime.fromisoformat(ended)
+    assert status["metrics"] == {"trainLoss": 0.0561, "evalLoss": 0.31, "evalAccuracy": 0.88, "testAccuracy": 0.9}
+    assert status["progress"] == {"step": 70, "totalSteps": 70, "epoch": 5, "percent": 100.0, "etaSeconds": 0.0}
 
 
 def test_handlers_module_runs_without_torch() -> None:

@@ -28,6 +28,7 @@ from tests.cluster import SCRIPTED_IMAGE, KubeCluster
 from tests.fixtures_cluster import S3_SECRET
 from tests.operator_harness import NS, Api, wait_for
 from tests.scripted_trainer import ScriptedTrainer
+from tests.test_chart_rbac import KSERVE_CRD
 from tests.test_operator import BASE
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -38,6 +39,7 @@ SETTINGS = Settings(trainer_image=f"{SCRIPTED_IMAGE}:1", preflight=False, stall_
 def env(kube: KubeCluster) -> Iterator[tuple[Kube, Api, ScriptedTrainer]]:
     """The namespace and its Secret, an admin client as the operator's, the scripted trainer; no operator runs."""
     kube.clean_scripts()
+    kube.install_crd()
     kube.delete_namespace(NS)
     kube.namespace(NS)
     kubernetes.client.CoreV1Api(kube.client()).create_namespaced_secret(NS, {
@@ -91,6 +93,16 @@ def test_progress_keeps_fractional_epochs_and_the_eta() -> None:
                       f"{contract.METRIC_PROGRESS}{{{labels}}} 0.25"]) + "\n"
     found, _ = progress.parse(text, "j", "ml")
     assert found == {"step": 5, "totalSteps": 20, "epoch": 0.5, "percent": 25.0, "etaSeconds": 93.2}
+
+
+def test_a_defaulted_field_added_later_is_not_a_spec_change() -> None:
+    """Bug: the hash of what the pods run counted defaults the API server fills in, so a CRD upgrade that adds a
+    defaulted field made every running job look edited (SpecChanged)."""
+    written = job_document("hashed", BASE)
+    upgraded = job_document("hashed", BASE, {"hyperparameters": {"warmupRatio": 0.0}})  # its default, filled in
+    assert reconcile.spec_hash(written) == reconcile.spec_hash(upgraded)
+    edited = job_document("hashed", BASE, {"hyperparameters": {"warmupRatio": 0.1}})
+    assert reconcile.spec_hash(written) != reconcile.spec_hash(edited)
 
 
 # ---- on the real control plane, with the test's clock -------------------------------------------------------
@@ -150,6 +162,59 @@ def test_a_queued_job_waits_for_kueue(env: tuple[Kube, Api, ScriptedTrainer]) ->
     wait_for("Running", lambda: run_pass(kube, "queued", T0 + timedelta(seconds=40))["phase"] == "Running")
 
 
+WORKLOAD_CRD = {  # Kueue's Workload kind, served with an open schema: its API, not its controller
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "workloads.kueue.x-k8s.io"},
+    "spec": {"group": "kueue.x-k8s.io", "scope": "Namespaced",
+             "names": {"kind": "Workload", "plural": "workloads", "singular": "workload"},
+             "versions": [{"name": "v1beta1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+def test_suspending_a_queued_job_deactivates_its_workload(env: tuple[Kube, Api, ScriptedTrainer],
+                                                          kube: KubeCluster) -> None:
+    """Bug: with queueName and runPolicy.suspend the operator suspended the admitted Job on every pass and Kueue
+    unsuspended it on every pass (pods made and killed every 10 s). Kueue's documented way: the Workload's
+    spec.active. Kueue's controller is played by the test: it made the Workload, admits, and evicts when
+    deactivated."""
+    kube_, api, trainer = env
+    extensions = kubernetes.client.ApiextensionsV1Api(kube.client())
+    extensions.create_custom_resource_definition(WORKLOAD_CRD)
+    try:
+        wait_for("the Workload API", lambda: "workloads" in kube.run("kubectl", "api-resources").stdout)
+        submit(api, "queued-held", runPolicy={"queueName": "team-a"}, resources={"gpusPerNode": 0})
+        run_pass(kube_, "queued-held", T0)
+        job = api.job("queued-held-0")
+        assert job is not None and job["spec"]["suspend"] is True
+        api.custom.create_namespaced_custom_object("kueue.x-k8s.io", "v1beta1", NS, "workloads", {
+            "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+            "metadata": {"name": "job-queued-held-0-abcde", "labels": {"kueue.x-k8s.io/job-uid":
+                                                                        job["metadata"]["uid"]}},
+            "spec": {"active": True, "queueName": "team-a"}})
+        api.batch.patch_namespaced_job("queued-held-0", NS, {"spec": {"suspend": False}},  # Kueue admits it
+                                       _content_type="application/merge-patch+json")
+        wait_for("the trainer", lambda: trainer.started("queued-held-0-0"))
+        api.patch_ftj("queued-held", {"spec": {"runPolicy": {"suspend": True}}})
+        for second in (10, 20, 30):  # passes do not touch the Job: that was the flapping
+            run_pass(kube_, "queued-held", T0 + timedelta(seconds=second))
+            assert api.job("queued-held-0")["spec"]["suspend"] is False  # type: ignore[index]
+        workload = api.custom.get_namespaced_custom_object("kueue.x-k8s.io", "v1beta1", NS, "workloads",
+                                                           "job-queued-held-0-abcde")
+        assert workload["spec"]["active"] is False
+        api.batch.patch_namespaced_job("queued-held-0", NS, {"spec": {"suspend": True}},  # Kueue evicts it
+                                       _content_type="application/merge-patch+json")
+        status = run_pass(kube_, "queued-held", T0 + timedelta(seconds=40))
+        assert status["phase"] == "Suspended"
+        api.patch_ftj("queued-held", {"spec": {"runPolicy": {"suspend": False}}})
+        run_pass(kube_, "queued-held", T0 + timedelta(seconds=50))
+        workload = api.custom.get_namespaced_custom_object("kueue.x-k8s.io", "v1beta1", NS, "workloads",
+                                                           "job-queued-held-0-abcde")
+        assert workload["spec"]["active"] is True  # back in the queue: Kueue admits it again
+    finally:
+        extensions.delete_custom_resource_definition(WORKLOAD_CRD["metadata"]["name"])
+
+
 def test_a_restart_gets_what_is_left_of_the_deadline(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
     """Bug: a restart attempt given the whole activeDeadlineSeconds. 600 s: a failure at T0+400 leaves the next
     Job 200 s; at T0+700 the job fails DeadlineExceeded and no new Job starts."""
@@ -168,6 +233,60 @@ def test_a_restart_gets_what_is_left_of_the_deadline(env: tuple[Kube, Api, Scrip
     status = run_pass(kube, "deadline", T0 + timedelta(seconds=700))
     assert status["phase"] == "Failed" and status["failure"]["reason"] == "DeadlineExceeded", status
     assert api.job("deadline-2") is None
+
+
+def test_a_queued_job_expires_at_its_deadline(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
+    """Bug: activeDeadlineSeconds was checked only when an attempt was created; a Job Kueue never admits is
+    suspended, its own deadline timer stopped, so a queued FineTuneJob never expired."""
+    kube, api, _ = env
+    submit(api, "queued-forever", runPolicy={"queueName": "team-b", "activeDeadlineSeconds": 60},
+           resources={"gpusPerNode": 0})
+    assert run_pass(kube, "queued-forever", T0)["phase"] == "Pending"
+    status = run_pass(kube, "queued-forever", T0 + timedelta(seconds=61))
+    assert status["phase"] == "Failed" and status["failure"]["reason"] == "DeadlineExceeded", status
+    assert api.job("queued-forever-0")["spec"]["suspend"] is True  # type: ignore[index]
+
+
+def test_a_pull_error_is_retried_for_a_while_then_stops_the_job(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
+    """Bug: one transient ErrImagePull (a registry's 429) failed the job at once, and nothing stopped its Job:
+    pods kept their GPUs in ImagePullBackOff. Now: pending for KUBETUNE_IMAGE_PULL_SECONDS, then Failed with
+    the Job suspended (the Job controller removes its pods)."""
+    kube, api, _ = env
+    submit(api, "pulling", image="registry.example.com/slow:1")  # one GPU: held while it pulls
+    run_pass(kube, "pulling", datetime.now(UTC))
+    pod = wait_for("a pull error", lambda: next((p for p in api.pods("pulling-0") if any(
+        (s.get("state") or {}).get("waiting", {}).get("reason") in ("ErrImagePull", "ImagePullBackOff")
+        for s in p["status"].get("containerStatuses") or [])), None))
+    created = datetime.fromisoformat(pod["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+    early = run_pass(kube, "pulling", created + timedelta(seconds=30))
+    assert early["phase"] == "Pending" and "retrying for up to 300s" in next(
+        c for c in early["conditions"] if c["type"] == "Running")["message"]
+    late = run_pass(kube, "pulling", created + timedelta(seconds=301))
+    assert late["phase"] == "Failed" and late["failure"]["reason"] in ("ErrImagePull", "ImagePullBackOff")
+    assert api.job("pulling-0")["spec"]["suspend"] is True  # type: ignore[index]
+    wait_for("no pod holds the GPU", lambda: not api.pods("pulling-0"))
+
+
+def test_a_served_models_job_outlives_its_ttl(env: tuple[Kube, Api, ScriptedTrainer], kube: KubeCluster) -> None:
+    """Decision (issue 26): ttlSecondsAfterFinished does not delete a job whose model is served — deleting it
+    would delete the InferenceService it owns. Delete the FineTuneJob to stop serving."""
+    kube_, api, trainer = env
+    extensions = kubernetes.client.ApiextensionsV1Api(kube.client())
+    extensions.create_custom_resource_definition(KSERVE_CRD)
+    try:
+        wait_for("KServe's API", lambda: "inferenceservices" in kube.run("kubectl", "api-resources").stdout)
+        submit(api, "served-ttl", runPolicy={"ttlSecondsAfterFinished": 5}, deploy={"kserve": {}},
+               resources={"gpusPerNode": 0})
+        run_pass(kube_, "served-ttl", datetime.now(UTC))
+        wait_for("the trainer", lambda: trainer.started("served-ttl-0-0"))
+        trainer.exit("served-ttl-0-0", 0, {"outcome": "Succeeded", "exitCode": 0})
+        wait_for("the Job complete", lambda: (api.job("served-ttl-0") or {}).get("status", {}).get("succeeded"))
+        done = run_pass(kube_, "served-ttl", datetime.now(UTC))
+        assert done["phase"] == "Succeeded" and done["inferenceService"]["name"] == "served-ttl-model"
+        run_pass(kube_, "served-ttl", datetime.now(UTC) + timedelta(seconds=60))
+        assert api.ftj("served-ttl") is not None, "the TTL deleted a job whose model is served"
+    finally:
+        extensions.delete_custom_resource_definition(KSERVE_CRD["metadata"]["name"])
 
 
 def test_gpu_seconds_add_up_over_attempts_and_outlive_their_pods(env: tuple[Kube, Api, ScriptedTrainer]) -> None:

@@ -52,3 +52,14 @@ def test_serving_a_lora_job_needs_merged_weights() -> None:
     doc = ftj(output={"uri": "s3://models-out/reviews/", "mergeAdapter": False}, deploy={"kserve": {}})
     with pytest.raises(UserError, match=r"deploy\.kserve"):
         parse_job(doc, "job.yaml")
+
+
+def test_the_inference_service_has_its_own_name_and_fits_knatives_host_label() -> None:
+    """Issue 26: KServe's Serverless mode makes a Service of the InferenceService's name (the rendezvous
+    Service has the job's), and Knative's `<name>-predictor-<namespace>` host label must fit 63 characters."""
+    doc = ftj(deploy={"kserve": {}})
+    built = serving.inference_service(doc, resolved_job(doc))
+    assert built is not None and built["metadata"]["name"] == "reviews-model"
+    assert serving.name_problem("a" * 40, "ml") is None  # 40 + 6 + 11 + 2 = 59
+    problem = serving.name_problem("a" * 44, "ml-team")  # 44 + 6 + 11 + 7 = 68
+    assert problem is not None and problem.startswith("metadata.name:") and "by 5" in problem

@@ -5,22 +5,32 @@ No API calls here: reconcile.py creates what these return, tests compare them wi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import yaml
 
 from kubetune import contract
-from kubetune.spec import FineTuneJob
+from kubetune.footprint import Footprint
+from kubetune.spec import FineTuneJob, quantity_value
+from kubetune_operator.settings import Settings
 
 CONTAINER = "trainer"
 SPEC_KEY = "spec.yaml"
 ATTEMPT_LABEL = "kubetune.io/attempt"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-GRACE_MARGIN_SECONDS = 15  # beyond the trainer's own budget: torchrun forwarding SIGTERM and process exit
 RUN_AS_USER = 1000  # the trainer image's user (Dockerfile: useradd --uid 1000)
-PREFLIGHT_DEADLINE_SECONDS = 600  # reading a few MiB and a config: minutes at most, even on a slow link
-# What `kubetune validate --deep` needs: transformers and a meta-device model, no GPU, no weights.
-PREFLIGHT_RESOURCES = {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+# Reading a few MiB and a config takes a minute; the deadline also covers a cold pull of a multi-GB image.
+PREFLIGHT_DEADLINE_SECONDS = 1800
+# What `kubetune validate --deep` needs: transformers and a meta-device model, no GPU, no weights; on disk a
+# config, a tokenizer and the first MiB of each data file.
+PREFLIGHT_RESOURCES = {"requests": {"cpu": "500m", "memory": "2Gi", "ephemeral-storage": "1Gi"},
+                       "limits": {"memory": "2Gi"}}
+PREFLIGHT_DISK = "2Gi"
+SHM_SHARE = 4  # /dev/shm defaults to a quarter of resources.memory
+# No Istio sidecar: it would outlive the trainer (the Job never completes) and under STRICT mTLS refuse the
+# operator's plain scrape of :9400. The label is Istio's current switch, the annotation its older one.
+NO_SIDECAR = {"sidecar.istio.io/inject": "false"}
 CONTAINER_SECURITY = {  # the restricted Pod Security Standard, container level
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
@@ -130,6 +140,34 @@ def build_service(ftj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _writable_env() -> list[dict[str, Any]]:
+    """Home, caches and temporary files on the work volume: any image runs as uid 1000 on a read-only root."""
+    return [{"name": contract.ENV_HOME, "value": contract.WORK_DIR},
+            {"name": contract.ENV_HF_HOME, "value": contract.HF_HOME_DIR},
+            {"name": contract.ENV_TMPDIR, "value": contract.TMP_DIR}]
+
+
+def _work_mounts() -> list[dict[str, Any]]:
+    return [{"name": "work", "mountPath": contract.WORK_DIR},
+            {"name": "work", "mountPath": contract.TMP_DIR, "subPath": "tmp"}]  # /tmp too: some code ignores TMPDIR
+
+
+def _pull_secrets(job: FineTuneJob, settings: Settings | None) -> dict[str, Any]:
+    names = dict.fromkeys([*(settings.image_pull_secrets if settings else ()), *job.spec.image_pull_secrets])
+    return {"imagePullSecrets": [{"name": n} for n in names]} if names else {}
+
+
+def grace_seconds(job: FineTuneJob, footprint: Footprint | None) -> int:
+    """The pod's terminationGracePeriodSeconds: the spec's, else the trainer's budget for the estimated upload
+    (the pre-flight's footprint) plus the margin. The trainer's budget (KUBETUNE_GRACE_SECONDS) is the margin less."""
+    trainer = footprint.trainer_grace_seconds() if footprint else contract.DEFAULT_GRACE_SECONDS
+    return job.spec.run_policy.termination_grace_period_seconds or trainer + contract.GRACE_MARGIN_SECONDS
+
+
+def _mebibytes(value: float) -> str:
+    return f"{max(1, math.ceil(value / 2**20))}Mi"
+
+
 def _env(name: str, nodes: int, nproc: int, attempt: int, namespace: str, secret: str | None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": contract.ENV_MASTER_ADDR, "value": master_address(name, attempt, namespace)},
@@ -143,23 +181,32 @@ def _env(name: str, nodes: int, nproc: int, attempt: int, namespace: str, secret
         {"name": contract.ENV_TERMINATION_LOG, "value": contract.TERMINATION_LOG},
         {"name": contract.ENV_JOB_NAME, "value": name},
         {"name": contract.ENV_NAMESPACE, "value": namespace},
-        {"name": contract.ENV_GRACE_SECONDS, "value": str(contract.DEFAULT_GRACE_SECONDS)},
     ]
-    return env + _credentials(secret)
+    return env + _writable_env() + _credentials(secret)
 
 
-def _container(job: FineTuneJob, image: str, attempt: int, namespace: str) -> dict[str, Any]:
+def _container(job: FineTuneJob, image: str, attempt: int, namespace: str, grace: int,
+               footprint: Footprint | None) -> dict[str, Any]:
     res = job.spec.resources
+    nproc = max(res.gpus_per_node, 1)
     requests: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
     limits: dict[str, Any] = {"memory": res.memory}
+    if res.guaranteed:  # limits = requests: Guaranteed QoS
+        limits["cpu"] = res.cpu
     if res.gpus_per_node:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = res.gpus_per_node
+    disk = res.ephemeral_storage or (f"{math.ceil(footprint.work_bytes() / 2**30)}Gi" if footprint else None)
+    if disk:  # the scheduler finds a node with that much disk; under disk pressure the kubelet evicts others first
+        requests["ephemeral-storage"] = disk
+    env = _env(job.metadata.name, res.nodes, nproc, attempt, namespace, job.spec.storage.secret_ref)
+    env += [{"name": contract.ENV_GRACE_SECONDS, "value": str(grace - contract.GRACE_MARGIN_SECONDS)},
+            # Without a cpu limit there is no cgroup quota to read: threads from the request, as the trainer would.
+            {"name": contract.ENV_OMP_THREADS, "value": str(max(1, math.ceil(quantity_value(res.cpu)) // nproc))}]
     return {
         "name": CONTAINER,
         "image": job.spec.image or image,
         "command": ["kubetune", "trainer"],
-        "env": _env(job.metadata.name, res.nodes, max(res.gpus_per_node, 1), attempt, namespace,
-                    job.spec.storage.secret_ref),
+        "env": env,
         "ports": [
             {"name": "metrics", "containerPort": contract.DEFAULT_METRICS_PORT, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": contract.DEFAULT_MASTER_PORT, "protocol": "TCP"},
@@ -169,7 +216,7 @@ def _container(job: FineTuneJob, image: str, attempt: int, namespace: str) -> di
         "volumeMounts": [
             {"name": "spec", "mountPath": contract.SPEC_MOUNT_PATH, "subPath": SPEC_KEY, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "work", "mountPath": contract.WORK_DIR},
+            *_work_mounts(),
         ],
         "terminationMessagePath": contract.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -177,15 +224,18 @@ def _container(job: FineTuneJob, image: str, attempt: int, namespace: str) -> di
 
 
 def build_job(ftj: dict[str, Any], *, image: str, service_account: str, attempt: int = 0,
-              active_deadline_seconds: int | None = None) -> dict[str, Any]:
+              active_deadline_seconds: int | None = None, settings: Settings | None = None,
+              footprint: Footprint | None = None) -> dict[str, Any]:
     """The Indexed Job of one gang attempt: `nodes` pods, one failure fails them all (backoffLimit 0).
 
-    active_deadline_seconds is what is left of runPolicy.activeDeadlineSeconds for this attempt.
+    active_deadline_seconds is what is left of runPolicy.activeDeadlineSeconds for this attempt; settings carry
+    the chart's defaults for every job's pods; footprint is the pre-flight's estimate (preflight_footprint).
     """
     job = resolved_job(ftj)
     name, namespace = job.metadata.name, ftj["metadata"]["namespace"]
     res, policy = job.spec.resources, job.spec.run_policy
-    pod_labels = {**labels(ftj, "trainer"), ATTEMPT_LABEL: str(attempt)}
+    grace = grace_seconds(job, footprint)
+    pod_labels = {**labels(ftj, "trainer"), ATTEMPT_LABEL: str(attempt), **NO_SIDECAR}
     metadata = _metadata(ftj, attempt_job_name(name, attempt), "trainer")
     metadata["labels"][ATTEMPT_LABEL] = str(attempt)
     if policy.queue_name:
@@ -195,13 +245,17 @@ def build_job(ftj: dict[str, Any], *, image: str, service_account: str, attempt:
         "restartPolicy": "Never",
         "serviceAccountName": service_account,
         "automountServiceAccountToken": False,  # trainers never talk to the API
-        "terminationGracePeriodSeconds": contract.DEFAULT_GRACE_SECONDS + GRACE_MARGIN_SECONDS,
+        "terminationGracePeriodSeconds": grace,
         "securityContext": dict(POD_SECURITY),
-        "containers": [_container(job, image, attempt, namespace)],
+        **_pull_secrets(job, settings),
+        "containers": [_container(job, image, attempt, namespace, grace, footprint)],
         "volumes": [
             {"name": "spec", "configMap": {"name": spec_configmap_name(name)}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and dataloader workers need a big /dev/shm
-            {"name": "work", "emptyDir": {}},
+            # NCCL needs a bigger /dev/shm than a runtime's 64 MiB; sized, so that it fills up instead of the pod
+            # being OOMKilled (memory-backed pages count in the memory limit).
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size or _mebibytes(
+                quantity_value(res.memory) / SHM_SHARE)}},
+            {"name": "work", "emptyDir": {"sizeLimit": res.ephemeral_storage} if res.ephemeral_storage else {}},
         ],
     }
     if res.node_selector:
@@ -231,7 +285,7 @@ def build_job(ftj: dict[str, Any], *, image: str, service_account: str, attempt:
                  "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [contract.EXIT_RETRY]}},
             ]
         },
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        "template": {"metadata": {"labels": pod_labels, "annotations": dict(NO_SIDECAR)}, "spec": pod_spec},
     }
     if active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
@@ -246,42 +300,69 @@ def _credentials(secret: str | None) -> list[dict[str, Any]]:
             for key in (contract.SECRET_ACCESS_KEY_ID, contract.SECRET_SECRET_ACCESS_KEY)]
 
 
-def build_preflight_job(ftj: dict[str, Any], *, image: str, service_account: str) -> dict[str, Any]:
+def build_preflight_job(ftj: dict[str, Any], *, image: str, service_account: str,
+                        settings: Settings | None = None) -> dict[str, Any]:
     """A small CPU-only Job running `kubetune validate --deep` with the job's own credentials.
 
     It reaches storage, reads the first rows and the model's config, and estimates memory, so a broken job
-    fails in seconds without holding a GPU; its log lines (FallbackToLogsOnError) name the field or file.
+    fails in seconds without holding a GPU; its log lines (FallbackToLogsOnError) name the field or file, and on
+    success its termination message holds the footprint the trainer pods are sized from (preflight_footprint).
+    It runs where the job may run (the job's scheduling fields, unless the chart sets the pre-flight's own).
     """
     job = resolved_job(ftj)
-    name = job.metadata.name
+    name, res, policy = job.metadata.name, job.spec.resources, job.spec.run_policy
     container = {
         "name": "preflight",
-        "image": job.spec.image or image,
+        "image": job.spec.image or (settings.preflight_image if settings else "") or image,
         # Relative paths mean what they mean to the trainer: relative to the image's working directory.
         "command": ["kubetune", "validate", "--deep", "--relative-to", ".", contract.SPEC_MOUNT_PATH],
-        "env": [{"name": contract.ENV_JOB_NAME, "value": name}, *_credentials(job.spec.storage.secret_ref)],
+        "env": [{"name": contract.ENV_JOB_NAME, "value": name},
+                {"name": contract.ENV_TERMINATION_LOG, "value": contract.TERMINATION_LOG},
+                *_writable_env(), *_credentials(job.spec.storage.secret_ref)],
         "resources": PREFLIGHT_RESOURCES,
         "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": [
             {"name": "spec", "mountPath": contract.SPEC_MOUNT_PATH, "subPath": SPEC_KEY, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
+            *_work_mounts(),
         ],
         "terminationMessagePath": contract.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    pod_spec = {
+    pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": service_account,
         "automountServiceAccountToken": False,
         "securityContext": dict(POD_SECURITY),
+        **_pull_secrets(job, settings),
         "containers": [container],
         "volumes": [{"name": "spec", "configMap": {"name": spec_configmap_name(name)}},
-                    {"name": "tmp", "emptyDir": {}}],
+                    {"name": "work", "emptyDir": {"sizeLimit": PREFLIGHT_DISK}}],
     }
+    node_selector = (settings.preflight_node_selector if settings else None) or res.node_selector
+    tolerations = (settings.preflight_tolerations if settings else None) or res.tolerations
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = list(tolerations)
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    metadata = _metadata(ftj, preflight_job_name(name), "preflight")
+    if policy.queue_name:  # Kueue admits it from the job's queue, like the trainers (and counts its quota)
+        metadata["labels"][contract.LABEL_QUEUE] = policy.queue_name
     return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": _metadata(ftj, preflight_job_name(name), "preflight"),
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,
         "spec": {"completions": 1, "parallelism": 1, "backoffLimit": 0,
-                 "activeDeadlineSeconds": PREFLIGHT_DEADLINE_SECONDS,
-                 "template": {"metadata": {"labels": labels(ftj, "preflight")}, "spec": pod_spec}},
+                 "activeDeadlineSeconds": PREFLIGHT_DEADLINE_SECONDS, "suspend": bool(policy.queue_name),
+                 "template": {"metadata": {"labels": {**labels(ftj, "preflight"), **NO_SIDECAR},
+                                           "annotations": dict(NO_SIDECAR)}, "spec": pod_spec}},
     }
+
+
+def preflight_footprint(pods: list[dict[str, Any]]) -> Footprint | None:
+    """What the succeeded pre-flight pod estimated (its termination message), for build_job's footprint."""
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            found = Footprint.from_termination(((status.get("state") or {}).get("terminated") or {}).get("message"))
+            if found:
+                return found
+    return None

@@ -19,6 +19,7 @@ from kubetune_operator import metrics
 from kubetune_operator.status import now_iso
 
 MERGE_PATCH = "application/merge-patch+json"
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
 
 
 def owner_uids(obj: dict[str, Any]) -> set[str]:
@@ -172,6 +173,30 @@ class Kube:
         found = self._call(self.core.list_namespaced_pod, namespace, label_selector=selector)
         return [self._sanitized(p) for p in found.items]
 
+    def workloads(self, namespace: str, job_uid: str) -> list[dict[str, Any]] | None:
+        """Kueue's Workloads of one Job; None when Kueue's API is not there (or not granted to the operator)."""
+        try:
+            found = self._call(self.custom.list_namespaced_custom_object, KUEUE_GROUP, KUEUE_VERSION, namespace,
+                               "workloads", label_selector=f"{KUEUE_GROUP}/job-uid={job_uid}")
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return None
+            raise
+        items: list[dict[str, Any]] = found["items"]
+        return items
+
+    def patch_workload(self, namespace: str, name: str, active: bool) -> None:
+        self._call(self.custom.patch_namespaced_custom_object, KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads",
+                   name, {"spec": {"active": active}}, _content_type=MERGE_PATCH)
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Deleted with its pods (background propagation); already gone is fine."""
+        try:
+            self._call(self.batch.delete_namespaced_job, name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         self._call(self.batch.patch_namespaced_job, name, namespace, patch, _content_type=MERGE_PATCH)
 
@@ -183,7 +208,7 @@ class Kube:
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
             "involvedObject": {"apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}", "kind": contract.KIND,
                                "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
-            "type": type_, "reason": reason, "message": message[:1024],
+            "type": type_, "reason": reason, "message": message if len(message) <= 1024 else message[:1020] + " ...",
             "firstTimestamp": now_iso(now), "lastTimestamp": now_iso(now), "count": 1,
             "source": {"component": contract.MANAGED_BY}, "reportingComponent": contract.MANAGED_BY,
         }

@@ -12,7 +12,7 @@ def run() -> int:
     kopf.configure(verbose=False)
     kopf.run(
         registry=kopf.get_default_registry(),
-        standalone=not config.peering,
+        standalone=True,  # no kopf peering: replicas elect a leader on a Lease (runtime.py, leader.py)
         clusterwide=not config.namespaces,
         namespaces=list(config.namespaces),
         liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",

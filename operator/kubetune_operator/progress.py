@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubetune import contract
 
 SCRAPE_TIMEOUT_SECONDS = 2.0
+DIGITS = 4  # status.metrics and the LOSS column: 0.6559, not 0.6558552384376526
 # Trainer gauge -> status.metrics key (the chosen eval metric is added by its own name).
 METRICS = {contract.METRIC_TRAIN_LOSS: "trainLoss", contract.METRIC_EVAL_LOSS: "evalLoss"}
 
@@ -40,7 +41,8 @@ def parse(text: str, job: str, namespace: str) -> tuple[dict[str, Any], dict[str
             if labels.get("job", job) != job or labels.get("namespace", namespace) != namespace:
                 continue
             if sample.name == contract.METRIC_EVAL and "metric" in labels:
-                evals[labels["metric"]] = float(sample.value)
+                if not labels["metric"].startswith(("test_", "train_")):  # validation only: tests come at the end
+                    evals[labels["metric"]] = float(sample.value)
             elif "rank" not in labels or labels["rank"] == "0":
                 values.setdefault(sample.name, float(sample.value))
     progress: dict[str, Any] = {}
@@ -56,10 +58,22 @@ def parse(text: str, job: str, namespace: str) -> tuple[dict[str, Any], dict[str
         progress["percent"] = round(100.0 * progress.get("step", 0) / progress["totalSteps"], 1)
     if contract.METRIC_ETA in values:
         progress["etaSeconds"] = round(values[contract.METRIC_ETA], 1)
-    metrics = {key: values[name] for name, key in METRICS.items() if name in values}
+    metrics = {key: round(values[name], DIGITS) for name, key in METRICS.items() if name in values}
     for name, value in evals.items():
-        metrics[_camel(name if name.startswith("eval") else f"eval_{name}")] = value
+        metrics[_camel(name if name.startswith("eval") else f"eval_{name}")] = round(value, DIGITS)
     return progress, metrics
+
+
+def final_metrics(final: dict[str, Any]) -> dict[str, float]:
+    """status.metrics from the trainer's final figures (its termination message): the last train loss and the
+    last validation row, named as the scrape names them."""
+    metrics: dict[str, float] = {}
+    if isinstance(final.get("trainLoss"), int | float):
+        metrics["trainLoss"] = round(final["trainLoss"], DIGITS)
+    for name, value in (final.get("validation") or {}).items():
+        if isinstance(value, int | float) and math.isfinite(value):
+            metrics[_camel(name)] = round(value, DIGITS)
+    return metrics
 
 
 def _camel(name: str) -> str:

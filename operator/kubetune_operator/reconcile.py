@@ -31,10 +31,12 @@ from kubetune_operator.settings import Settings
 from kubetune_operator.state import View
 from kubetune_operator.status import (
     FINISHED,
+    PULL_ERRORS,
     Outcome,
     attempt_outcome,
     condition_true,
     finite,
+    job_end_time,
     now_iso,
     parse_time,
     pod_gpu_seconds,
@@ -52,6 +54,7 @@ _phases: dict[tuple[str, str], tuple[str, str]] = {}  # (namespace, name) -> (na
 _phases_lock = threading.Lock()
 _cost_written: dict[tuple[str, str], datetime] = {}  # when each job's gpuSeconds was last written
 COST_SECONDS = 60
+KEEP_ATTEMPTS = 3  # the newest gang attempts kept (the current one and the ones that failed before it)
 
 
 def validation_problem(ftj: dict[str, Any]) -> str | None:
@@ -61,16 +64,34 @@ def validation_problem(ftj: dict[str, Any]) -> str | None:
     if len(name) > MAX_NAME_LENGTH or not name[:1].isalpha():
         problems.append(f"metadata.name: must start with a letter and be at most {MAX_NAME_LENGTH} characters")
     try:
-        builders.resolved_job(ftj)
+        job = builders.resolved_job(ftj)
     except ValidationError as exc:
         problems += [describe(e) for e in exc.errors()]
     except UserError as exc:
         problems.append(str(exc))
+    else:
+        served = job.spec.deploy is not None and job.spec.deploy.kserve is not None
+        problem = serving.name_problem(name, ftj["metadata"].get("namespace", "")) if served else None
+        problems += [problem] if problem else []
     return "\n".join(problems) or None
 
 
 def spec_hash(ftj: dict[str, Any]) -> str:
-    """Identity of what the pods run: spec minus runPolicy.suspend (the one field that may change)."""
+    """Identity of what the pods run: the spec as resolved, without runPolicy.suspend (the one field that may
+    change) and without values equal to their defaults — the API server fills in defaults, so a CRD upgrade
+    that adds a defaulted field must not make every running job look edited."""
+    try:
+        spec = builders.resolved_job(ftj).spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    except (ValidationError, UserError):  # not valid (any more): compare as written
+        spec = json.loads(json.dumps(ftj.get("spec") or {}))
+    (spec.get("runPolicy") or {}).pop("suspend", None)
+    if spec.get("runPolicy") == {}:  # suspend was its only non-default field
+        del spec["runPolicy"]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _written_hash(ftj: dict[str, Any]) -> str:
+    """The hash earlier versions recorded (the spec as written): jobs they started are not 'changed' now."""
     spec = json.loads(json.dumps(ftj.get("spec") or {}))
     (spec.get("runPolicy") or {}).pop("suspend", None)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -119,10 +140,11 @@ def reconcile(kube: Kube, settings: Settings, namespace: str, name: str, now: da
 
 
 def forget(key: tuple[str, str]) -> None:
-    """A deleted job leaves nothing behind: no per-phase count, no cost timer."""
+    """A deleted job leaves nothing behind: no per-phase count, no cost timer, no lock."""
     with _phases_lock:
         _phases.pop(key, None)
         _cost_written.pop(key, None)
+        _locks.pop(key, None)
 
 
 def job_counts() -> dict[tuple[str, str], int]:
@@ -144,6 +166,8 @@ class Pass:
         self.events: list[tuple[str, str, str]] = []
         self.generation = self.meta.get("generation")
         self.written: dict[str, Any] | None = None
+        self.ended_at: datetime | None = None  # when the Job that decided the end ended (its own record)
+        self.current: dict[str, Any] | None = None  # the Job now running (the last attempt, or the pre-flight)
         self.scrape_url: str | None = None
         self.recheck = False  # something only a later look can tell (FailedCreate events, a served model)
 
@@ -177,8 +201,13 @@ class Pass:
             self._waiting_for_old_children("Job", stale["metadata"]["name"])
             return
         jobs = {_attempt(j): j for j in children if _component(j) == "trainer"}
+        # startTime: when the first child was made (a status write that failed must not move it later).
+        born = sorted(j["metadata"]["creationTimestamp"] for j in children if j["metadata"].get("creationTimestamp"))
+        self.new.setdefault("startTime", born[0] if born else now_iso(self.now))
+        self.current = jobs[max(jobs)] if jobs else next((j for j in children if _component(j) == "preflight"), None)
+        if self._deadline_passed(policy.active_deadline_seconds):
+            return
         if not jobs:
-            self.new.setdefault("startTime", now_iso(self.now))
             preflight = next((j for j in children if _component(j) == "preflight"), None)
             if self.settings.preflight and not self._preflight_passed(preflight):
                 return  # GPU pods only after the pre-flight passed
@@ -198,15 +227,38 @@ class Pass:
         for pod in pods:
             by_attempt[_attempt(pod)].append(pod)
         self._account(jobs, by_attempt)
+        self._prune(jobs)
         self._spec_changed(current)
-        if bool((current["spec"] or {}).get("suspend")) != policy.suspend and not (
-                policy.queue_name and not policy.suspend):  # Kueue, not us, unsuspends a queued Job
+        if policy.queue_name:
+            self._queue(current, policy.suspend)
+        elif bool((current["spec"] or {}).get("suspend")) != policy.suspend:
             self.kube.patch_job(self.namespace, current["metadata"]["name"], {"spec": {"suspend": policy.suspend}})
             current["spec"]["suspend"] = policy.suspend
-        outcome = attempt_outcome(current, by_attempt[attempt])
+        outcome = attempt_outcome(current, by_attempt[attempt], self.now, self.settings.image_pull_seconds)
+        self.ended_at = job_end_time(current)
         if outcome.state == "pending" and not by_attempt[attempt] and current["metadata"].get("uid"):
             outcome = self._failed_create(current) or outcome
         self._apply(outcome, attempt, current, by_attempt[attempt], policy.suspend)
+
+    def _deadline_passed(self, deadline: int | None) -> bool:
+        """runPolicy.activeDeadlineSeconds counts from startTime on every pass: time queued, in pre-flight or
+        Pending counts too (a suspended Job's own deadline timer is stopped)."""
+        started = parse_time(self.new.get("startTime"))
+        if deadline is None or started is None or (self.now - started).total_seconds() < deadline:
+            return False
+        self._fail("DeadlineExceeded", f"runPolicy.activeDeadlineSeconds={deadline} passed", None)
+        return True
+
+    def _stop_current(self) -> None:
+        """No pod may hold a GPU for a job that has ended: its running Job is suspended (the Job controller stops
+        the pods; the Job stays for inspection)."""
+        job = self.current
+        if job is None or not job["metadata"].get("uid") or (job.get("spec") or {}).get("suspend") or any(
+                c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                for c in (job.get("status") or {}).get("conditions") or []):
+            return
+        self.kube.patch_job(self.namespace, job["metadata"]["name"], {"spec": {"suspend": True}})
+        job.setdefault("spec", {})["suspend"] = True
 
     def _failed_create(self, job: dict[str, Any]) -> Outcome | None:
         """A Job without pods may be one whose pods the API server refuses (quota, Pod Security, a policy):
@@ -229,6 +281,7 @@ class Pass:
         uid = job["metadata"].get("uid")
         outcome = attempt_outcome(job, [p for p in self.view.pods if _component(p) == "preflight"
                                         and uid in owner_uids(p)])
+        self.ended_at = job_end_time(job)
         if outcome.state == "succeeded":
             self._condition("Validated", True, "PreflightPassed", "storage, data and model checked "
                             "(kubetune validate --deep)")
@@ -260,6 +313,7 @@ class Pass:
                 self._condition("Restarting", False, "GangRunning", f"attempt {attempt} is running")
             self._progress(pods)
         elif outcome.state in ("pending", "suspended"):
+            self.recheck = self.recheck or outcome.reason in PULL_ERRORS  # the pull grace runs out without events
             self._phase("Pending")
             reason = "Queued" if outcome.state == "suspended" else outcome.reason
             message = "waiting for Kueue to admit the Job" if outcome.state == "suspended" else outcome.message
@@ -300,8 +354,7 @@ class Pass:
         if deadline is not None:
             started = parse_time(self.new.get("startTime")) or self.now
             remaining = deadline - int((self.now - started).total_seconds())
-            if remaining <= 0:
-                self._fail("DeadlineExceeded", f"runPolicy.activeDeadlineSeconds={deadline} passed", None)
+            if self._deadline_passed(deadline):
                 return None
         job = builders.build_job(self.ftj, image=self.settings.trainer_image,
                                  service_account=self._trainer_account(),
@@ -354,7 +407,7 @@ class Pass:
     def _succeed(self, outcome: Outcome) -> None:
         result = outcome.result or {}
         self._phase("Succeeded")
-        self.new["completionTime"] = now_iso(self.now)
+        self.new["completionTime"] = now_iso(self.ended_at or self.now)
         self.new["outputUri"] = result.get("outputUri") or builders.resolved_job(self.ftj).spec.output.uri
         if result.get("lastCheckpoint"):
             self.new["lastCheckpoint"] = result["lastCheckpoint"]
@@ -362,11 +415,15 @@ class Pass:
             self.new["dryRun"] = result["dryRun"]
         tests = {f"test{k[:1].upper()}{k[1:]}": v for k, v in (result.get("test") or {}).items()
                  if isinstance(v, int | float)}
-        if tests:
-            self.new["metrics"] = {**(self.new.get("metrics") or {}), **tests}
+        final: dict[str, Any] = result["final"] if isinstance(result.get("final"), dict) else {}
+        self.new["metrics"] = {**(self.new.get("metrics") or {}), **progress.final_metrics(final), **tests}
+        if not self.new["metrics"]:
+            del self.new["metrics"]
         if result.get("step") is not None and result.get("totalSteps"):
             self.new["progress"] = {**(self.new.get("progress") or {}), "step": result["step"],
                                     "totalSteps": result["totalSteps"], "percent": 100.0, "etaSeconds": 0.0}
+            if isinstance(final.get("epoch"), int | float):
+                self.new["progress"]["epoch"] = round(final["epoch"], 3)
         self._condition("Running", False, "Completed", "training finished")
         self._condition("Succeeded", True, "Succeeded", f"model written to {self.new['outputUri']}")
         self._end_conditions()
@@ -409,7 +466,7 @@ class Pass:
     def _fail(self, reason: str, message: str, exit_code: int | None, validated: bool = True,
               result: dict[str, Any] | None = None) -> None:
         self._phase("Failed")
-        self.new["completionTime"] = now_iso(self.now)
+        self.new["completionTime"] = now_iso(self.ended_at or self.now)
         self.new["failure"] = {"reason": reason, "message": message[:4000]}
         if exit_code is not None:
             self.new["failure"]["exitCode"] = exit_code
@@ -420,6 +477,7 @@ class Pass:
         self._condition("Running", False, reason, message)
         self._condition("Failed", True, reason, message)
         self._end_conditions()
+        self._stop_current()
 
     def _end_conditions(self) -> None:
         for type_ in ("Restarting", "Stalled"):
@@ -430,6 +488,8 @@ class Pass:
         """Delete the job once ttlSecondsAfterFinished has passed; True when it did."""
         ttl = builders_ttl(self.ftj)
         finished = parse_time(self.old.get("completionTime"))
+        if isinstance(self.old.get("inferenceService"), dict):
+            ttl = None  # a served model is not deleted by the TTL (it belongs to the job): delete the job to stop
         if ttl is not None and finished and (self.now - finished).total_seconds() >= ttl:
             log.info("deleting %s/%s: ttlSecondsAfterFinished=%s passed", self.namespace, self.name, ttl)
             self.kube.delete_ftj(self.namespace, self.name)
@@ -439,13 +499,13 @@ class Pass:
 
     # ---- observations -------------------------------------------------------------------------------
     def _account(self, jobs: dict[int, dict[str, Any]], pods: dict[int, list[dict[str, Any]]]) -> None:
-        """Restarts, budget and GPU-seconds from the Jobs themselves (restart-safe)."""
+        """Restarts, budget and GPU-seconds from the Jobs themselves (restart-safe); what pruned attempts
+        counted stays (attempt n is the n-th restart; the budget and the seconds never go down)."""
         gpus = builders.resolved_job(self.ftj).spec.resources.gpus_per_node
         later = [j for a, j in jobs.items() if a > 0]
-        self.new["attempt"] = max(jobs)
-        self.new["restarts"] = len(later)
-        self.new["budgetUsed"] = sum((j["metadata"].get("annotations") or {}).get(RESTART_COUNTED) == "true"
-                                     for j in later)
+        self.new["attempt"] = self.new["restarts"] = max(jobs)
+        counted = sum((j["metadata"].get("annotations") or {}).get(RESTART_COUNTED) == "true" for j in later)
+        self.new["budgetUsed"] = max(counted, int(self.old.get("budgetUsed") or 0))
         per_attempt = dict(self.old.get("attemptGpuSeconds") or {})
         for attempt in jobs:  # max(): pods of an old attempt may be gone, their seconds are not
             seconds = pod_gpu_seconds(pods.get(attempt, []), gpus, self.now)
@@ -453,9 +513,38 @@ class Pass:
         self.new["attemptGpuSeconds"] = per_attempt
         self.new["gpuSeconds"] = round(sum(per_attempt.values()), 1)
 
+    def _queue(self, job: dict[str, Any], suspend: bool) -> None:
+        """A queued Job is Kueue's to suspend and unsuspend (it unsuspends any admitted Job it finds suspended):
+        runPolicy.suspend deactivates the Job's Workload instead (spec.active: false), as Kueue documents. Without
+        Kueue's API (or the chart's `kueue.enabled` grant) the Job itself is suspended: nothing would undo it."""
+        uid = job["metadata"].get("uid")
+        if not uid:
+            return
+        workloads = self.kube.workloads(self.namespace, uid)
+        if workloads is None:
+            if suspend and not (job.get("spec") or {}).get("suspend"):
+                self.kube.patch_job(self.namespace, job["metadata"]["name"], {"spec": {"suspend": True}})
+                job["spec"]["suspend"] = True
+            return
+        if not workloads:
+            self.recheck = self.recheck or suspend  # Kueue has not made the Workload yet
+        for workload in workloads:
+            if (workload.get("spec") or {}).get("active", True) == suspend:
+                self.kube.patch_workload(self.namespace, workload["metadata"]["name"], active=not suspend)
+
+    def _prune(self, jobs: dict[int, dict[str, Any]]) -> None:
+        """Old attempts go once KEEP_ATTEMPTS newer ones exist (their pods with them; their GPU-seconds stay in
+        status.attemptGpuSeconds): a job restarted a hundred times must not keep a hundred Jobs and gangs."""
+        for attempt in sorted(jobs)[:-KEEP_ATTEMPTS]:
+            job = jobs[attempt]
+            finished = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                           for c in (job.get("status") or {}).get("conditions") or [])
+            if finished and not job["metadata"].get("deletionTimestamp"):
+                self.kube.delete_job(self.namespace, job["metadata"]["name"])
+
     def _spec_changed(self, job: dict[str, Any]) -> None:
         recorded = (job["metadata"].get("annotations") or {}).get(SPEC_HASH)
-        if recorded and recorded != spec_hash(self.ftj):
+        if recorded and recorded not in (spec_hash(self.ftj), _written_hash(self.ftj)):
             self._condition("SpecChanged", True, "NotApplied", "spec changed after the job started; the change is "
                             "not applied (only runPolicy.suspend is): delete and recreate the FineTuneJob")
         elif condition_true(self.new, "SpecChanged"):
@@ -542,7 +631,7 @@ class Pass:
         status, policy = self.new, (self.ftj.get("spec") or {}).get("runPolicy") or {}
         finished = parse_time(status.get("completionTime")) if status.get("phase") in FINISHED else None
         ttl = builders_ttl(self.ftj)
-        if finished and ttl is not None:
+        if finished and ttl is not None and not isinstance(status.get("inferenceService"), dict):
             times.append(finished + timedelta(seconds=ttl))
         started = parse_time(status.get("startTime"))
         if not finished and started and isinstance(policy.get("activeDeadlineSeconds"), int):
@@ -568,7 +657,8 @@ class Pass:
         events = []
         if self.old.get("phase") != self.new.get("phase"):
             warn = self.new["phase"] == "Failed"
-            text = f"phase {self.old.get('phase') or '-'} -> {self.new['phase']}"
+            text = f"phase {self.old['phase']} -> {self.new['phase']}" if self.old.get("phase") else \
+                f"phase {self.new['phase']}"
             if warn:
                 text += f": {self.new['failure']['reason']}: {self.new['failure']['message']}"
             events.append(("Warning" if warn else "Normal", self.new["phase"], text))

@@ -21,6 +21,7 @@ from kubetune import contract
 from kubetune_operator import metrics, reconcile, settings
 from kubetune_operator.informer import Informer
 from kubetune_operator.kube import Kube, load_client
+from kubetune_operator.leader import LeaderElector
 from kubetune_operator.scraper import Scraper
 from kubetune_operator.state import Key, State, strip_ftj, strip_job, strip_pod
 
@@ -44,12 +45,14 @@ class Runtime:
         self.threads: list[threading.Thread] = []
         self.informers: list[Informer] = []
         self.scraper: Scraper | None = None
+        self.leading = threading.Event()  # only the leader runs passes; standbys keep their state warm
+        self.elector: LeaderElector | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self, kopf_settings: kopf.OperatorSettings) -> None:
         kopf_settings.posting.enabled = True
         kopf_settings.posting.level = logging.WARNING  # our own Events say what happened; no per-handler chatter
-        kopf_settings.peering.standalone = not self.settings.peering
+        kopf_settings.peering.standalone = True
         kopf_settings.watching.server_timeout = 300
         metrics.serve(self.settings.metrics_port)
         self.launch(Kube(load_client()))
@@ -69,11 +72,27 @@ class Runtime:
                      self._child("Pod"), strip_pod, MANAGED, namespaces).start(),
         ]
         self.scraper = Scraper(self.state, self.enqueue, self.settings.refresh_seconds).start()
+        if self.settings.leader_election:
+            self.elector = LeaderElector(kube.client, self.settings.lease_namespace, self.settings.lease_name,
+                                         self.settings.identity, self._lead).start()
+        else:
+            self.leading.set()
         for index in range(WORKERS):
             self._thread(f"kubetune-pass-{index}", self._work)
         self._thread("kubetune-timer", self._timer)
 
+    def _lead(self, leading: bool) -> None:
+        """Leader now: every known job gets a pass (what changed while standing by). Standing by: no passes."""
+        if leading:
+            self.leading.set()
+            for key in self.state.known():
+                self.enqueue(key)
+        else:
+            self.leading.clear()
+
     def shutdown(self) -> None:
+        if self.elector is not None:
+            self.elector.stop()
         self.stop.set()
         with self.lock:
             self.lock.notify_all()
@@ -125,7 +144,7 @@ class Runtime:
                 self.lock.notify()
 
     def wake_at(self, key: Key, when: datetime) -> None:
-        delay = max(0.0, (when - datetime.now(UTC)).total_seconds())
+        delay = max(1.0, (when - datetime.now(UTC)).total_seconds())  # a due time already past: soon, not a spin
         with self.lock:
             heapq.heappush(self.wakes, (time.monotonic() + delay, key))
             self.lock.notify_all()
@@ -133,6 +152,8 @@ class Runtime:
     # ---- passes ---------------------------------------------------------------------------------------
     def _work(self) -> None:
         while not self.stop.is_set():
+            if not self.leading.wait(1.0):
+                continue
             with self.lock:
                 key = next((k for k in self.queue if k not in self.running), None)
                 if key is None:
@@ -203,7 +224,7 @@ class Runtime:
     def healthy(self) -> dict[str, Any]:
         if not self.threads or not all(t.is_alive() for t in self.threads):
             raise kopf.PermanentError("a worker of the operator is not running")
-        return {"jobs": len(self.state.ftjs), "followed": len(self.active)}
+        return {"jobs": len(self.state.ftjs), "followed": len(self.active), "leading": self.leading.is_set()}
 
 
 RUNTIME = Runtime()

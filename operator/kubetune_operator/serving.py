@@ -19,6 +19,21 @@ INFERENCE_SERVICE = "InferenceService"
 INFERENCE_SERVICES = "inferenceservices"
 # The Hugging Face runtime's names for our two tasks.
 HF_TASKS = {"sequence-classification": "sequence_classification", "causal-lm": "text_generation"}
+HOST_LABEL_LIMIT = 63  # Knative names the predictor's host <service>-predictor-<namespace>: one DNS label
+
+
+def service_name(name: str) -> str:
+    """Not the job's own name: KServe's Serverless mode makes a Service of the InferenceService's name, and the
+    job's rendezvous Service has that one."""
+    return f"{name}-model"
+
+
+def name_problem(name: str, namespace: str) -> str | None:
+    host = f"{service_name(name)}-predictor-{namespace}"
+    if len(host) <= HOST_LABEL_LIMIT:
+        return None
+    return (f"metadata.name: with spec.deploy.kserve, KServe's host label {host!r} is {len(host)} characters, over "
+            f"{HOST_LABEL_LIMIT}: shorten the name (or the namespace) by {len(host) - HOST_LABEL_LIMIT}")
 
 
 def inference_service(ftj: dict[str, Any], job: FineTuneJob) -> dict[str, Any] | None:
@@ -46,7 +61,7 @@ def inference_service(ftj: dict[str, Any], job: FineTuneJob) -> dict[str, Any] |
     return {
         "apiVersion": f"{KSERVE_GROUP}/{KSERVE_VERSION}",
         "kind": INFERENCE_SERVICE,
-        "metadata": _metadata(ftj, name, "serving"),
+        "metadata": _metadata(ftj, service_name(name), "serving"),
         "spec": {"predictor": predictor},
     }
 

@@ -121,6 +121,6 @@ class State:
             return View(copy.deepcopy(ftj), [copy.deepcopy(j) for j in self.jobs.get(key, {}).values()],
                         [copy.deepcopy(p) for p in self.pods.get(key, {}).values()], self.scraped.get(key, ({}, {})))
 
-    def keys(self) -> list[Key]:
+    def known(self) -> list[Key]:
         with self.lock:
             return list(self.ftjs)

@@ -5,9 +5,11 @@ No API calls here; reconcile.py feeds observed objects in and writes what comes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import signal
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -112,7 +114,39 @@ def _message(terminated: dict[str, Any]) -> str:
     result = termination_result(terminated)
     if result and result.get("message"):
         return str(result["message"])
-    return (terminated.get("message") or terminated.get("reason") or "").strip()[-1000:]
+    return log_tail((terminated.get("message") or terminated.get("reason") or "").strip())
+
+
+def log_tail(text: str, limit: int = 800) -> str:
+    """The end of a log, in whole lines (a log's first characters cut mid-word tell nothing)."""
+    if len(text) <= limit:
+        return text
+    tail = text[-limit:]
+    return "..." + (tail.split("\n", 1)[1] if "\n" in tail else tail)
+
+
+def describe_exit(pod: dict[str, Any], terminated: dict[str, Any]) -> str:
+    """'rank 1 (pod x) exited 137 (SIGKILL): <the trainer's message or its log's tail>'."""
+    code = terminated.get("exitCode")
+    index = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX_KEY, "?")
+    how = f"exited {code}"
+    if isinstance(code, int) and code > 128:
+        with contextlib.suppress(ValueError):
+            how += f" ({signal.Signals(code - 128).name})"
+    if terminated.get("reason") not in (None, "Error", "Completed"):
+        how += f", {terminated['reason']}"
+    said = _message(terminated)
+    return f"rank {index} (pod {pod['metadata']['name']}) {how}" + (f": {said}" if said else "")
+
+
+def job_end_time(job: dict[str, Any]) -> datetime | None:
+    """When a Job ended, from its own record: completionTime, else its Complete or Failed condition's time (an
+    operator that was down when it ended still reports when it happened)."""
+    status = job.get("status") or {}
+    ended = status.get("completionTime") or next(
+        (c.get("lastTransitionTime") for c in status.get("conditions") or []
+         if c.get("type") in ("Complete", "Failed") and c.get("status") == "True"), None)
+    return parse_time(ended)
 
 
 def rank0(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -143,8 +177,12 @@ def rule_cause(rule: dict[str, Any]) -> str:
     return "TrainerError"
 
 
-def attempt_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
-    """Classify one attempt from its Job (the truth: its controller may delete the pods) and its Pods."""
+def attempt_outcome(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime | None = None,
+                    pull_seconds: float = 0.0) -> Outcome:
+    """Classify one attempt from its Job (the truth: its controller may delete the pods) and its Pods.
+
+    Image pull errors fail the attempt once a pod has been failing to pull for pull_seconds (a registry's 429,
+    a slow pull of a large image come and go); an invalid image name at once."""
     terminated = [(pod, t) for pod in pods for t in _terminated(pod)]
     failed_job = _job_condition(job, "Failed")
     if _job_condition(job, "Complete"):
@@ -173,8 +211,13 @@ def attempt_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     for pod in pods:
         for waiting in _waiting(pod):
             if waiting.get("reason") in PULL_ERRORS:
+                created = parse_time(pod["metadata"].get("creationTimestamp"))
+                waited = (now - created).total_seconds() if now and created else float("inf")
+                text = waiting.get("message") or waiting["reason"]
+                if waiting["reason"] != "InvalidImageName" and waited < pull_seconds:
+                    return Outcome("pending", waiting["reason"], f"{text} (retrying for up to {pull_seconds:.0f}s)")
                 return Outcome("failed", "ErrImagePull" if waiting["reason"] == "InvalidImageName" else
-                               waiting["reason"], waiting.get("message") or waiting["reason"])
+                               waiting["reason"], text)
     if (job.get("spec") or {}).get("suspend"):
         return Outcome("suspended", "Suspended", "the Job is suspended")
     if active and all((p.get("status") or {}).get("phase") == "Running" for p in active):
@@ -213,10 +256,10 @@ def _failed(job: dict[str, Any], failed_job: dict[str, Any], pods: list[dict[str
         if t.get("reason") == "OOMKilled":  # the same batch on the same memory would only OOM again
             return Outcome("failed", "OOMKilled", f"pod {pod['metadata']['name']} ran out of memory: raise "
                            "resources.memory or lower batchSize", t.get("exitCode"))
-    ended = next((t for _, t in terminated if t.get("exitCode") not in (0, None)), None)
+    ended = next(((p, t) for p, t in terminated if t.get("exitCode") not in (0, None)), None)
     if ended:
-        return Outcome("failed", "TrainerError", _message(ended), ended.get("exitCode"), retry="counted",
-                       result=termination_result(ended))
+        return Outcome("failed", "TrainerError", describe_exit(*ended), ended[1].get("exitCode"), retry="counted",
+                       result=termination_result(ended[1]))
     return Outcome("failed", "TrainerError", text or "a pod was lost", retry="counted")
 
 

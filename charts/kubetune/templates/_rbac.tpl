@@ -15,7 +15,7 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
   verbs: [update]  # children block their owner's foreground deletion: OwnerReferencesPermissionEnforcement checks this
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, watch, create, patch]  # one Job per gang attempt; patch: suspend/resume; watched, not polled
+  verbs: [list, watch, create, patch, delete]  # a Job per gang attempt; patch: suspend; delete: old attempts
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [create, get]  # create-if-missing; on 409, get: is it this job's (owner uid) or a deleted one's?
@@ -28,14 +28,14 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [get]  # trainer pods name the chart's trainer account where it exists, else the namespace's default
+{{- if .Values.kueue.enabled }}
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, patch]  # runPolicy.suspend of a queued job: its Workload's spec.active
+{{- end }}
 - apiGroups: [serving.kserve.io]
   resources: [inferenceservices]
   verbs: [create, get]  # spec.deploy.kserve, once a job has Succeeded; get: follow it until it has a URL
-{{- if and .Values.operator.peering.enabled (eq .Values.rbac.scope "namespaced") }}
-- apiGroups: [kopf.dev]
-  resources: [kopfpeerings]
-  verbs: [get, list, watch, patch]
-{{- end }}
 {{- end -}}
 
 {{/* Cluster-scoped reads of the framework (kopf): which CRDs exist; in namespaced mode, which namespaces. */}}
@@ -47,9 +47,5 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [list, watch]
-{{- else if .Values.operator.peering.enabled }}
-- apiGroups: [kopf.dev]
-  resources: [clusterkopfpeerings]
-  verbs: [get, list, watch, patch]
 {{- end }}
 {{- end -}}
