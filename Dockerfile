@@ -24,7 +24,7 @@ ARG TORCH_INDEX=https://pypi.org/simple
 # torch first and pinned, from the chosen index: the project's open `torch>=` range must not pick another build.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
- && pip install --no-cache-dir ".[trainer]"
+ && pip install --no-cache-dir ".[trainer,tracking]"
 
 FROM build-base AS build-operator
 # hadolint ignore=DL3013

@@ -129,3 +129,14 @@ METRIC_OP_API_ERRORS = "kubetune_operator_api_errors_total"   # counter, label k
 METRIC_OP_CHILDREN = "kubetune_operator_children_created_total"  # counter, label kind
 METRIC_OP_RESTARTS = "kubetune_operator_gang_restarts_total"  # counter, labels namespace, job, reason
 METRIC_OP_FAILURES = "kubetune_operator_job_failures_total"   # counter, labels namespace, reason (ended Failed)
+
+# FineTuneSweep: a FineTuneJob template searched over (kubetune.sweep); each trial is a FineTuneJob it owns.
+SWEEP_KIND = "FineTuneSweep"
+SWEEP_PLURAL = "finetunesweeps"
+SWEEP_SINGULAR = "finetunesweep"
+SWEEP_SHORT_NAME = "fts"
+LABEL_SWEEP = "kubetune.io/sweep"  # on each trial FineTuneJob: its sweep's name
+LABEL_TRIAL = "kubetune.io/trial"  # the trial's index in its sweep
+ANNOTATION_PARAMETERS = "kubetune.io/trial-parameters"  # JSON {path: value}: a restarted operator adopts the trial
+SWEEP_FILE = "sweep.json"  # a sweep's summary, beside its trials' outputs
+SWEEP_PLOT = "sweep.png"  # objective per trial and validation curves
