@@ -139,6 +139,34 @@ def test_running_progress_then_success(api: Api, operator: ChartOperator, traine
     assert {"Pending", "Running", "Succeeded"} <= set(reasons)
 
 
+def test_the_quality_gate_shows_in_status_and_a_worse_model_is_never_retried(
+        api: Api, operator: ChartOperator, trainer: ScriptedTrainer, kube: KubeCluster) -> None:
+    """Issue 28: status.quality and the Improved condition (kubectl get ftj -o wide); exit 3 (evaluation.
+    minImprovement missed, nothing published) ends the job Failed with reason NotImproved, not a restart."""
+    submit(api, "better", **CPU)
+    started(trainer, "better-0-0", operator)
+    trainer.exit("better-0-0", 0, result(quality={"metric": "accuracy", "base": 0.53, "tuned": 0.85, "delta": 0.32,
+                                                  "higherIsBetter": True, "improved": True}))
+    wait_for("Improved", lambda: api.condition("better", "Improved").get("status") == "True", operator=operator)
+    assert "base 0.5300 -> fine-tuned 0.8500 (+0.3200)" in api.condition("better", "Improved")["message"]
+    assert api.status("better")["quality"]["tuned"] == 0.85
+    wide = kube.run("kubectl", "get", "ftj", "better", "-n", NS, "-o", "wide").stdout
+    assert wide.split()[5] == "IMPROVED" and wide.split()[-1] == "True", wide
+    submit(api, "worse", runPolicy={"backoffLimit": 2}, **CPU)
+    started(trainer, "worse-0-0", operator)
+    said = ("spec.evaluation.minImprovement: the fine-tuned model does not beat the base by 0.05: test accuracy: "
+            "base 0.5300 -> fine-tuned 0.5000 (-0.0300, higher is better)")
+    trainer.exit("worse-0-0", 3, {"outcome": "Failed", "reason": "NotImproved", "exitCode": 3, "message": said,
+                                  "quality": {"metric": "accuracy", "base": 0.53, "tuned": 0.5, "delta": -0.03,
+                                              "higherIsBetter": True, "improved": False, "minImprovement": 0.05}})
+    wait_for("Failed", lambda: phase(api, "worse") == "Failed", operator=operator)
+    status = api.status("worse")
+    assert status["failure"] == {"reason": "NotImproved", "message": said, "exitCode": 3}
+    assert api.condition("worse", "Improved")["status"] == "False" and status.get("restarts", 0) == 0
+    time.sleep(3)
+    assert [j["metadata"]["name"] for j in api.jobs("worse")] == ["worse-0"]  # never retried
+
+
 def test_non_finite_values_never_freeze_status(api: Api, operator: ChartOperator, trainer: ScriptedTrainer) -> None:
     """The API server refuses NaN and Infinity in JSON: such a value must be absent, and status keep moving."""
     submit(api, "nan", **CPU)

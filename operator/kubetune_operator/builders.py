@@ -283,6 +283,10 @@ def build_job(ftj: dict[str, Any], *, image: str, service_account: str, attempt:
                 # Exit 75: stopped after a checkpoint (SIGTERM from a node drain or a spot reclaim), also free.
                 {"action": "FailJob",
                  "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [contract.EXIT_RETRY]}},
+                # Exit 3: trained, but not better than the base by evaluation.minImprovement: never retried.
+                {"action": "FailJob",
+                 "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                 "values": [contract.EXIT_NOT_IMPROVED]}},
             ]
         },
         "template": {"metadata": {"labels": pod_labels, "annotations": dict(NO_SIDECAR)}, "spec": pod_spec},

@@ -424,10 +424,25 @@ class Pass:
                                     "totalSteps": result["totalSteps"], "percent": 100.0, "etaSeconds": 0.0}
             if isinstance(final.get("epoch"), int | float):
                 self.new["progress"]["epoch"] = round(final["epoch"], 3)
+        self._quality(result)
         self._condition("Running", False, "Completed", "training finished")
         self._condition("Succeeded", True, "Succeeded", f"model written to {self.new['outputUri']}")
         self._end_conditions()
         self._deploy()
+
+    def _quality(self, result: dict[str, Any]) -> None:
+        """status.quality and the Improved condition: the fine-tuned model against the base on the test split."""
+        quality = result.get("quality")
+        if not isinstance(quality, dict) or not {"metric", "base", "tuned", "improved"} <= set(quality):
+            return
+        self.new["quality"] = {k: quality[k] for k in ("metric", "base", "tuned", "delta", "improved",
+                                                         "minImprovement") if quality.get(k) is not None}
+        text = (f"test {quality['metric']}: base {quality['base']:.4f} -> fine-tuned {quality['tuned']:.4f} "
+                f"({quality['tuned'] - quality['base']:+.4f})")
+        if quality.get("minImprovement") is not None:
+            text += f"; evaluation.minImprovement {quality['minImprovement']:g}"
+        self._condition("Improved", bool(quality["improved"]), "BeatsBase" if quality["improved"] else
+                        "NotBetterThanBase", text)
 
     def _deploy(self) -> None:
         """spec.deploy.kserve: serve merged/ once the job has Succeeded (owned by it, deleted with it)."""
@@ -472,6 +487,8 @@ class Pass:
             self.new["failure"]["exitCode"] = exit_code
         if result and result.get("lastCheckpoint"):
             self.new["lastCheckpoint"] = result["lastCheckpoint"]
+        if result:
+            self._quality(result)
         if not validated:
             self._condition("Validated", False, "InvalidInput", message)
         self._condition("Running", False, reason, message)

@@ -171,6 +171,8 @@ def rule_cause(rule: dict[str, Any]) -> str:
     codes = (rule.get("onExitCodes") or {}).get("values") or []
     if contract.EXIT_BAD_INPUT in codes:
         return "InvalidInput"
+    if contract.EXIT_NOT_IMPROVED in codes:
+        return "NotImproved"
     if contract.EXIT_RETRY in codes or any(c.get("type") == "DisruptionTarget" for c in rule.get("onPodConditions")
                                             or []):
         return "Preempted"
@@ -192,6 +194,9 @@ def attempt_outcome(job: dict[str, Any], pods: list[dict[str, Any]], now: dateti
     for _, t in terminated:
         if t.get("exitCode") == contract.EXIT_BAD_INPUT:
             return Outcome("failed", "InvalidInput", _message(t), contract.EXIT_BAD_INPUT, result=termination_result(t))
+        if t.get("exitCode") == contract.EXIT_NOT_IMPROVED:  # trained, not published: a rerun trains the same
+            return Outcome("failed", "NotImproved", _message(t), contract.EXIT_NOT_IMPROVED,
+                           result=termination_result(t))
     if failed_job and failed_job.get("reason") == "DeadlineExceeded":
         return Outcome("failed", "DeadlineExceeded", failed_job.get("message") or "activeDeadlineSeconds passed")
     active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")
@@ -239,9 +244,10 @@ def _failed(job: dict[str, Any], failed_job: dict[str, Any], pods: list[dict[str
     rule = matched_rule(job, failed_job)
     cause = rule_cause(rule) if rule is not None else None
     text = failed_job.get("message") or "the Job failed"
-    if cause == "InvalidInput":
-        crash = next((t for _, t in terminated if t.get("exitCode") == contract.EXIT_BAD_INPUT), None)
-        return Outcome("failed", "InvalidInput", _message(crash) if crash else text, contract.EXIT_BAD_INPUT,
+    if cause in ("InvalidInput", "NotImproved"):
+        code = contract.EXIT_BAD_INPUT if cause == "InvalidInput" else contract.EXIT_NOT_IMPROVED
+        crash = next((t for _, t in terminated if t.get("exitCode") == code), None)
+        return Outcome("failed", cause, _message(crash) if crash else text, code,
                        result=termination_result(crash) if crash else None)
     for pod in pods:
         disruption = _pod_condition(pod, "DisruptionTarget")

@@ -186,15 +186,32 @@ def combine_results(folder: Path) -> dict[str, Any]:
     return min(failures, key=telling)
 
 
+def final_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """The last train loss, the last validation row and the epochs done: what status.metrics should end with."""
+    final: dict[str, Any] = {}
+    losses = result.get("trainLoss")
+    if isinstance(losses, list) and losses and isinstance(losses[-1], dict):
+        final["trainLoss"] = losses[-1].get("loss")
+    validation = result.get("validation")
+    if isinstance(validation, list) and validation and isinstance(validation[-1], dict):
+        final["validation"] = finite_numbers({k: v for k, v in validation[-1].items() if k.startswith("eval_")})
+    if isinstance(result.get("epochsCompleted"), int | float):
+        final["epoch"] = result["epochsCompleted"]
+    return finite_numbers(final)
+
+
 def termination_message(result: dict[str, Any]) -> str:
     keys = ("outcome", "reason", "message", "exitCode", "step", "totalSteps", "lastCheckpoint", "outputUri",
             "reportUri")
     short = {k: result.get(k) for k in keys if result.get(k) is not None}
     for key in ("test", "dryRun"):  # numbers only: the 4 KiB limit
         if isinstance(result.get(key), dict):
-            short[key] = {k: v for k, v in result[key].items() if isinstance(v, int | float | bool)}
+            short[key] = finite_numbers({k: v for k, v in result[key].items() if isinstance(v, int | float | bool)})
     if isinstance(result.get("quality"), dict):  # base vs fine-tuned: the operator's Improved condition
         short["quality"] = finite_numbers(result["quality"])
+    final = final_figures(result)
+    if final:  # the status a job ends with, even when the operator was down for its last scrapes
+        short["final"] = final
     text = json.dumps(short)
     while len(text.encode()) > TERMINATION_LOG_LIMIT and short.get("message"):
         message = str(short["message"])
