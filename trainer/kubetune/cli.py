@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kubetune import contract
 from kubetune.errors import PreemptedError, UserError
@@ -36,10 +36,24 @@ def _validate(args: argparse.Namespace) -> int:
         if report.problems:
             raise UserError("\n".join(report.problems))
         print(render(report))
+        _leave_footprint(job, report.facts)
     else:
         print(_memory_table(job, str(anchor), device))
     print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}" + (" (deep checks passed)" if args.deep else ""))
     return contract.EXIT_OK
+
+
+def _leave_footprint(job: FineTuneJob, facts: dict[str, Any]) -> None:
+    """In a pre-flight pod: what the trainer pods will need (grace period, disk), for the operator to size them."""
+    import json
+    import os
+
+    from kubetune.footprint import of_plan
+
+    path = os.environ.get(contract.ENV_TERMINATION_LOG)
+    if path and "estimate" in facts:
+        footprint = of_plan(job.spec, facts["estimate"]["memory"], facts["model"]["config"])
+        Path(path).write_text(json.dumps({"footprint": footprint.to_json()}))
 
 
 def _memory_table(job: FineTuneJob, manifest: str, device: int | None) -> str:
@@ -59,9 +73,9 @@ def _memory_table(job: FineTuneJob, manifest: str, device: int | None) -> str:
 
 
 def _crd(args: argparse.Namespace) -> int:
-    from kubetune.crd import crd_yaml
+    from kubetune.crd import crd_yaml, sweep_crd_yaml
 
-    sys.stdout.write(crd_yaml())
+    sys.stdout.write(sweep_crd_yaml() if args.kind == contract.SWEEP_KIND else crd_yaml())
     return contract.EXIT_OK
 
 
@@ -70,6 +84,18 @@ def _run(args: argparse.Namespace) -> int:
 
     return run_manifest(args.file, nproc_per_node=args.nproc_per_node, embedded_s3=args.embedded_s3,
                         dry_run=args.dry_run)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from kubetune.sweep.local import run_sweep
+
+    return run_sweep(args.file, parallel=args.parallel)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from kubetune.compare import compare
+
+    return compare(args.outputs, endpoint=args.endpoint, region=args.region)
 
 
 def _trainer(args: argparse.Namespace) -> int:
@@ -152,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "(time, memory, loss trend); publishes a report, not a model")
     run.set_defaults(handler=_run)
 
+    sweep = commands.add_parser("sweep", help="run a FineTuneSweep manifest on this machine: its trials, the best")
+    sweep.add_argument("file", help="FineTuneSweep YAML")
+    sweep.add_argument("--parallel", type=_positive_int, help="trials at once (default spec.parallelism)")
+    sweep.set_defaults(handler=_sweep)
+
     validate = commands.add_parser("validate", help="check a manifest; exit 2 with one line per problem")
     validate.add_argument("file")
     validate.add_argument("--deep", action="store_true",
@@ -164,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "of the manifest's folder")
     validate.set_defaults(handler=_validate)
 
-    commands.add_parser("crd", help="print the FineTuneJob CRD").set_defaults(handler=_crd)
+    crd = commands.add_parser("crd", help="print the FineTuneJob CRD (or the FineTuneSweep one)")
+    crd.add_argument("--kind", choices=[contract.KIND, contract.SWEEP_KIND], default=contract.KIND)
+    crd.set_defaults(handler=_crd)
 
     predict = commands.add_parser("predict", help="predict with a finished model (verified against its manifest)")
     predict.add_argument("output_uri", help="the job's output.uri: a local folder or s3://bucket/prefix")
@@ -179,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="labelled data file or folder (local or s3://)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     evaluate.set_defaults(handler=_evaluate)
-    for sub in (predict, evaluate):
+    compare = commands.add_parser("compare", help="hyperparameters, data and metrics of finished runs side by side")
+    compare.add_argument("outputs", nargs="+", help="output.uri of each run: local folders or s3://bucket/prefix")
+    compare.set_defaults(handler=_compare)
+    for sub in (predict, evaluate, compare):
         sub.add_argument("--endpoint", help="S3 endpoint URL for s3:// uris (omit for AWS)")
         sub.add_argument("--region", default="us-east-1", help="S3 region")
     commands.add_parser("operator", help="run the kopf operator").set_defaults(handler=_operator)
