@@ -30,7 +30,8 @@ from tests.test_chart import find, helm_with_values, render
 from tests.test_chart_install import OPERATOR_ACCOUNT, can_i
 
 POLICY = "kubetune-author-rights"
-RULES = ["image", "secretRef", "tolerations", "nodeSelector", "priorityClassName", "servingServiceAccount"]
+RULES = ["image", "secretRef", "imagePullSecrets", "tolerations", "nodeSelector", "priorityClassName",
+         "servingServiceAccount"]
 TEAM_SECRET = "team-a-s3"  # the guide's team Secret; the namespace also holds s3-credentials, not granted
 CUSTOM_IMAGE = f"{SCRIPTED_IMAGE}:2"  # not the chart's trainer image (tag 1), yet one the node agent runs
 VALUES = {
@@ -62,6 +63,8 @@ REFUSED = [
          "spec.image", "admissionPolicy.image"),
     Case("a Secret alice may not read", {"storage": {"secretRef": "s3-credentials"}},
          "spec.storage.secretRef", "admissionPolicy.secretRef"),
+    Case("registry credentials alice may not read", {"imagePullSecrets": [TEAM_SECRET, "s3-credentials"]},
+         "spec.imagePullSecrets", "admissionPolicy.imagePullSecrets"),
     Case("toleration of every effect", {"resources": {"tolerations": [{"key": "kubetune.io/gpu",
                                                                        "operator": "Exists"}]}},
          "spec.resources.tolerations", "admissionPolicy.tolerations"),
@@ -82,6 +85,7 @@ ALLOWED = [
     Case("the chart's trainer image, named", {"image": f"{SCRIPTED_IMAGE}:1"}),
     Case("an image matching admissionPolicy.image.allowed", {"image": f"{SCRIPTED_IMAGE}:team-a-7"}),
     Case("the team's Secret, granted by name", {"storage": {"secretRef": TEAM_SECRET}}),
+    Case("registry credentials alice may read", {"imagePullSecrets": [TEAM_SECRET]}),
     Case("the allowed toleration", {"resources": {"tolerations": [
         {"key": "kubetune.io/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}]}}),
     Case("the allowed pool", {"resources": {"nodeSelector": {"kubetune.io/pool": "gpu"}}}),
