@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 from kubetune import contract
+from kubetune.footprint import Footprint
 from kubetune.jobfile import job_document
 from kubetune_operator import builders
+from kubetune_operator.settings import Settings
 
 GOLDEN = Path(__file__).parent / "golden"
 K8S_VERSION = "1.30.0"
@@ -40,7 +42,17 @@ CASES: dict[str, dict[str, Any]] = {
         "image": "registry.example.com/kubetune/trainer:cuda",
     },
     "kueue": {"runPolicy": {"queueName": "team-a"}, "resources": {"nodes": 2, "gpusPerNode": 1}},
+    # A platform team's settings (issue 26, items 13-17), with the chart's defaults and the pre-flight's estimate.
+    "pod-settings": {
+        "imagePullSecrets": ["team-registry"],
+        "resources": {"gpusPerNode": 2, "cpu": "16", "memory": "64Gi", "guaranteed": True, "shmSize": "8Gi",
+                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        "runPolicy": {"terminationGracePeriodSeconds": 900, "maxFreeRestarts": 5},
+    },
 }
+# The chart's defaults for every job's pods (jobPods.*), as the operator reads them from its environment.
+CHART_DEFAULTS = Settings(image_pull_secrets=("chart-registry",), preflight_image="ghcr.io/kubetune/trainer:0.1.0-cpu",
+                          preflight_node_selector={"kubetune.io/pool": "cpu"}, preflight_tolerations=None)
 
 
 def ftj(case: str) -> dict[str, Any]:
@@ -50,13 +62,18 @@ def ftj(case: str) -> dict[str, Any]:
 
 
 def children(case: str) -> list[dict[str, Any]]:
+    """ConfigMap, Service, the first attempt's Job and the pre-flight Job."""
     doc = ftj(case)
     deadline = doc["spec"].get("runPolicy", {}).get("activeDeadlineSeconds")
+    chart = CHART_DEFAULTS if case == "pod-settings" else None
+    footprint = Footprint(model_bytes=15 * 10**9, checkpoint_bytes=3 * 10**9) if case == "pod-settings" else None
+    image, account = "ghcr.io/kubetune/trainer:0.1.0", "kubetune-trainer"
     return [
         builders.build_configmap(doc),
         builders.build_service(doc),
-        builders.build_job(doc, image="ghcr.io/kubetune/trainer:0.1.0", service_account="kubetune-trainer",
-                           attempt=0, active_deadline_seconds=deadline),
+        builders.build_job(doc, image=image, service_account=account, attempt=0, active_deadline_seconds=deadline,
+                           settings=chart, footprint=footprint),
+        builders.build_preflight_job(doc, image=image, service_account=account, settings=chart),
     ]
 
 
@@ -124,7 +141,7 @@ def test_pod_is_restricted_and_has_no_api_token() -> None:
                                             "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert container["terminationMessagePath"] == contract.TERMINATION_LOG
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1024Mi"}} in pod["volumes"]  # 4Gi / 4
     # The pod's grace period covers the trainer's SIGTERM checkpoint budget handed to it by env.
     assert pod["terminationGracePeriodSeconds"] > int(_env("cpu")[contract.ENV_GRACE_SECONDS])
 
