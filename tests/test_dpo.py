@@ -233,7 +233,7 @@ def test_identical_and_truncated_pairs_are_dropped_and_counted(tmp_path: Path, t
                   hyperparameters={"maxSteps": 2})
     code, log = Trainer(write_job(doc, tmp_path / "job.yaml"), tmp_path / "state").run()
     assert code == contract.EXIT_OK, log
-    assert "spec.data.maxSeqLength: 1 of the 113 training examples keep an empty answer" in log
+    assert "spec.data.maxSeqLength: 1 of the 113 training examples keep no two different answers" in log
     run = json.loads((tmp_path / "out" / contract.RUN_FILE).read_text())
     assert run["data"]["dropped"]["identical"] == 2 and run["data"]["droppedByTruncation"]["training"] == 1
 

@@ -394,9 +394,9 @@ class FineTuneRecipe:
             return encode_classification(records, self.tokenizer, max_length)
         pairs = self.spec.method.type == "dpo"
         encoded = (encode_preference if pairs else encode_causal_lm)(records, self.tokenizer, max_length)
-        left = ("an empty answer, or two identical ones, " if pairs else "no completion token ")
+        left = "no two different answers " if pairs else "no completion token "
         if encoded.dropped and not encoded:
-            raise UserError(f"spec.data.maxSeqLength: {max_length} tokens leave {left}in every one of the "
+            raise UserError(f"spec.data.maxSeqLength: {max_length} tokens leave {left}in any of the "
                             f"{encoded.dropped} {split} examples (prompts or earlier turns fill them); raise "
                             "maxSeqLength or shorten them")
         if encoded.dropped and self.is_main:
