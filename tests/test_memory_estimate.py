@@ -297,3 +297,25 @@ def test_the_trainer_plans_for_the_device_it_runs_on(tmp_path: Path, monkeypatch
     assert cpu.headroom == int(cpu.total * 0.10) and cpu.best == cpu.trainable * 4
     gpu = check_memory(spec, tmp_path, torch.device("cuda", 0), "fp32")
     assert gpu.headroom == int(gpu.total * 0.10 + 2 * GiB) and gpu.best == 0
+
+
+def test_dpo_counts_both_answers_and_the_reference_it_keeps() -> None:
+    """Issue 30: a pair is two rows (activations double); full weights keep a frozen reference copy unless it is
+    precomputed; LoRA's reference is the same weights with the adapters off (no copy)."""
+    def dpo(weights: str, precompute: bool = False) -> Any:
+        return spec_of(causal_job(
+            "big", "s3://models/llama/", "s3://data/x.jsonl", "s3://out/big/",
+            method={"type": "dpo", "dpo": {"weights": weights, "precomputeReference": precompute}},
+            data={"train": "s3://data/x.jsonl", "maxSeqLength": 1024},
+            hyperparameters={"batchSize": 4, "precision": "bf16", "gradientCheckpointing": True},
+            resources={"gpusPerNode": 1}))
+
+    def estimate(spec: Any) -> Any:
+        return plan(spec, world_size=1, device_bytes=None, config=LLAMA_7B)
+
+    sft = estimate(_llama("full", 1, 1, 4, 1024, gradientCheckpointing=True))
+    full, precomputed, lora = estimate(dpo("full")), estimate(dpo("full", True)), estimate(dpo("lora"))
+    assert full.activations == precomputed.activations == 2 * sft.activations
+    assert full.weights - precomputed.weights == full.parameters * 2  # the bf16 frozen copy
+    assert precomputed.weights == sft.weights and lora.weights < sft.weights
+    assert any("frozen copy" in n for n in full.notes) and any("adapters off" in n for n in lora.notes)
