@@ -29,9 +29,8 @@ from kubetune.storage import Storage
 from kubetune.train import preference
 from kubetune.train.model import build_model
 from tests.fixtures_models import causal_job
-from tests.trainer_runs import Trainer, losses, poll, read_output, run_checkpoints, wait
+from tests.trainer_runs import SPLIT, Trainer, losses, poll, read_output, run_checkpoints, split_instructions, wait
 
-SPLIT = {"train": 112, "validation": 25, "test": 26}
 GPT2_LINEARS = ["c_attn", "c_proj", "c_fc"]
 BATCH, EPOCHS, EVERY = 8, 2, 5  # 14 steps an epoch, 28 in all: SIGTERM after the first checkpoint lands mid-run
 
@@ -39,13 +38,7 @@ BATCH, EPOCHS, EVERY = 8, 2, 5  # 14 steps an epoch, 28 in all: SIGTERM after th
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Fixed train/validation/test files of the shipped preference pairs."""
-    lines = sample_path(PREFERENCES).read_text().splitlines()
-    dest, files, start = tmp_path_factory.mktemp("pairs"), {}, 0
-    for part, count in SPLIT.items():
-        files[part] = dest / f"{part}.jsonl"
-        files[part].write_text("\n".join(lines[start : start + count]) + "\n")
-        start += count
-    return files
+    return split_instructions(tmp_path_factory.mktemp("pairs"), PREFERENCES)
 
 
 def dpo_job(name: str, model: Path, data: dict[str, Path], output: Path, **spec: Any) -> dict[str, Any]:
@@ -244,7 +237,6 @@ def test_an_sft_jobs_adapter_is_a_starting_model(tmp_path: Path, tiny_gpt2: Path
     from peft import PeftModel
 
     from kubetune.cli import main as cli
-    from tests.trainer_runs import split_instructions
 
     instructions = split_instructions(tmp_path / "sft-data")
     sft = causal_job("sft", tiny_gpt2, instructions["train"], tmp_path / "sft", method={"type": "lora"},

@@ -31,10 +31,11 @@ RUN_TIMEOUT = 300  # seconds; a hung run fails the test instead of the suite
 SPLIT = {"train": 112, "validation": 25, "test": 26}  # 112 = 7 x 16: whole batches for 1 x 16 and 2 x 8
 
 
-def split_instructions(dest: Path) -> dict[str, Path]:
-    """Fixed train/validation/test files from the instruction samples (no random split in the way)."""
-    lines = sample_path(INSTRUCTIONS).read_text().splitlines()
-    assert len(lines) >= sum(SPLIT.values()), "the instruction samples shrank"
+def split_instructions(dest: Path, sample: str = INSTRUCTIONS) -> dict[str, Path]:
+    """Fixed train/validation/test files from the instruction samples, or another sample file of at least as
+    many rows (the preference pairs): no random split in the way."""
+    lines = sample_path(sample).read_text().splitlines()
+    assert len(lines) >= sum(SPLIT.values()), f"the {sample} samples shrank"
     dest.mkdir(parents=True, exist_ok=True)
     files, start = {}, 0
     for part, count in SPLIT.items():
