@@ -20,6 +20,7 @@ from kubetune.crd import build_crd
 from kubetune.jobfile import job_document
 from kubetune.spec import FineTuneJob
 from tests.cluster import KubeCluster
+from tests.operator_harness import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD = build_crd()
@@ -90,7 +91,9 @@ def test_the_api_server_accepts_the_crd(custom: kubernetes.client.CustomObjectsA
     stored = kube.get("crd", CRD["metadata"]["name"])
     assert {c["type"]: c["status"] for c in stored["status"]["conditions"]} == {
         "NamesAccepted": "True", "Established": "True"}
-    assert "gpusPerNode" in kube.run("kubectl", "explain", "finetunejob.spec.resources").stdout
+    # The OpenAPI document kubectl explain reads is published a moment after the CRD is Established.
+    wait_for("kubectl explain", lambda: "gpusPerNode" in kube.run("kubectl", "explain", "finetunejob.spec.resources",
+                                                                  check=False).stdout)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
@@ -178,7 +181,9 @@ def test_every_field_has_a_description_for_kubectl_explain() -> None:
 def test_names_columns_and_status() -> None:
     names = CRD["spec"]["names"]
     assert names["shortNames"] == ["ftj"] and "kubetune" in names["categories"]
-    assert [c["name"] for c in VERSION["additionalPrinterColumns"]] == ["Phase", "Progress", "Loss", "Age"]
+    assert [c["name"] for c in VERSION["additionalPrinterColumns"]] == ["Phase", "Progress", "Loss", "Age",
+                                                                        "Improved"]
+    assert VERSION["additionalPrinterColumns"][-1]["priority"] == 1  # -o wide: the default listing keeps 5
     assert VERSION["subresources"] == {"status": {}}
     status = SCHEMA["properties"]["status"]["properties"]
     assert {"gpuSeconds", "restarts", "failure", "progress", "conditions"} <= set(status)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
 from datetime import datetime
 from typing import Any
@@ -20,6 +21,7 @@ from kubetune_operator.status import now_iso
 
 MERGE_PATCH = "application/merge-patch+json"
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
+ACCOUNT_SECONDS = 60.0
 
 
 def owner_uids(obj: dict[str, Any]) -> set[str]:
@@ -51,6 +53,7 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api(client)
         self.batch = kubernetes.client.BatchV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
+        self._accounts: dict[tuple[str, str], tuple[bool, float]] = {}  # (namespace, name) -> (exists, when)
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -124,13 +127,20 @@ class Kube:
         return "created", {**stored, "kind": kind}
 
     def service_account_exists(self, namespace: str, name: str) -> bool:
+        """Asked once a minute per namespace at most: a thousand jobs submitted at once need one answer."""
+        key, now = (namespace, name), time.monotonic()
+        known = self._accounts.get(key)
+        if known is not None and now - known[1] < ACCOUNT_SECONDS:
+            return known[0]
         try:
             self._call(self.core.read_namespaced_service_account, name, namespace)
+            exists = True
         except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+            if exc.status != 404:
+                raise
+            exists = False
+        self._accounts[key] = (exists, now)
+        return exists
 
     def failed_creates(self, namespace: str, uid: str) -> list[dict[str, Any]]:
         """The Job controller's FailedCreate Events for one Job (a pod refused by quota or Pod Security)."""

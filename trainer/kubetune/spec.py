@@ -358,7 +358,9 @@ class ResourcesSpec(_Spec):
 class RunPolicySpec(_Spec):
     backoff_limit: int = Field(default=3, ge=0, description="Retries of a failed pod (bad input never retries).")
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Wall-clock limit of the job.")
-    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description="Delete children after this.")
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Seconds after the end to delete the job and its children; a job whose "
+        "model is served (deploy.kserve) is kept: delete it to stop serving.")
     suspend: bool = Field(default=False, description="Hold the job without running pods.")
     queue_name: LabelValue | None = Field(default=None, description="Kueue LocalQueue (kueue.x-k8s.io/queue-name).")
     max_free_restarts: int | None = Field(
