@@ -73,6 +73,8 @@ mutants: setup test-tools k8s-binaries
 crd: setup
 	$(VENV)/bin/kubetune crd > crds/finetunejob.yaml
 	cp crds/finetunejob.yaml charts/kubetune/crds/finetunejob.yaml   # the chart ships the same bytes
+	$(VENV)/bin/kubetune crd --kind FineTuneSweep > crds/finetunesweep.yaml
+	cp crds/finetunesweep.yaml charts/kubetune/crds/finetunesweep.yaml
 
 docs: setup
 	$(PY) -m kubetune.specdoc > docs/spec-reference.md   # the field-by-field reference, from the spec model

@@ -24,7 +24,8 @@ from tests.test_chart import find, render
 OPERATOR = f"system:serviceaccount:{RELEASE_NAMESPACE}:kubetune-operator"
 # Checked by the OwnerReferencesPermissionEnforcement admission plugin on every child the operator creates
 # (its owner reference blocks the owner's deletion), never requested: test_child_creates_need_the_finalizers_grant.
-ADMISSION_ONLY = {("kubetune.io", "finetunejobs/finalizers", "update")}
+ADMISSION_ONLY = {("kubetune.io", "finetunejobs/finalizers", "update"),
+                  ("kubetune.io", "finetunesweeps/finalizers", "update")}  # a sweep's trials block its deletion
 KSERVE_CRD = {  # KServe's InferenceService kind, served with an open schema: its API, not its controller
     "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
     "metadata": {"name": f"{serving.INFERENCE_SERVICES}.{serving.KSERVE_GROUP}"},
@@ -140,6 +141,23 @@ def test_installed_rbac_is_exactly_what_the_operator_uses(kube: KubeCluster, sco
     api.patch_ftj("held", {"spec": {"runPolicy": {"suspend": True}}})
     wait("Job suspended", lambda: (api.job("held-0") or {}).get("spec", {}).get("suspend") is True)
     wait("Suspended", lambda: api.status("held").get("phase") == "Suspended")
+    # A sweep of two trials (FineTuneJobs it owns): the first succeeds, the median rule stops the second.
+    api.custom.create_namespaced_custom_object(contract.API_GROUP, contract.API_VERSION, NS, contract.SWEEP_PLURAL, {
+        "apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}", "kind": contract.SWEEP_KIND,
+        "metadata": {"name": "search", "namespace": NS},
+        "spec": {"template": job_document("t", {"model": {"uri": "s3://models/m/", "task": "causal-lm"},
+                                                "data": {"train": "s3://data/d.jsonl"}, "output": {"uri": "s3://out/s/"},
+                                                "storage": {"secretRef": S3_SECRET}, "resources": {"gpusPerNode": 0},
+                                                "evaluation": {"everySteps": 2}})["spec"],
+                 "parameters": [{"path": "hyperparameters.learningRate", "values": [1e-4, 1e-2]}],
+                 "algorithm": "grid", "earlyStopping": {"startupTrials": 1}}})
+    wait("the first trial's pod", lambda: trainer.started("search-0-0-0"))
+    trainer.report("search-0-0-0", step=2, total=2, eval_loss=0.5)
+    wait("its validation seen", lambda: api.status("search-0").get("metrics", {}).get("evalLoss") == 0.5)
+    trainer.exit("search-0-0-0", 0, {"outcome": "Succeeded", "exitCode": 0})
+    wait("the second trial's pod", lambda: trainer.started("search-1-0-0"))
+    trainer.report("search-1-0-0", step=2, total=4, eval_loss=3.0)
+    wait("the second trial stopped", lambda: api.ftj("search-1") is None)
     # A quota that refuses the pods: the operator reads the Job controller's FailedCreate events.
     api.core.create_namespaced_resource_quota(NS, {"metadata": {"name": "no-gpus"},
                                                    "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}})

@@ -8,6 +8,7 @@ import kopf
 
 from kubetune import contract
 from kubetune_operator.runtime import RUNTIME
+from kubetune_operator.sweeps import SWEEPS
 
 
 @kopf.on.startup()
@@ -23,6 +24,16 @@ def cleanup(**_: Any) -> None:
 @kopf.on.event(contract.API_GROUP, contract.API_VERSION, contract.PLURAL)
 def finetunejob_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     RUNTIME.on_event(event, body)
+
+
+@kopf.on.event(contract.API_GROUP, contract.API_VERSION, contract.SWEEP_PLURAL)
+def finetunesweep_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    SWEEPS.on_sweep(event, body)
+
+
+@kopf.on.event(contract.API_GROUP, contract.API_VERSION, contract.PLURAL, labels={contract.LABEL_SWEEP: kopf.PRESENT})
+def trial_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    SWEEPS.on_trial(event, body)
 
 
 @kopf.on.probe(id="refresh")

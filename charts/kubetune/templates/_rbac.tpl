@@ -6,12 +6,15 @@ trainer pods get S3 credentials by secretKeyRef, which the kubelet resolves, not
 {{- define "kubetune.namespacedRules" -}}
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
-  verbs: [list, watch, delete]  # watched (kopf); delete after ttlSecondsAfterFinished
+  verbs: [list, watch, create, delete]  # watched (kopf); delete after ttlSecondsAfterFinished; a sweep's trials
 - apiGroups: [kubetune.io]
-  resources: [finetunejobs/status]
+  resources: [finetunesweeps]
+  verbs: [list, watch]  # watched (kopf): each trial is a FineTuneJob the sweep owns
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/status, finetunesweeps/status]
   verbs: [patch]
 - apiGroups: [kubetune.io]
-  resources: [finetunejobs/finalizers]
+  resources: [finetunejobs/finalizers, finetunesweeps/finalizers]
   verbs: [update]  # children block their owner's foreground deletion: OwnerReferencesPermissionEnforcement checks this
 - apiGroups: [batch]
   resources: [jobs]
