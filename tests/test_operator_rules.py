@@ -235,6 +235,25 @@ def test_a_restart_gets_what_is_left_of_the_deadline(env: tuple[Kube, Api, Scrip
     assert api.job("deadline-2") is None
 
 
+def test_free_restarts_are_capped_by_max_free_restarts(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
+    """Bug: restarts after a checkpoint on SIGTERM (exit 75) never ended: a pod disrupted on every attempt (a full
+    disk, a pool always preempted) looped forever. runPolicy.maxFreeRestarts 1: the second such end fails the job
+    Preempted, its message naming the setting, while backoffLimit was never spent."""
+    kube, api, trainer = env
+    submit(api, "disrupted", runPolicy={"maxFreeRestarts": 1, "backoffLimit": 0}, resources={"gpusPerNode": 0})
+    checkpointed = {"outcome": "Preempted", "exitCode": 75, "message": "SIGTERM: saved checkpoint-40"}
+    for attempt, at in ((0, T0), (1, T0 + timedelta(seconds=60))):
+        run_pass(kube, "disrupted", at)
+        wait_for("the trainer", lambda a=attempt: trainer.started(f"disrupted-{a}-0"))  # type: ignore[misc]
+        trainer.exit(f"disrupted-{attempt}-0", 75, checkpointed)
+        wait_for(f"attempt {attempt} ended", lambda a=attempt: job_failed(api, f"disrupted-{a}"))  # type: ignore[misc]
+    status = run_pass(kube, "disrupted", T0 + timedelta(seconds=120))
+    assert status["phase"] == "Failed" and status["failure"]["reason"] == "Preempted", status
+    assert "runPolicy.maxFreeRestarts" in status["failure"]["message"]
+    assert status["restarts"] == 1 and status.get("budgetUsed", 0) == 0
+    assert api.job("disrupted-2") is None
+
+
 def test_a_queued_job_expires_at_its_deadline(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
     """Bug: activeDeadlineSeconds was checked only when an attempt was created; a Job Kueue never admits is
     suspended, its own deadline timer stopped, so a queued FineTuneJob never expired."""

@@ -433,7 +433,6 @@ def test_the_network_policy_selects_the_pods_that_run(kube: KubeCluster, api: Ap
     finish(api, trainer, operator, "netpol")
 
 
-@pytest.mark.xfail(strict=True, reason="reconcile.py does not pass settings=self.settings to the builders yet")
 def test_the_charts_pull_secrets_reach_every_pod(api: Api, operator: ChartOperator, trainer: ScriptedTrainer) -> None:
     submit(api, "registry")
     wait_for("the trainer pod", lambda: trainer.started("registry-0-0"), timeout=90, operator=operator)
@@ -444,7 +443,6 @@ def test_the_charts_pull_secrets_reach_every_pod(api: Api, operator: ChartOperat
         finish(api, trainer, operator, "registry")
 
 
-@pytest.mark.xfail(strict=True, reason="reconcile.py does not pass the pre-flight's footprint to build_job yet")
 def test_the_grace_period_follows_the_preflights_estimate(api: Api, operator: ChartOperator,
                                                           trainer: ScriptedTrainer) -> None:
     footprint = Footprint(model_bytes=2 * 10**9, checkpoint_bytes=20 * 10**9)  # its disk fits the test nodes

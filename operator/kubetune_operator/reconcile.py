@@ -274,7 +274,8 @@ class Pass:
         """Create the pre-flight Job, then follow it: True once it succeeded; a failure fails the job."""
         if job is None:
             if self._create(builders.build_configmap(self.ftj)) and self._create(builders.build_preflight_job(
-                    self.ftj, image=self.settings.trainer_image, service_account=self._trainer_account())):
+                    self.ftj, image=self.settings.trainer_image, service_account=self._trainer_account(),
+                    settings=self.settings)):
                 self._phase("Pending")
                 self._condition("Running", False, "Preflight", "pre-flight checks running (kubetune validate --deep)")
             return False
@@ -333,6 +334,13 @@ class Pass:
             message = f"{policy.backoff_limit} counted restart(s) spent; last failure: {outcome.message}"
             self._fail("BackoffLimitExceeded", message, outcome.exit_code, result=outcome.result)
             return
+        free = self.new.get("restarts", 0) - self.new.get("budgetUsed", 0)
+        if not counted and policy.max_free_restarts is not None and free >= policy.max_free_restarts:
+            # A pod evicted on every attempt (a full disk, a node pool always preempted) ends instead of looping.
+            message = f"{policy.max_free_restarts} restart(s) after disruptions (runPolicy.maxFreeRestarts) spent; " \
+                      f"last: {outcome.message}"
+            self._fail("Preempted", message, outcome.exit_code, result=outcome.result)
+            return
         if self._job(attempt + 1, reason=outcome.reason, counted=counted) is None:
             return
         self.new["restarts"] = self.new.get("restarts", 0) + 1
@@ -356,9 +364,10 @@ class Pass:
             remaining = deadline - int((self.now - started).total_seconds())
             if self._deadline_passed(deadline):
                 return None
+        footprint = builders.preflight_footprint([p for p in self.view.pods if _component(p) == "preflight"])
         job = builders.build_job(self.ftj, image=self.settings.trainer_image,
-                                 service_account=self._trainer_account(),
-                                 attempt=attempt, active_deadline_seconds=remaining)
+                                 service_account=self._trainer_account(), attempt=attempt,
+                                 active_deadline_seconds=remaining, settings=self.settings, footprint=footprint)
         job["metadata"]["annotations"] = {SPEC_HASH: spec_hash(self.ftj)}
         if reason:
             job["metadata"]["annotations"].update({RESTART_REASON: reason, RESTART_COUNTED: str(counted).lower()})
