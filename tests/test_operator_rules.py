@@ -8,6 +8,7 @@ catches (issue 32's list; `make mutants` puts them back one at a time).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -160,6 +161,21 @@ def test_a_queued_job_waits_for_kueue(env: tuple[Kube, Api, ScriptedTrainer]) ->
                                    _content_type="application/merge-patch+json")
     wait_for("the trainer", lambda: trainer.started("queued-0-0"))
     wait_for("Running", lambda: run_pass(kube, "queued", T0 + timedelta(seconds=40))["phase"] == "Running")
+
+
+def test_a_queued_jobs_preflight_waits_for_kueue_too(env: tuple[Kube, Api, ScriptedTrainer]) -> None:
+    """Bug: a queued job's pre-flight Job (suspended until Kueue admits it) showed Running reason 'Suspended',
+    as if someone had set runPolicy.suspend."""
+    kube, api, _ = env
+    submit(api, "queued-check", runPolicy={"queueName": "team-a"}, resources={"gpusPerNode": 0})
+    with_preflight = dataclasses.replace(SETTINGS, preflight=True)
+    for second in (0, 10):
+        reconcile.reconcile(kube, with_preflight, NS, "queued-check", now=T0 + timedelta(seconds=second))
+    status = api.status("queued-check")
+    running = next(c for c in status["conditions"] if c["type"] == "Running")
+    assert status["phase"] == "Pending" and running["reason"] == "Queued", status
+    assert "pre-flight" in running["message"]
+    assert api.job("queued-check-preflight")["spec"]["suspend"] is True  # type: ignore[index]
 
 
 WORKLOAD_CRD = {  # Kueue's Workload kind, served with an open schema: its API, not its controller

@@ -292,9 +292,12 @@ class Pass:
             self._fail(reason, outcome.message, outcome.exit_code, validated=False)
             return False
         self._phase("Pending")
-        self._condition("Running", False, "Preflight" if outcome.state == "running" else outcome.reason,
-                        "pre-flight checks running (kubetune validate --deep)" if outcome.state == "running"
-                        else outcome.message)
+        if outcome.state == "running":
+            self._condition("Running", False, "Preflight", "pre-flight checks running (kubetune validate --deep)")
+        elif outcome.state == "suspended":  # runPolicy.queueName: Kueue admits the pre-flight too
+            self._condition("Running", False, "Queued", "waiting for Kueue to admit the pre-flight Job")
+        else:
+            self._condition("Running", False, outcome.reason, outcome.message)
         return False
 
     def _apply(self, outcome: Outcome, attempt: int, job: dict[str, Any], pods: list[dict[str, Any]],
