@@ -124,6 +124,18 @@ def operator_requests(plane: ControlPlane, since: int) -> tuple[list[Any], int]:
     return [e for e in events if e.user == OPERATOR_USER], offset
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_profile(pids: dict[str, int], since: dict[str, float] | None = None) -> dict[str, float]:
+    """CPU seconds per process (since an earlier profile): who the 2 cores worked for."""
+    now = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    return {name: round(value - (since or {}).get(name, 0.0), 1) for name, value in now.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
@@ -160,6 +172,9 @@ def main() -> None:
                                     stderr=subprocess.STDOUT)
     watcher = Watcher(client)
     time.sleep(8)  # the operator's start: imports, discovery, the first empty lists
+    pids = {**{name: process.pid for name, process in plane.processes.items()}, "kubetune operator": operator.pid,
+            "bench (node agent, watcher, submitters)": os.getpid()}
+    cpu_start = cpu_profile(pids)
     names = [f"scale-{i:05d}" for i in range(args.jobs)]
     _, mark = plane.audit()
     submitted: dict[str, float] = {}
@@ -177,6 +192,7 @@ def main() -> None:
     submit_s = time.monotonic() - start
     pending_s = watcher.wait(names, "Pending", args.timeout) + submit_s
     to_pending = [watcher.phase_at[(n, "Pending")] - submitted[n] for n in names if (n, "Pending") in watcher.phase_at]
+    cpu_pending = cpu_profile(pids, cpu_start)
     time.sleep(5)
     created, mark = operator_requests(plane, mark)
     writes = [e for e in created if e.verb in ("create", "update", "patch", "delete")]
@@ -214,6 +230,7 @@ def main() -> None:
                 watcher.phase_at]
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     rss = procmem.peak_rss_bytes(operator.pid) / 2**20
+    cpu_total = cpu_profile(pids, cpu_start)
     operator.terminate()
     operator.wait(60)
     agent.stop()
@@ -236,6 +253,7 @@ def main() -> None:
         "reconcile_p50_s_le": histogram(text, contract.METRIC_OP_RECONCILE_SECONDS, 0.5),
         "reconcile_p99_s_le": histogram(text, contract.METRIC_OP_RECONCILE_SECONDS, 0.99),
         "operator_peak_rss_mib": round(rss, 1),
+        "cpu_seconds_until_all_pending": cpu_pending, "cpu_seconds_whole_run": cpu_total,
     }
     print(json.dumps(result))
 
