@@ -41,11 +41,12 @@ def load(path: Path) -> list[Mutant]:
     return mutants
 
 
-def pytest(tests: list[str]) -> tuple[bool, float]:
+def pytest(tests: list[str], first_failure_stops: bool = True) -> tuple[bool, float, str]:
+    """Run the tests; (passed, seconds, pytest's report)."""
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o",
-                           "addopts=", *tests], cwd=ROOT, capture_output=True, text=True)
-    return done.returncode == 0, time.monotonic() - start
+    done = subprocess.run([sys.executable, "-m", "pytest", *(["-x"] if first_failure_stops else []), "-q", "-p",
+                           "no:cacheprovider", "-o", "addopts=-ra", *tests], cwd=ROOT, capture_output=True, text=True)
+    return done.returncode == 0, time.monotonic() - start, done.stdout + done.stderr
 
 
 def apply(mutant: Mutant, originals: dict[Path, str]) -> None:
@@ -66,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mutants = [m for m in load(args.list) if not args.only or m.id in args.only]
     every_test = sorted({t for m in mutants for t in m.tests})
-    clean, seconds = pytest(every_test)
+    clean, seconds, report = pytest(every_test, first_failure_stops=False)
     print(f"baseline: {len(every_test)} test selections {'pass' if clean else 'FAIL'} ({seconds:.0f} s)", flush=True)
     if not clean:
+        print("\n".join(report.splitlines()[-60:]), file=sys.stderr)
         print("the tests fail without any mutant: fix that first", file=sys.stderr)
         return 1
     results: list[dict[str, Any]] = []
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         originals: dict[Path, str] = {}
         try:
             apply(mutant, originals)
-            passed, seconds = pytest(mutant.tests)
+            passed, seconds, _ = pytest(mutant.tests)
         finally:
             for path, text in originals.items():
                 path.write_text(text)
