@@ -267,6 +267,8 @@ class NodeAgent:
                 self._sync_pod(node, uid, pod)
             except Exception:  # one pod's trouble (the API server restarting) must not hold up the others
                 log.exception("sync of pod %s/%s failed", pod["metadata"]["namespace"], pod["metadata"]["name"])
+                with node.lock:  # tried again next round, as a kubelet retries a status it could not write
+                    node.dirty.add(uid)
         for uid in [u for u in node.pods if u not in pods]:  # the object is gone: nothing may keep running
             gone = node.pods.pop(uid)
             for process in gone.run.processes.values():
@@ -284,6 +286,7 @@ class NodeAgent:
                 return  # ended before this agent started
             known = node.pods[uid] = self._admit(node, pod)
         if known.ended:
+            self._write(node, known)  # a no-op once written; else the end the API server has not heard of yet
             return
         if known.hollow:
             if known.waiting is not None:

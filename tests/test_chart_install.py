@@ -80,8 +80,10 @@ def test_helm_installs_upgrades_and_uninstalls_the_chart(kube: KubeCluster, rele
     assert "gpusPerNode" in explained and "GPUs per pod" in explained
     # RBAC as the API server decides it for the operator's own account.
     assert can_i(kube, "create", "jobs.batch", NS) and can_i(kube, "patch", "finetunejobs.kubetune.io/status", NS)
+    # It deletes Jobs (attempts beyond the newest three) but never touches Secrets or pods itself.
+    assert can_i(kube, "delete", "jobs.batch", NS)
     for verb, resource in (("get", "secrets"), ("list", "secrets"), ("create", "pods"), ("create", "pods/exec"),
-                           ("delete", "jobs.batch")):
+                           ("delete", "pods")):
         assert not can_i(kube, verb, resource, NS), f"the operator may {verb} {resource}"
 
     kube.run("helm", "upgrade", "kubetune", str(CHART), "-n", RELEASE_NAMESPACE, "--set",

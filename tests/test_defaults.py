@@ -21,16 +21,24 @@ BASE = {
 
 @pytest.mark.parametrize(("method", "task"), list(DEFAULT_LEARNING_RATES))
 def test_learning_rate_default_follows_method_and_task(method: str, task: str) -> None:
-    model = {"uri": "model/", "task": task, "labels": BASE["model"]["labels"] if task != "causal-lm" else None}
-    extra = {"partial": {"trainLastLayers": 1}} if method == "partial" else {}
-    job = parse_job(job_document("lr", BASE, {"model": model, "method": {"type": method, **extra}}))
+    """Keyed by (method, task); a dpo job's by ("dpo", method.dpo.weights): dpo only tunes causal LMs."""
+    if method == "dpo":
+        model = {"uri": "model/", "task": "causal-lm", "labels": None}
+        chosen_method: dict[str, object] = {"type": "dpo", "dpo": {"weights": task}}
+    else:
+        model = {"uri": "model/", "task": task, "labels": BASE["model"]["labels"] if task != "causal-lm" else None}
+        chosen_method = {"type": method, **({"partial": {"trainLastLayers": 1}} if method == "partial" else {})}
+    job = parse_job(job_document("lr", BASE, {"model": model, "method": chosen_method}))
     assert job.spec.hyperparameters.learning_rate == DEFAULT_LEARNING_RATES[(method, task)]
     assert job.spec.learning_rate() == DEFAULT_LEARNING_RATES[(method, task)]
     # A learning rate the user wrote always wins.
-    chosen = parse_job(job_document("lr", BASE, {"model": model, "method": {"type": method, **extra},
+    chosen = parse_job(job_document("lr", BASE, {"model": model, "method": chosen_method,
                                                  "hyperparameters": {"learningRate": 3e-3}}))
     assert chosen.spec.learning_rate() == 3e-3
-    assert DEFAULT_LEARNING_RATES[("lora", task)] > DEFAULT_LEARNING_RATES[("full", task)]
+    if method != "dpo":
+        assert DEFAULT_LEARNING_RATES[("lora", task)] > DEFAULT_LEARNING_RATES[("full", task)]
+    else:
+        assert DEFAULT_LEARNING_RATES[("dpo", "lora")] > DEFAULT_LEARNING_RATES[("dpo", "full")]
 
 
 def test_lora_default_learns_the_sample_reviews(tmp_path: Path, minilm_path: Path,

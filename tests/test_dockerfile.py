@@ -80,7 +80,8 @@ def test_trainer_is_offline_and_operator_is_torch_free() -> None:
     operator_build = " ".join(args for op, args in lineage(all_stages, "build-operator") if op == "RUN")
     assert "torch" not in operator_build and ".[operator]" in operator_build
     trainer_build = " ".join(args for op, args in lineage(all_stages, "build-trainer") if op == "RUN")
-    assert trainer_build.index("torch==") < trainer_build.index(".[trainer]")  # torch first, pinned
+    extras = re.search(r"\.\[trainer(,\w+)*\]", trainer_build)  # .[trainer] or .[trainer,tracking]
+    assert extras is not None and trainer_build.index("torch==") < extras.start()  # torch first, pinned
 
 
 def test_dockerignore_keeps_the_context_to_the_sources() -> None:

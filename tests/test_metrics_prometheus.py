@@ -111,6 +111,7 @@ def _operator_standin(port: int) -> bool:
     metrics.api_error("409")
     metrics.child_created("Job")
     metrics.gang_restart(NAMESPACE, JOB, "PodFailed")
+    metrics.job_failed(NAMESPACE, "TrainerError")
     metrics.serve(port)
     return True
 

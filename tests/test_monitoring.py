@@ -57,7 +57,9 @@ def _registry_names(registry: Any) -> set[str]:
 
 def test_every_referenced_metric_is_exported_and_every_contract_metric_is_shown() -> None:
     trainer = telemetry.TrainerMetrics("names", "ns")
-    trainer.record_evaluation({"eval_accuracy": 1.0}, "eval")
+    # Losses and the ETA have a series once they have a value (absent is never 0): one step and one evaluation.
+    trainer.record_step(step=1, total=2, epoch=0.5, loss=0.7, learning_rate=1e-3, samples=8, tokens=64, seconds=0.1)
+    trainer.record_evaluation({"eval_loss": 0.6, "eval_accuracy": 1.0}, "eval")
     exported = _registry_names(trainer.registry)
     assert exported >= TRAINER_METRICS, TRAINER_METRICS - exported
     try:

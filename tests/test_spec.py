@@ -25,7 +25,9 @@ def test_crd_is_a_valid_kubernetes_object() -> None:
 
 def test_crd_has_printer_columns_status_and_cel_rules() -> None:
     version = build_crd()["spec"]["versions"][0]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Progress", "Loss", "Age"]
+    columns = version["additionalPrinterColumns"]
+    assert [c["name"] for c in columns] == ["Phase", "Progress", "Loss", "Age", "Improved"]
+    assert [c.get("priority", 0) for c in columns] == [0, 0, 0, 0, 1]  # Improved only with -o wide
     assert version["subresources"] == {"status": {}}
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert len(spec["x-kubernetes-validations"]) >= 3
