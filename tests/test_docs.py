@@ -99,7 +99,13 @@ def test_every_command_in_the_docs_runs_or_is_marked(doc: str, command: str, mak
         assert words[2].startswith("examples/"), f"{doc}: show a shipped example, not {words[2]}"
         shutil.copy(ROOT / words[2], examples)
         assert cli(["validate", str(tmp_path / words[2])]) == contract.EXIT_OK, capsys.readouterr().err
-    elif program == "kubetune" and words[1] in ("predict", "evaluate"):
+    elif program == "kubetune" and words[1] == "sweep":
+        # A sweep's training is tests/test_sweep*.py's; here the shown example must load and check as a sweep.
+        from kubetune.sweep.spec import load_sweep
+
+        assert words[2].startswith("examples/"), f"{doc}: show a shipped example, not {words[2]}"
+        assert load_sweep(ROOT / words[2]).spec.trial_count() >= 2
+    elif program == "kubetune" and words[1] in ("predict", "evaluate", "compare"):
         # Their behaviour on real outputs is tests/test_predict.py's; here the shown command must parse.
         from kubetune.cli import build_parser
 

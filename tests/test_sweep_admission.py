@@ -86,3 +86,15 @@ def test_only_the_operator_skips_the_check_of_a_trial(kube: KubeCluster, users: 
 def test_no_parameter_reaches_a_guarded_field(kube: KubeCluster, users: Users, path: str) -> None:
     refused = apply(kube, users.bob, sweep("guarded", {}, [{"path": path, "values": ["x", "y"]}]))
     assert "spec.parameters[0].path" in refused and "Unsupported value" in refused, refused
+
+
+def test_the_mlflow_secret_is_checked_like_the_storage_one(kube: KubeCluster, users: Users) -> None:
+    """spec.tracking.mlflow.secretRef: the trainer pods would read its keys, so the author must be able to."""
+    tracked = {"tracking": {"mlflow": {"uri": "http://mlflow.mlops:5000", "secretRef": "s3-credentials"}}}
+    job = job_document("tracked", BASE, tracked)
+    job["metadata"]["namespace"] = NS
+    for doc, field in ((job, "spec.tracking.mlflow.secretRef"),
+                       (sweep("tracked", tracked), "spec.template.tracking.mlflow.secretRef")):
+        refused = apply(kube, users.alice, doc)
+        assert field in refused and "admissionPolicy.secretRef" in refused, refused
+        assert apply(kube, users.bob, doc) == ""

@@ -202,6 +202,8 @@ def _container(job: FineTuneJob, image: str, attempt: int, namespace: str, grace
     env += [{"name": contract.ENV_GRACE_SECONDS, "value": str(grace - contract.GRACE_MARGIN_SECONDS)},
             # Without a cpu limit there is no cgroup quota to read: threads from the request, as the trainer would.
             {"name": contract.ENV_OMP_THREADS, "value": str(max(1, math.ceil(quantity_value(res.cpu)) // nproc))}]
+    env += _tracking_credentials(job.spec.tracking.mlflow.secret_ref if job.spec.tracking and job.spec.tracking.mlflow
+                                 else None)
     return {
         "name": CONTAINER,
         "image": job.spec.image or image,
@@ -302,6 +304,12 @@ def _credentials(secret: str | None) -> list[dict[str, Any]]:
         return []
     return [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
             for key in (contract.SECRET_ACCESS_KEY_ID, contract.SECRET_SECRET_ACCESS_KEY)]
+
+
+def _tracking_credentials(secret: str | None) -> list[dict[str, Any]]:
+    """MLflow credentials by reference too; each key optional (a Secret holds a token or a user and password)."""
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+            for key in contract.MLFLOW_SECRET_KEYS] if secret else []
 
 
 def build_preflight_job(ftj: dict[str, Any], *, image: str, service_account: str,

@@ -47,6 +47,8 @@ ENV_OMP_THREADS = "OMP_NUM_THREADS"  # the pod's cpu shared by its processes (no
 # Credentials come from the Secret in spec.storage.secretRef via secretKeyRef.
 SECRET_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 SECRET_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+# spec.tracking.mlflow.secretRef: what MLflow's client reads from the environment (each optional).
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_METRICS_PORT = 9400

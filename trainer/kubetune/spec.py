@@ -396,6 +396,30 @@ class DeploySpec(_Spec):
     )
 
 
+class MlflowSpec(_Spec):
+    uri: str = Field(description="MLflow tracking server (http://mlflow.mlops:5000) or a local folder.")
+    experiment: str = Field(default="kubetune", min_length=1, description="Experiment the run goes in (created "
+                            "when missing).")
+    secret_ref: DnsSubdomain | None = Field(
+        default=None, description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+        "MLFLOW_TRACKING_TOKEN (each optional).")
+    parent_run_name: str | None = Field(
+        default=None, description="Nest the run under the experiment's parent run of this name (created when "
+        "missing); a FineTuneSweep sets it to its own name, so its trials are child runs of one parent.")
+
+    @field_validator("uri")
+    @classmethod
+    def _tracking_uri(cls, value: str) -> str:
+        if not value.strip() or ("://" in value and not re.match(r"^(https?|file)://", value)):
+            raise ValueError(f"{value!r}: an http(s):// URL of a tracking server, or a local folder")
+        return value
+
+
+class TrackingSpec(_Spec):
+    mlflow: MlflowSpec | None = Field(default=None, description="Log parameters, metrics, tags and artifacts to "
+                                      "MLflow (needs kubetune[tracking]); a tracking failure never fails the run.")
+
+
 class FineTuneJobSpec(_Spec):
     model: ModelSpec = Field(description="The pre-trained model and task.")
     method: MethodSpec = Field(default_factory=MethodSpec, description="Which weights train.")
@@ -412,6 +436,7 @@ class FineTuneJobSpec(_Spec):
         default_factory=list, description="Secrets (docker-registry, in the job's namespace) for pulling the image, "
         "besides the operator's own.", json_schema_extra={"maxItems": 16})
     deploy: DeploySpec | None = Field(default=None, description="What to do with the model once it is written.")
+    tracking: TrackingSpec | None = Field(default=None, description="Where the run is also recorded (MLflow).")
     dry_run: DryRunSpec | None = Field(
         default=None, description="Train briefly on a sample and report throughput, full-job time, memory and "
         "loss trend instead of producing a model (kubetune run --dry-run sets it).",

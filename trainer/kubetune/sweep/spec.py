@@ -241,6 +241,8 @@ class Sweep:
         _set(spec, "output.uri", join_uri(spec["output"]["uri"], name) + "/")
         if (spec.get("checkpoint") or {}).get("uri"):
             _set(spec, "checkpoint.uri", join_uri(spec["checkpoint"]["uri"], name) + "/")
+        if (spec.get("tracking") or {}).get("mlflow"):  # the trials are child runs of one parent run
+            _set(spec, "tracking.mlflow.parentRunName", self.name)
         return spec
 
 

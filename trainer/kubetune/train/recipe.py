@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from kubetune import contract, telemetry
+from kubetune import contract, telemetry, tracking
 from kubetune.cpus import usable_cpus
 from kubetune.data import encode_causal_lm, encode_classification, encode_preference, prepare_data
 from kubetune.errors import NotImprovedError, PreemptedError, UserError
@@ -97,6 +97,7 @@ class FineTuneRecipe:
         self.metrics = telemetry.TrainerMetrics(job.metadata.name, job.metadata.namespace or "local")
         self.published: dict[str, Any] | None = None  # the metrics of an identical finished run: nothing to do
         self.dpo = job.spec.method.dpo if job.spec.method.type == "dpo" else None  # preference tuning
+        self.tracker = tracking.Tracker(None)  # MLflow, once setup knows the run (spec.tracking)
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -136,6 +137,9 @@ class FineTuneRecipe:
         self.checkpoint_root = join_uri(spec.checkpoint_uri(), identity.digest(self.identity))
         if not spec.dry_run and self._finished_before():
             return
+        self.tracker = tracking.tracker_for(self.job, self.is_main)
+        self.tracker.start(self.job, identity.digest(self.identity),
+                           tracking.run_tags(self.job, inputs.model_sha256, self.data.report["files"]))
         max_length = max_sequence_length(spec.data.max_seq_length, inputs.model, self.tokenizer)
         self.max_length = max_length  # batches padded for the GPU stop here too: past it, positions run out
         self.train_set = self._encode("training", self.data.train, max_length)
@@ -373,6 +377,8 @@ class FineTuneRecipe:
                 tokens=sum(self.lengths[j] for indices in group for j in indices) * world, seconds=elapsed)
             progress.update(state.step, state.epoch + consumed / epoch_size, mean_loss,
                             samples * world / max(elapsed, 1e-9))
+            self.tracker.metrics(state.step, {"learning_rate": self.scheduler.get_last_lr()[0],
+                                              **{f"train_{k}": v for k, v in row.items() if k != "step"}})
             if self.spec.evaluation.every_steps and state.step % self.spec.evaluation.every_steps == 0:
                 self._validate(progress)
             if totals[2] > 0:
@@ -507,6 +513,7 @@ class FineTuneRecipe:
         self.metrics.set_state("evaluating")  # observability
         metrics = prefixed(self._evaluate(self.validation_set), "eval")
         self.metrics.record_evaluation(metrics, "eval")
+        self.tracker.metrics(self.state.step, metrics, now=True)
         self.metrics.set_state("training")
         state.validation.append({"step": state.step, "epoch": state.epoch, **metrics})
         value, loss = metrics[ev.metric], metrics["eval_loss"]
@@ -614,6 +621,7 @@ class FineTuneRecipe:
                                          staging, base_dir=self.model_dir, stop_ids=self.stop_ids)
             example = self.data.train[0] if self.data.train else None  # for the model card's snippets
             outputs.write_reports(staging, metrics, run, job, folders, example)
+            self.tracker.finish(state.step, self.test_metrics, state.base_test, staging)
             outputs.publish_outputs(self.storage, staging, spec)
             log.info("model written to %s", spec.output.uri)
         distributed.barrier(io=True)  # rank 0 merges, saves and uploads
@@ -688,6 +696,7 @@ class FineTuneRecipe:
         return {"outputUri": uri, "dryRun": result, "steps": self.state.step, "totalSteps": self.total_steps}
 
     def cleanup(self) -> None:
+        self.tracker.close()  # a run that did not finish says so in MLflow
         distributed.shutdown()
 
 
