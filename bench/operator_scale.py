@@ -140,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--idle-seconds", type=float, default=120.0)
-    parser.add_argument("--finish-minutes", type=int, default=3, help="minutes in which 5% of the jobs end each")
+    parser.add_argument("--finish-minutes", type=int, default=3, help="minutes in which 5%% of the jobs end each")
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args()
     print(f"cpu: {cpu_model()}, cores: {os.cpu_count()}, python {platform.python_version()}; precision: n/a "
