@@ -152,3 +152,15 @@ def _exists(read: Any, *args: Any) -> bool:
         if exc.status == 404:
             return False
         raise
+
+
+def open_schema_crd(group: str, kind: str, version: str) -> dict[str, Any]:
+    """Another project's kind (Kueue's Workload, the Prometheus Operator's PodMonitor) served with an open schema:
+    what the chart or the operator needs is that API, not the project's controller."""
+    plural = kind.lower() + "s"
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.{group}"},
+            "spec": {"group": group, "scope": "Namespaced",
+                     "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                     "versions": [{"name": version, "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                         "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}

@@ -18,21 +18,14 @@ import kubernetes
 import pytest
 import yaml
 
-from tests.cluster import CHART, RELEASE_NAMESPACE, ROOT, KubeCluster
+from tests.cluster import CHART, RELEASE_NAMESPACE, ROOT, KubeCluster, open_schema_crd
 from tests.operator_harness import NS, ChartOperator, wait_for
 from tests.test_chart import find, render
 
 OPERATOR_ACCOUNT = f"system:serviceaccount:{RELEASE_NAMESPACE}:kubetune-operator"
-# The Prometheus Operator's PodMonitor kind, served with an open schema: the chart's monitoring switches need
-# the API to exist (as on a cluster with kube-prometheus-stack), not its controller.
-POD_MONITOR_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
-    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
-             "names": {"kind": "PodMonitor", "plural": "podmonitors", "singular": "podmonitor"},
-             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
-}
+# The Prometheus Operator's PodMonitor kind: the chart's monitoring switches need the API to exist (as on a
+# cluster with kube-prometheus-stack), not its controller.
+POD_MONITOR_CRD = open_schema_crd("monitoring.coreos.com", "PodMonitor", "v1")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from kubetune_operator.kube import Kube
 from kubetune_operator.runtime import Runtime
 from kubetune_operator.settings import Settings
 from kubetune_operator.status import now_iso, pod_gpu_seconds, set_condition
-from tests.cluster import SCRIPTED_IMAGE, KubeCluster
+from tests.cluster import SCRIPTED_IMAGE, KubeCluster, open_schema_crd
 from tests.fixtures_cluster import S3_SECRET
 from tests.operator_harness import NS, Api, wait_for
 from tests.scripted_trainer import ScriptedTrainer
@@ -178,14 +178,7 @@ def test_a_queued_jobs_preflight_waits_for_kueue_too(env: tuple[Kube, Api, Scrip
     assert api.job("queued-check-preflight")["spec"]["suspend"] is True  # type: ignore[index]
 
 
-WORKLOAD_CRD = {  # Kueue's Workload kind, served with an open schema: its API, not its controller
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "workloads.kueue.x-k8s.io"},
-    "spec": {"group": "kueue.x-k8s.io", "scope": "Namespaced",
-             "names": {"kind": "Workload", "plural": "workloads", "singular": "workload"},
-             "versions": [{"name": "v1beta1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
-}
+WORKLOAD_CRD = open_schema_crd("kueue.x-k8s.io", "Workload", "v1beta1")  # Kueue's API, not its controller
 
 
 def test_suspending_a_queued_job_deactivates_its_workload(env: tuple[Kube, Api, ScriptedTrainer],

@@ -522,10 +522,17 @@ class Metadata(BaseModel):
         return value
 
 
-class FineTuneJob(BaseModel):
+class Resource(BaseModel):
+    """A kubetune object as written: each kind narrows `kind` and `spec` (FineTuneJob, FineTuneSweep)."""
+
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
     api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
-    kind: Literal["FineTuneJob"]
+    kind: str
     metadata: Metadata
-    spec: FineTuneJobSpec
+    spec: Any
     status: dict[str, Any] | None = None
+
+
+class FineTuneJob(Resource):
+    kind: Literal["FineTuneJob"]
+    spec: FineTuneJobSpec

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from kubetune import contract
 from kubetune.errors import UserError
@@ -29,6 +29,7 @@ from kubetune.spec import (
     PREFERENCE_METRICS,
     FineTuneJobSpec,
     Metadata,
+    Resource,
     _Spec,
 )
 from kubetune.storage import join_uri
@@ -197,13 +198,9 @@ class FineTuneSweepSpec(_Spec):
         return self.max_trials or 10
 
 
-class FineTuneSweep(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="forbid")
-    api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
+class FineTuneSweep(Resource):
     kind: Literal["FineTuneSweep"]
-    metadata: Metadata
     spec: FineTuneSweepSpec
-    status: dict[str, Any] | None = None
 
     @field_validator("metadata")
     @classmethod
