@@ -49,15 +49,19 @@ def pytest(tests: list[str], first_failure_stops: bool = True) -> tuple[bool, fl
     return done.returncode == 0, time.monotonic() - start, done.stdout + done.stderr
 
 
-def apply(mutant: Mutant, originals: dict[Path, str]) -> None:
-    """Apply every change, keeping each file's original text in `originals` (for the caller to restore)."""
+def apply(mutant: Mutant, originals: dict[Path, str], dry: bool = False) -> None:
+    """Apply every change in turn, keeping each file's original text in `originals` (for the caller to restore);
+    dry: only check that each change finds its text exactly once, writing nothing."""
+    texts: dict[Path, str] = {}
     for file, find, replace in mutant.changes:
         path = ROOT / file
-        text = path.read_text()
+        text = texts.get(path) or path.read_text()
         originals.setdefault(path, text)
         if text.count(find) != 1:
             raise ValueError(f"{mutant.id}: {file}: the text to change occurs {text.count(find)} times, not once")
-        path.write_text(text.replace(find, replace))
+        texts[path] = text.replace(find, replace)
+        if not dry:
+            path.write_text(texts[path])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="run only these mutant ids")
     args = parser.parse_args(argv)
     mutants = [m for m in load(args.list) if not args.only or m.id in args.only]
+    for mutant in mutants:  # every change still applies to today's code, before minutes of tests
+        apply(mutant, {}, dry=True)
     every_test = sorted({t for m in mutants for t in m.tests})
     clean, seconds, report = pytest(every_test, first_failure_stops=False)
     print(f"baseline: {len(every_test)} test selections {'pass' if clean else 'FAIL'} ({seconds:.0f} s)", flush=True)
