@@ -210,11 +210,11 @@ class Runtime:
                 while self.wakes and self.wakes[0][0] <= now:
                     due.append(heapq.heappop(self.wakes)[1])
                 resync = sorted(self.active) if now >= next_resync else []
+                if now >= next_resync:  # due even with nothing followed: else the first job followed is resynced
+                    next_resync = now + self.settings.resync_seconds
                 wait = min([w for w, _ in self.wakes[:1]] + [next_resync, next_counts]) - now
             for key in {*due, *resync}:
                 self.enqueue(key)
-            if resync:
-                next_resync = now + self.settings.resync_seconds
             if now >= next_counts:
                 metrics.set_job_counts(reconcile.job_counts())
                 next_counts = now + self.settings.refresh_seconds
