@@ -319,3 +319,14 @@ def test_dpo_counts_both_answers_and_the_reference_it_keeps() -> None:
     assert full.weights - precomputed.weights == full.parameters * 2  # the bf16 frozen copy
     assert precomputed.weights == sft.weights and lora.weights < sft.weights
     assert any("frozen copy" in n for n in full.notes) and any("adapters off" in n for n in lora.notes)
+
+
+@pytest.mark.parametrize(("text", "size"), [("32Gi", 32 << 30), ("512Mi", 512 << 20), ("1G", 10**9), ("1e9", 10**9),
+                                            ("1Pi", 1 << 50), ("1.5Gi", 3 << 29), ("1000000", 10**6),
+                                            ("80GiB", None), ("lots", None)])
+def test_memory_sizes_are_read_as_kubernetes_quantities(text: str, size: int | None) -> None:
+    """Every quantity the spec model accepts for resources.memory has a size in the plan (1e9 and 1Pi had none,
+    so a CPU job's fit was not checked); what is not a quantity has none (--device-memory says so)."""
+    from kubetune.memory import parse_quantity
+
+    assert parse_quantity(text) == size

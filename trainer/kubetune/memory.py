@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from kubetune.contract import ENV_DEVICE_MEMORY
 from kubetune.errors import UserError
-from kubetune.spec import FineTuneJob, FineTuneJobSpec
+from kubetune.spec import QUANTITY, FineTuneJob, FineTuneJobSpec, quantity_value
 
 GiB = 1 << 30
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit weights plus one fp32 absmax per block of 64 (bitsandbytes NF4)
@@ -405,13 +406,8 @@ def world_size(spec: FineTuneJobSpec) -> int:
 
 
 def parse_quantity(value: str) -> int | None:
-    """Kubernetes memory quantities: 32Gi, 512Mi, 1G, 1000000."""
-    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9,
-             "T": 10**12}
-    for suffix, factor in units.items():
-        if value.endswith(suffix) and value[: -len(suffix)].replace(".", "", 1).isdigit():
-            return int(float(value[: -len(suffix)]) * factor)
-    return int(value) if value.isdigit() else None
+    """A Kubernetes quantity in bytes (32Gi, 512Mi, 1G, 1e9, 1Pi, 500m rounds down); None when it is not one."""
+    return int(quantity_value(value)) if re.match(QUANTITY, value) else None
 
 
 def device_memory(spec: FineTuneJobSpec, override: str | None = None) -> int | None:
