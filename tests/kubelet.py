@@ -136,6 +136,7 @@ class NodeAgent:
             self.nodes.append(node)
             self._thread(f"watch-{spec.name}", self._watch, node)
         self._thread("node-agent", self._loop)
+        self._thread("node-leases", self._heartbeat)
         return self
 
     def stop(self) -> None:
@@ -254,9 +255,18 @@ class NodeAgent:
                 except Exception:  # one bad round must not stop the node
                     log.exception("sync of %s failed", node.spec.name)
 
+    def _heartbeat(self) -> None:
+        """Leases on a thread of their own, as a kubelet's: a long sync round (thousands of hollow pods) must not
+        let a lease lapse, or the node controller taints the node and evicts every pod on it."""
+        while not self.stop_event.wait(RENEW_SECONDS / 2):
+            for node in self.nodes:
+                if time.monotonic() - node.renewed >= RENEW_SECONDS:
+                    try:
+                        self._renew(node)
+                    except Exception:  # the API server restarting: the next beat tries again
+                        log.exception("lease of %s not renewed", node.spec.name)
+
     def _sync_node(self, node: Node) -> None:
-        if time.monotonic() - node.renewed >= RENEW_SECONDS:
-            self._renew(node)
         with node.lock:
             pods = dict(node.cache)
             dirty, node.dirty = node.dirty, set()
