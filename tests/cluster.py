@@ -115,6 +115,14 @@ class KubeCluster:
         self._until(f"namespace {name}'s default ServiceAccount",
                     lambda: _exists(core.read_namespaced_service_account, "default", name), 60)
 
+    def ensure_crd(self, crd: dict[str, Any]) -> None:
+        """Install a CRD unless it is there already (another module of the session installed it)."""
+        try:
+            kubernetes.client.ApiextensionsV1Api(self.client()).create_custom_resource_definition(crd)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
     def delete_namespace(self, name: str, timeout: float = 120) -> None:
         """Delete and wait until the namespace controller has removed everything in it."""
         core = kubernetes.client.CoreV1Api(self.client())

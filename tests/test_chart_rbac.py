@@ -91,12 +91,7 @@ def test_installed_rbac_is_exactly_what_the_operator_uses(kube: KubeCluster, sco
     API installed; its controller's status played by the test), TTL-delete; a gang restart; a suspension."""
     kube.clean_scripts()
     _fresh_namespace(kube)
-    extensions = kubernetes.client.ApiextensionsV1Api(kube.client())
-    try:
-        extensions.create_custom_resource_definition(KSERVE_CRD)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
+    kube.ensure_crd(KSERVE_CRD)
     scoped = ("--set", "rbac.scope=namespaced", "--set", f"rbac.namespaces={{{NS}}}")
     chart = ChartOperator(kube, merged(TEST_VALUES, {"operator": {"preflight": True}}),
                           extra_args=scoped if scope == "namespaced" else ())
@@ -165,7 +160,7 @@ def test_installed_rbac_is_exactly_what_the_operator_uses(kube: KubeCluster, sco
     wait("FailedCreate", lambda: api.condition("refused", "Running").get("reason") == "FailedCreate")
     chart.uninstall()
     kube.delete_namespace(NS)
-    extensions.delete_custom_resource_definition(KSERVE_CRD["metadata"]["name"])
+    kubernetes.client.ApiextensionsV1Api(kube.client()).delete_custom_resource_definition(KSERVE_CRD["metadata"]["name"])
 
     events, _ = kube.control_plane.audit(since)
     mine = [e for e in events if e.user == OPERATOR]

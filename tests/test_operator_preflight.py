@@ -12,9 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import kubernetes
 import pytest
-from kubernetes.client.rest import ApiException
 
 from kubetune import contract
 from kubetune.jobfile import job_document
@@ -37,15 +35,10 @@ def operator_values() -> dict[str, Any]:
 @pytest.fixture
 def kserve(kube: KubeCluster) -> Iterator[None]:
     """KServe's API installed (its CRD; its controller's status is played by the test)."""
-    extensions = kubernetes.client.ApiextensionsV1Api(kube.client())
-    try:
-        extensions.create_custom_resource_definition(KSERVE_CRD)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
+    kube.ensure_crd(KSERVE_CRD)
     wait_for("the InferenceService API", lambda: "inferenceservices" in kube.run("kubectl", "api-resources").stdout)
     yield
-    extensions.delete_custom_resource_definition(KSERVE_CRD["metadata"]["name"])
+    kube.run("kubectl", "delete", "crd", KSERVE_CRD["metadata"]["name"])
     wait_for("KServe's API gone", lambda: "inferenceservices" not in kube.run("kubectl", "api-resources").stdout)
 
 
