@@ -10,6 +10,7 @@ passenger: any failure (no package, no server, a refusal) is logged once and tra
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -118,8 +119,7 @@ class Tracker:
 
         stamp = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), stamp, step) for k, v in values.items()
-                         if isinstance(v, int | float) and not isinstance(v, bool) and abs(float(v)) != float("inf")
-                         and float(v) == float(v)]
+                         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
         if now or time.monotonic() - self.flushed > FLUSH_SECONDS:
             batch, self.pending, self.flushed = self.pending, [], time.monotonic()
             for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics a request
